@@ -1,0 +1,73 @@
+# Tailor: one Makefile for the local stack, the tests and the lint.
+# `make run` and `make test` are the two commands a new user needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto')
+PYTEST_ARGS ?=
+
+.PHONY: help install protos run up test test-unit test-integration lint format system-deps clean bench-gpu
+
+help:
+	@echo "make run    install into .venv, start the local stack, run the quickstart pipeline"
+	@echo "make test   all tests (unit + integration on a real S3 server)"
+	@echo "make lint   ruff"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when a requirements file changes.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml | $(VENV)/bin/python
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+# Stubs are generated, never committed.
+gen/.stamp: $(PROTOS) $(VENV)/.installed
+	rm -rf gen && mkdir -p gen
+	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=gen --pyi_out=gen --grpc_python_out=gen $(PROTOS)
+	find gen -type d -exec touch {}/__init__.py \;
+	rm -f gen/__init__.py
+	touch $@
+
+$(VENV)/.editable: gen/.stamp pyproject.toml
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.editable
+
+protos: gen/.stamp
+
+# Starts the whole local stack, runs the quickstart on the bundled model, stops the stack.
+run: install
+	$(BIN)/tailor quickstart --spec examples/quickstart.yaml
+
+up: install
+	$(BIN)/tailor up
+
+# The Ceph RADOS Gateway (a real S3 server) for the integration tests; needs root and apt.
+system-deps:
+	@command -v radosgw >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends radosgw ceph-mon ceph-osd >/dev/null; \
+	  else echo "radosgw missing: run 'sudo apt-get install -y --no-install-recommends radosgw ceph-mon ceph-osd'"; exit 1; fi; }
+
+test: install system-deps
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest -m "not gpu and not integration" $(PYTEST_ARGS)
+
+test-integration: install system-deps
+	$(BIN)/python -m pytest -m "integration" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf gen .tailor .pytest_cache

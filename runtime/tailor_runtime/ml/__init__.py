@@ -1,0 +1,1 @@
+"""Model helpers shared by the stage services (torch imported lazily by each module)."""
