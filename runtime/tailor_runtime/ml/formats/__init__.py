@@ -1,0 +1,47 @@
+"""Registry of model folder formats: the name stored in `tailor_format.json` -> the module that loads it.
+
+Each loader module exposes `load(folder: Path, fmt: dict) -> torch.nn.Module` returning a CPU model in
+eval mode. Modules are imported only when a folder of that format is loaded, so importing this package
+never pulls torch or bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tailor_runtime.errors import InvalidArgument
+
+HF_SAFETENSORS = "hf-safetensors"
+INT8_DYNAMIC = "int8-dynamic"
+BNB_NF4 = "bnb-nf4"
+PEFT_LORA = "peft-lora"
+
+# Full models that `load_causal_lm` can load.
+_LOADERS: dict[str, str] = {
+    HF_SAFETENSORS: "tailor_runtime.ml.formats.hf_safetensors",
+    INT8_DYNAMIC: "tailor_runtime.ml.formats.int8_dynamic",
+    BNB_NF4: "tailor_runtime.ml.formats.bnb_nf4",
+}
+
+# Formats a folder may declare. A LoRA adapter is a valid artifact but not a model on its own.
+KNOWN_FORMATS: frozenset[str] = frozenset({*_LOADERS, PEFT_LORA})
+
+LoaderFn = Callable[[Path, dict[str, Any]], Any]
+
+
+def loadable_formats() -> list[str]:
+    return sorted(_LOADERS)
+
+
+def get_loader(name: str) -> LoaderFn:
+    if name == PEFT_LORA:
+        raise InvalidArgument(
+            "this folder is a LoRA adapter (format 'peft-lora'), not a complete model; "
+            "load the merged model folder instead, or apply the adapter to its base model"
+        )
+    if name not in _LOADERS:
+        raise InvalidArgument(f"unknown model format {name!r}", choices=loadable_formats())
+    return importlib.import_module(_LOADERS[name]).load

@@ -1,0 +1,82 @@
+"""Reading and writing Tailor model folders.
+
+A model folder is a Hugging Face folder (config.json, tokenizer files, safetensors weights) plus
+`tailor_format.json`, which says how the weights are stored:
+
+    {"format": "hf-safetensors" | "int8-dynamic" | "bnb-nf4", "dtype": "float32", ...}
+
+This module only reads that marker and dispatches; everything specific to a format lives in
+`tailor_runtime.ml.formats.<format>`. Weights are only ever read from safetensors: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tailor_runtime.errors import InvalidArgument, NotFound
+from tailor_runtime.ml import formats
+
+FORMAT_FILE = "tailor_format.json"
+
+
+def read_format(folder: Path) -> dict[str, Any]:
+    """The parsed `tailor_format.json` of `folder`; InvalidArgument if it is missing, unreadable or unknown."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotFound(f"model folder {folder} does not exist")
+    path = folder / FORMAT_FILE
+    valid = sorted(formats.KNOWN_FORMATS)
+    if not path.is_file():
+        raise InvalidArgument(f"{folder} has no {FORMAT_FILE}; it must declare one of the formats", choices=valid)
+    try:
+        fmt = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(fmt, dict) or fmt.get("format") not in formats.KNOWN_FORMATS:
+        got = fmt.get("format") if isinstance(fmt, dict) else fmt
+        raise InvalidArgument(f"{path} declares format {got!r}", choices=valid)
+    return fmt
+
+
+def write_format(folder: Path, fmt: str, **fields: Any) -> dict[str, Any]:
+    """Write `tailor_format.json` (sorted keys, so identical inputs give identical bytes)."""
+    if fmt not in formats.KNOWN_FORMATS:
+        raise InvalidArgument(f"cannot write unknown format {fmt!r}", choices=formats.KNOWN_FORMATS)
+    data = {"format": fmt, **fields}
+    (Path(folder) / FORMAT_FILE).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return data
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_causal_lm(folder: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from a model folder of any loadable format; the model is on CPU in eval mode."""
+    folder = Path(folder)
+    fmt = read_format(folder)
+    model = formats.get_loader(fmt["format"])(folder, fmt)
+    model.eval()
+    return model, load_tokenizer(folder)
+
+
+def save_hf_model(model: Any, tokenizer: Any, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
+    """Save a full-precision model as an `hf-safetensors` folder in `dtype` (float32, bfloat16, float16)."""
+    from tailor_runtime.ml.formats.hf_safetensors import torch_dtype
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(torch_dtype(dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return write_format(out_dir, formats.HF_SAFETENSORS, dtype=dtype)
+
+
+def folder_size_bytes(folder: Path) -> int:
+    """Total size of the regular files under `folder` (recursively)."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())

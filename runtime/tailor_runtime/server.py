@@ -1,0 +1,138 @@
+"""One `serve()` for every service: grpc.aio, health, reflection, interceptors, metrics, graceful stop.
+
+Health reports NOT_SERVING until the service's readiness check passes and again as soon as SIGTERM
+arrives; then the server stops taking new calls, running operations get the grace period to finish,
+and whatever is still running is cancelled (publishing nothing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tailor.common.v1 import common_pb2, common_pb2_grpc
+from tailor_runtime.interceptors import AuthCheck, ServerInterceptor
+from tailor_runtime.logs import setup_logging
+from tailor_runtime.operations import OperationRunner
+from tailor_runtime.settings import ServiceSettings
+from tailor_runtime.store import ArtifactStore, open_store
+from tailor_runtime.telemetry import setup_tracing, start_metrics_server
+
+log = logging.getLogger("tailor.server")
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class OperationsServicer(common_pb2_grpc.OperationsServiceServicer):
+    """tailor.common.v1.OperationsService, served beside every stage service."""
+
+    def __init__(self, runner: OperationRunner):
+        self.runner = runner
+
+    async def GetOperation(self, request, context):
+        return self.runner.snapshot(request.operation_id)
+
+    async def WatchOperation(self, request, context):
+        async for snapshot in self.runner.watch(request.operation_id):
+            yield common_pb2.OperationEvent(operation=snapshot)
+
+    async def CancelOperation(self, request, context):
+        return common_pb2.CancelOperationResponse(operation=self.runner.cancel(request.operation_id))
+
+    async def ListOperations(self, request, context):
+        return common_pb2.ListOperationsResponse(operations=self.runner.list())
+
+
+@dataclass
+class ServiceContext:
+    settings: ServiceSettings
+    store: ArtifactStore
+    runner: OperationRunner
+
+
+# A service's register function: adds its servicers, returns their full names for health/reflection.
+Register = Callable[[grpc.aio.Server, ServiceContext], list[str]]
+
+
+def open_service_store(settings: ServiceSettings) -> ArtifactStore:
+    return open_store(settings.store_url, **settings.store_options())
+
+
+async def serve(
+    settings: ServiceSettings,
+    register: Register,
+    *,
+    auth_check: AuthCheck | None = None,
+    store: ArtifactStore | None = None,
+    serve_operations: bool = True,
+    on_started: Callable[[], object] | None = None,
+) -> None:
+    setup_logging(settings.service, settings.log_level)
+    setup_tracing(settings.service, settings.trace_file, settings.otlp_endpoint)
+    start_metrics_server(settings.metrics_port, settings.host)
+    store = store or open_service_store(settings)
+    runner = OperationRunner(settings.service, store, settings.max_operations)
+    ctx = ServiceContext(settings=settings, store=store, runner=runner)
+
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(settings.service, auth_check)], options=GRPC_OPTIONS
+    )
+    names = list(register(server, ctx))
+    if serve_operations:
+        common_pb2_grpc.add_OperationsServiceServicer_to_server(OperationsServicer(runner), server)
+        names.append(common_pb2.DESCRIPTOR.services_by_name["OperationsService"].full_name)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+
+    async def set_health(status) -> None:
+        for name in ["", *names]:
+            await health_servicer.set(name, status)
+
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    address = f"{settings.host}:{settings.port}"
+    if server.add_insecure_port(address) == 0:
+        raise SystemExit(f"tailor-{settings.service}: cannot listen on {address} (port in use?)")
+    await server.start()
+
+    # Ready once the store answers; until then probes say NOT_SERVING and the gateway sends nothing.
+    while True:
+        try:
+            await asyncio.to_thread(store.check_ready)
+            break
+        except Exception as exc:  # noqa: BLE001
+            log.warning("artifact store not ready: %s", exc)
+            await asyncio.sleep(2.0)
+    await set_health(health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving on %s", address, extra={"fields": {"services": names}})
+    if on_started:
+        on_started()
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+
+    log.info("shutting down: NOT_SERVING, grace %.1fs", settings.grace_seconds)
+    await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    stop = asyncio.create_task(server.stop(settings.grace_seconds))
+    await runner.wait_idle(settings.grace_seconds * 0.8)
+    runner.cancel_all()
+    await runner.wait_idle(settings.grace_seconds * 0.2)
+    await stop
+    log.info("stopped")
+
+
+def run(settings: ServiceSettings, register: Register, **kwargs) -> None:
+    asyncio.run(serve(settings, register, **kwargs))

@@ -1,0 +1,76 @@
+"""Settings from environment variables (TAILOR_*), validated at start-up with clear errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class SettingsError(SystemExit):
+    """Exits the process with a readable message instead of a traceback."""
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    service: str = Field(description="Service name, used in logs, metrics and traces.")
+    host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
+    port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    store_url: str = Field(".tailor/store", description="Artifact store: a directory, file:// or s3://bucket/prefix.")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph RGW); None for AWS.")
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = Field(None, repr=False)
+    s3_create_bucket: bool = False
+    cache_dir: Path = Field(Path(".tailor/cache"), description="Verified local copies of input artifacts.")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    grace_seconds: float = Field(10.0, gt=0, description="Graceful shutdown period after SIGTERM.")
+    max_operations: int = Field(1, ge=1, description="Operations run at once; more are refused as busy.")
+    trace_file: Path | None = Field(None, description="Write finished spans as JSON lines here.")
+    otlp_endpoint: str | None = Field(None, description="Export spans over OTLP/gRPC to this endpoint.")
+
+    def store_options(self) -> dict:
+        return {
+            "endpoint_url": self.s3_endpoint_url,
+            "access_key": self.s3_access_key,
+            "secret_key": self.s3_secret_key,
+            "create_bucket": self.s3_create_bucket,
+        }
+
+
+_FIELD_ENV = {
+    "host": "TAILOR_HOST",
+    "port": "TAILOR_PORT",
+    "metrics_port": "TAILOR_METRICS_PORT",
+    "store_url": "TAILOR_STORE_URL",
+    "s3_endpoint_url": "TAILOR_S3_ENDPOINT_URL",
+    "s3_access_key": "TAILOR_S3_ACCESS_KEY",
+    "s3_secret_key": "TAILOR_S3_SECRET_KEY",
+    "s3_create_bucket": "TAILOR_S3_CREATE_BUCKET",
+    "cache_dir": "TAILOR_CACHE_DIR",
+    "log_level": "TAILOR_LOG_LEVEL",
+    "grace_seconds": "TAILOR_GRACE_SECONDS",
+    "max_operations": "TAILOR_MAX_OPERATIONS",
+    "trace_file": "TAILOR_TRACE_FILE",
+    "otlp_endpoint": "TAILOR_OTLP_ENDPOINT",
+}
+
+
+def load_settings(model: type[BaseModel], service: str, env_names: dict[str, str] | None = None, **defaults):
+    """Build `model` from the environment; on a bad value exit with the variable's name and the rule."""
+    names = {**_FIELD_ENV, **(env_names or {})}
+    raw: dict = {"service": service, **defaults}
+    for field, env in names.items():
+        if field in model.model_fields and env in os.environ:
+            raw[field] = os.environ[env]
+    try:
+        return model(**raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            env = names.get(field, field)
+            lines.append(f"  {env}: {err['msg']}")
+        raise SettingsError(f"tailor-{service}: invalid settings:\n" + "\n".join(lines)) from None

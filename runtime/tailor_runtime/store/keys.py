@@ -1,0 +1,34 @@
+"""Validation of every artifact id and file path that reaches the store from a request."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+
+from tailor_runtime.errors import InvalidArgument
+
+_ARTIFACT_ID = re.compile(r"^[0-9a-f]{64}$")
+_SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._+=@-]+$")
+
+
+def check_artifact_id(artifact_id: str) -> str:
+    if not _ARTIFACT_ID.match(artifact_id or ""):
+        raise InvalidArgument(
+            f"artifact id {artifact_id!r} is not valid: expected 64 lowercase hex characters (a sha256)"
+        )
+    return artifact_id
+
+
+def check_relative_path(path: str) -> str:
+    """A file path inside an artifact: relative, forward slashes, no '..', no empty or odd segments."""
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        raise InvalidArgument(f"file path {path!r} must be relative, with forward slashes")
+    normalized = posixpath.normpath(path)
+    if normalized != path:
+        raise InvalidArgument(f"file path {path!r} is not normalized (expected {normalized!r})")
+    for segment in path.split("/"):
+        if segment in ("", ".", "..") or not _SAFE_SEGMENT.match(segment):
+            raise InvalidArgument(
+                f"file path {path!r} has a bad segment {segment!r}: use letters, digits and . _ + = @ -"
+            )
+    return path
