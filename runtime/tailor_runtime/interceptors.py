@@ -32,7 +32,9 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     incident = uuid.uuid4().hex[:12]
     log.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
     # No stack trace to clients: the incident id finds it in the server's logs.
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the server logs")
+    await context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see the server logs"
+    )
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):

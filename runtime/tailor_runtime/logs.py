@@ -9,7 +9,7 @@ import sys
 import time
 
 # Set by the operation runner and the gateway; every log line in that context carries them.
-log_context: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("log_context", default={})
+log_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("log_context", default=None)
 
 _SECRET_WORDS = ("secret", "password", "token", "authorization")
 
@@ -21,16 +21,19 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "service": self.service,
             "logger": record.name,
             "msg": record.getMessage(),
-            **log_context.get(),
+            **(log_context.get() or {}),
         }
         extra = getattr(record, "fields", None)
         if extra:
-            entry.update({k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in extra.items()})
+            entry.update(
+                {k: ("***" if any(w in k.lower() for w in _SECRET_WORDS) else v) for k, v in extra.items()}
+            )
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
@@ -47,4 +50,4 @@ def setup_logging(service: str, level: str = "INFO") -> None:
 
 
 def bind(**fields: str) -> contextvars.Token:
-    return log_context.set({**log_context.get(), **{k: v for k, v in fields.items() if v}})
+    return log_context.set({**(log_context.get() or {}), **{k: v for k, v in fields.items() if v}})

@@ -183,7 +183,10 @@ class OperationRunner:
                 for manifest in result.results:
                     op.results.append(
                         common.ArtifactRef(
-                            id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
+                            id=manifest.id,
+                            kind=manifest.kind,
+                            uri=self.store.uri_for(manifest.id),
+                            sha256=manifest.id,
                         )
                     )
                 op.metrics.update(_jsonable(result.metrics))

@@ -19,7 +19,9 @@ class ServiceSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
-    store_url: str = Field(".tailor/store", description="Artifact store: a directory, file:// or s3://bucket/prefix.")
+    store_url: str = Field(
+        ".tailor/store", description="Artifact store: a directory, file:// or s3://bucket/prefix."
+    )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph RGW); None for AWS.")
     s3_access_key: str | None = None
     s3_secret_key: str | None = Field(None, repr=False)

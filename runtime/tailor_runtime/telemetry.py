@@ -14,7 +14,12 @@ from pathlib import Path
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RPC_REQUESTS = Counter("tailor_rpc_requests_total", "gRPC requests handled", ["service", "method", "code"])
@@ -73,7 +78,9 @@ def setup_tracing(service: str, trace_file: Path | None, otlp_endpoint: str | No
             raise SystemExit(
                 "TAILOR_OTLP_ENDPOINT is set but opentelemetry-exporter-otlp is not installed"
             ) from exc
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True)))
+        provider.add_span_processor(
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=True))
+        )
     trace.set_tracer_provider(provider)
 
 

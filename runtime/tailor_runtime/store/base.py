@@ -57,7 +57,7 @@ class ArtifactStore(ABC):
     @abstractmethod
     def uri_for(self, artifact_id: str) -> str: ...
 
-    def check_ready(self) -> None:
+    def check_ready(self) -> None:  # noqa: B027 - optional hook; a local directory is always ready
         """Raise Unavailable when the backend cannot be reached (used by health checks)."""
 
     # --- publishing ---------------------------------------------------------------------------

@@ -92,8 +92,10 @@ def _validate(candidates, constraints, objectives) -> None:
         raise InvalidArgument("at most one candidate can be the baseline")
     for c in constraints:
         if c.comparison not in (AT_MOST, AT_LEAST):
-            raise InvalidArgument(f"constraint on {c.metric!r}: unknown comparison {c.comparison!r}",
-                                  choices=(AT_MOST, AT_LEAST))
+            raise InvalidArgument(
+                f"constraint on {c.metric!r}: unknown comparison {c.comparison!r}",
+                choices=(AT_MOST, AT_LEAST),
+            )
         if not math.isfinite(c.value):
             raise InvalidArgument(f"constraint on {c.metric!r}: the limit must be a finite number")
     if not objectives:
@@ -195,8 +197,9 @@ def select(
     for i, score in zip(feasible, _scores([signed[i] for i in feasible], objectives), strict=True):
         verdicts[i].score = score
     eligible = [i for i in feasible if verdicts[i].pareto_optimal] or feasible
-    best = min(eligible, key=lambda i: (verdicts[i].score, candidates[i].metrics.get("size_mb", 0.0)),
-               default=None)
+    best = min(
+        eligible, key=lambda i: (verdicts[i].score, candidates[i].metrics.get("size_mb", 0.0)), default=None
+    )
     recommended = candidates[best] if best is not None else None
     front = [candidates[i] for i, v in enumerate(verdicts) if v.pareto_optimal]
     return Selection(recommended, front, verdicts, _rationale(recommended, verdicts, constraints, objectives))
@@ -232,7 +235,8 @@ def _rationale(best: Candidate | None, verdicts: list[Verdict], constraints, obj
                 lines.append(f"Against the baseline {baseline.name}: " + ", ".join(parts) + ".")
     for v in rejected:
         reasons = "; ".join(
-            f"{x.metric} not measured" if math.isnan(x.actual)
+            f"{x.metric} not measured"
+            if math.isnan(x.actual)
             else f"{x.metric} {fmt(x.metric, x.actual)} exceeds the limit {fmt(x.metric, x.limit)} "
             f"by {fmt(x.metric, x.excess)}"
             for x in v.violations

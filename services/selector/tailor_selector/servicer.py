@@ -16,7 +16,8 @@ _COMPARISONS = {common.COMPARISON_AT_MOST: AT_MOST, common.COMPARISON_AT_LEAST: 
 def constraint_from_proto(c: common.Constraint) -> Constraint:
     if c.comparison not in _COMPARISONS:
         raise InvalidArgument(
-            f"constraint on {c.metric!r} needs a comparison", choices=("COMPARISON_AT_MOST", "COMPARISON_AT_LEAST")
+            f"constraint on {c.metric!r} needs a comparison",
+            choices=("COMPARISON_AT_MOST", "COMPARISON_AT_LEAST"),
         )
     return Constraint(c.metric, _COMPARISONS[c.comparison], c.value)
 
@@ -28,7 +29,9 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
         ]
         constraints = [constraint_from_proto(c) for c in request.constraints]
         objectives = [Objective(o.metric, o.maximize, o.weight or 1.0) for o in request.objectives]
-        result = select(candidates, constraints, objectives) if objectives else select(candidates, constraints)
+        result = (
+            select(candidates, constraints, objectives) if objectives else select(candidates, constraints)
+        )
         return pb.SelectResponse(
             recommended_id=result.recommended.id if result.recommended else "",
             pareto_front_ids=[c.id for c in result.pareto_front],
@@ -38,6 +41,7 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
                     feasible=v.feasible,
                     pareto_optimal=v.pareto_optimal,
                     score=v.score if math.isfinite(v.score) else 0.0,
+                    metrics=v.candidate.metrics,
                     violations=[
                         pb.Violation(metric=x.metric, limit=x.limit, actual=x.actual, excess=x.excess)
                         for x in v.violations

@@ -1,0 +1,118 @@
+"""Talking to the gateway (and, for direct stage commands, to a stage service)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tailor.gateway.v1 import gateway_service_pb2 as pb
+from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from tailor_runtime.server import GRPC_OPTIONS
+from tailor_runtime.store.keys import check_relative_path
+from tailor_runtime.streams import read_chunks, with_last
+
+UPLOAD_CHUNK = 1 << 20
+DEFAULT_STATE_DIR = Path(".tailor")
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback."""
+
+
+@dataclass
+class Connection:
+    gateway: str
+    token: str
+    services: dict[str, str]
+
+    @classmethod
+    def discover(cls, state_dir: Path = DEFAULT_STATE_DIR) -> Connection:
+        """From TAILOR_GATEWAY/TAILOR_TOKEN, else from the local stack started by `tailor up`."""
+        info_file = state_dir / "stack.json"
+        info = json.loads(info_file.read_text()) if info_file.exists() else {}
+        gateway = os.environ.get("TAILOR_GATEWAY") or info.get("gateway")
+        if not gateway:
+            raise CliError(
+                "no gateway: start the local stack with `tailor up`, or set TAILOR_GATEWAY=host:port"
+            )
+        token = os.environ.get("TAILOR_TOKEN")
+        if not token and (state_dir / "token").exists():
+            token = (state_dir / "token").read_text().strip()
+        if not token:
+            raise CliError("no API token: set TAILOR_TOKEN (the local stack writes one to .tailor/token)")
+        return cls(gateway, token, info.get("services", {}))
+
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")]
+
+    def gateway_stub(self) -> pb_grpc.GatewayServiceStub:
+        return pb_grpc.GatewayServiceStub(grpc.insecure_channel(self.gateway, options=GRPC_OPTIONS))
+
+    def service_channel(self, service: str) -> grpc.Channel:
+        address = os.environ.get(f"TAILOR_{service.upper()}") or self.services.get(service)
+        if not address:
+            raise CliError(f"no address for the {service} service: set TAILOR_{service.upper()}=host:port")
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+def _upload_messages(path: Path, kind: str, fmt: str, name: str) -> Iterator[pb.UploadArtifactRequest]:
+    yield pb.UploadArtifactRequest(header=pb.UploadHeader(kind=kind, format=fmt, name=name))
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for file in files:
+        rel = file.name if path.is_file() else file.relative_to(path).as_posix()
+        check_relative_path(rel)
+        with open(file, "rb") as handle:
+            for data, last in with_last(read_chunks(handle, UPLOAD_CHUNK)):
+                yield pb.UploadArtifactRequest(chunk=pb.FileChunk(path=rel, data=data, eof=last))
+
+
+def guess_format(path: Path) -> tuple[str, str]:
+    """(kind, format) for a local path: a model folder or a text dataset."""
+    fmt_file = path / "tailor_format.json" if path.is_dir() else None
+    if fmt_file is not None and fmt_file.exists():
+        return "model", json.loads(fmt_file.read_text()).get("format", "hf-safetensors")
+    if path.is_dir() and (path / "config.json").exists():
+        return "model", "hf-safetensors"
+    if path.suffix in (".json", ".jsonl"):
+        return "dataset", "jsonl" if path.suffix == ".jsonl" else "json"
+    return "dataset", "text"
+
+
+def upload(
+    conn: Connection, path: Path, kind: str | None = None, fmt: str | None = None
+) -> pb.UploadArtifactResponse:
+    if not path.exists():
+        raise CliError(f"{path} does not exist")
+    guessed_kind, guessed_format = guess_format(path)
+    return conn.gateway_stub().UploadArtifact(
+        _upload_messages(path, kind or guessed_kind, fmt or guessed_format, path.name),
+        metadata=conn.metadata(),
+    )
+
+
+def download(conn: Connection, artifact_id: str, dest: Path) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    handles = {}
+    try:
+        for message in conn.gateway_stub().DownloadArtifact(
+            pb.DownloadArtifactRequest(artifact_id=artifact_id), metadata=conn.metadata()
+        ):
+            rel = check_relative_path(message.chunk.path)
+            if rel not in handles:
+                target = dest / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                handles[rel] = open(target, "wb")  # noqa: SIM115 - closed below
+                written.append(target)
+            handles[rel].write(message.chunk.data)
+            if message.chunk.eof:
+                handles.pop(rel).close()
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return written

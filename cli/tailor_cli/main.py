@@ -1,0 +1,357 @@
+"""`tailor`: the local stack, pipelines, artifacts and direct stage commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import yaml
+from google.protobuf import json_format
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tailor.common.v1 import common_pb2 as common
+from tailor.common.v1 import common_pb2_grpc as common_grpc
+from tailor.gateway.v1 import gateway_service_pb2 as pb
+from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
+from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
+from tailor_cli.client import DEFAULT_STATE_DIR, CliError, Connection, download, upload
+from tailor_cli.render import pipeline_state, stages_table, summary_view
+from tailor_cli.stack import Stack
+from tailor_gateway.spec import parse_spec
+from tailor_runtime.errors import TailorError
+from tailor_runtime.operations import to_struct
+
+console = Console()
+TERMINAL = (pb.PIPELINE_STATE_SUCCEEDED, pb.PIPELINE_STATE_FAILED, pb.PIPELINE_STATE_CANCELLED)
+
+
+# --- the local stack ----------------------------------------------------------------------------
+def cmd_up(args) -> int:
+    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store)
+    with console.status("starting gateway, quantizer, trainer, benchmarker, exporter, selector..."):
+        stack.start()
+    table = Table(title="tailor local stack")
+    table.add_column("service")
+    table.add_column("address")
+    table.add_column("pid", justify="right")
+    for service, proc in stack.processes.items():
+        table.add_row(service, stack.address(service), str(proc.pid))
+    console.print(table)
+    console.print(f"store: {args.store or args.state_dir / 'store'}   logs: {args.state_dir / 'logs'}")
+    console.print(f"token in {args.state_dir / 'token'}; Ctrl-C stops the stack")
+    stopping = []
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    try:
+        while not stopping:
+            time.sleep(0.5)
+            dead = [s for s, p in stack.processes.items() if p.poll() is not None]
+            if dead:
+                console.print(f"[red]{', '.join(dead)} exited; see {args.state_dir / 'logs'}[/red]")
+                break
+    except KeyboardInterrupt:
+        pass
+    with console.status("stopping..."):
+        stack.stop()
+    return 0
+
+
+def cmd_quickstart(args) -> int:
+    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store)
+    started = time.monotonic()
+    with console.status("starting the local stack (6 services)..."):
+        stack.start()
+    console.print(f"local stack up in {time.monotonic() - started:.1f}s (logs in {args.state_dir / 'logs'})")
+    try:
+        conn = Connection.discover(args.state_dir)
+        return run_pipeline(conn, args.spec, watch=True, state_dir=args.state_dir)
+    finally:
+        with console.status("stopping the local stack..."):
+            stack.stop()
+
+
+# --- pipelines ----------------------------------------------------------------------------------
+def upload_spec_inputs(conn: Connection, spec_path: Path) -> str:
+    """Upload every `path:` input of the spec and return the spec with artifact ids instead."""
+    raw = yaml.safe_load(spec_path.read_text())
+    parse_spec(spec_path.read_text(), require_artifacts=False)  # fail fast on a bad spec, before uploading
+    base = spec_path.parent
+
+    def resolve(node: dict, label: str) -> None:
+        if isinstance(node, dict) and "path" in node:
+            path = (base / node["path"]).resolve()
+            with console.status(f"uploading {label} from {path}..."):
+                reply = upload(conn, path)
+            console.print(f"uploaded {label}: {reply.artifact.id[:16]}... ({reply.artifact.kind})")
+            node.pop("path")
+            node["artifact"] = reply.artifact.id
+
+    resolve(raw.get("model"), "model")
+    for key in ("train", "eval"):
+        resolve((raw.get("data") or {}).get(key), f"data.{key}")
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def run_pipeline(conn: Connection, spec_path: Path, watch: bool, state_dir: Path, key: str = "") -> int:
+    spec_yaml = upload_spec_inputs(conn, spec_path)
+    stub = conn.gateway_stub()
+    p = stub.CreatePipeline(
+        pb.CreatePipelineRequest(spec_yaml=spec_yaml, idempotency_key=key or uuid.uuid4().hex),
+        metadata=conn.metadata(),
+    )
+    console.print(f"pipeline {p.name} submitted: {p.id}")
+    if not watch:
+        return 0
+    return watch_pipeline(conn, p.id, state_dir)
+
+
+def watch_pipeline(conn: Connection, pipeline_id: str, state_dir: Path) -> int:
+    stub = conn.gateway_stub()
+    started = time.monotonic()
+    last = None
+    with Live(console=console, refresh_per_second=4, transient=False) as live:
+        for event in stub.WatchPipeline(
+            pb.WatchPipelineRequest(pipeline_id=pipeline_id), metadata=conn.metadata()
+        ):
+            last = event.pipeline
+            live.update(stages_table(last))
+    if last is None:
+        raise CliError("the gateway closed the stream without news of the pipeline")
+    elapsed = time.monotonic() - started
+    if last.state != pb.PIPELINE_STATE_SUCCEEDED:
+        console.print(f"[red]pipeline {pipeline_state(last.state).lower()}: {last.error.message}[/red]")
+        return 1
+    summary = json_format.MessageToDict(last.summary)
+    report_path = None
+    if last.report.id:
+        files = download(conn, last.report.id, state_dir / "reports" / pipeline_id)
+        report_path = next((str(f) for f in files if f.name == "report.html"), None)
+    console.print(summary_view(summary, report_path))
+    console.print(f"pipeline finished in {elapsed:.1f}s")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    conn = Connection.discover(args.state_dir)
+    stub = conn.gateway_stub()
+    if args.action == "run":
+        return run_pipeline(conn, args.spec, args.watch, args.state_dir, args.idempotency_key)
+    if args.action == "list":
+        table = Table(title="pipelines")
+        for col in ("id", "name", "state", "created"):
+            table.add_column(col)
+        for p in stub.ListPipelines(pb.ListPipelinesRequest(), metadata=conn.metadata()).pipelines:
+            table.add_row(p.id, p.name, pipeline_state(p.state).lower(), p.create_time.ToJsonString())
+        console.print(table)
+        return 0
+    if args.action == "status":
+        p = stub.GetPipeline(pb.GetPipelineRequest(pipeline_id=args.id), metadata=conn.metadata())
+        console.print(stages_table(p))
+        if p.summary.fields:
+            console.print(summary_view(json_format.MessageToDict(p.summary), None))
+        return 0
+    if args.action == "watch":
+        return watch_pipeline(conn, args.id, args.state_dir)
+    if args.action == "cancel":
+        p = stub.CancelPipeline(pb.CancelPipelineRequest(pipeline_id=args.id), metadata=conn.metadata())
+        console.print(f"pipeline {p.id}: {pipeline_state(p.state).lower()}")
+        return 0
+    raise AssertionError(args.action)
+
+
+# --- artifacts ----------------------------------------------------------------------------------
+def cmd_artifacts(args) -> int:
+    conn = Connection.discover(args.state_dir)
+    stub = conn.gateway_stub()
+    if args.action == "ls":
+        table = Table(title="artifacts")
+        for col in ("id", "kind", "name", "format", "bytes"):
+            table.add_column(col)
+        for ref in stub.ListArtifacts(
+            pb.ListArtifactsRequest(kind=args.kind or ""), metadata=conn.metadata()
+        ).artifacts:
+            m = json.loads(
+                stub.GetArtifact(
+                    pb.GetArtifactRequest(artifact_id=ref.id), metadata=conn.metadata()
+                ).manifest_json
+            )
+            table.add_row(
+                ref.id,
+                ref.kind,
+                m.get("name", ""),
+                m.get("format", ""),
+                str(sum(f["size"] for f in m["files"])),
+            )
+        console.print(table)
+    elif args.action == "get":
+        files = download(conn, args.id, args.dest)
+        console.print(f"{len(files)} files written to {args.dest} (sha256 checked by the store)")
+    elif args.action == "show":
+        reply = stub.GetArtifact(pb.GetArtifactRequest(artifact_id=args.id), metadata=conn.metadata())
+        console.print_json(reply.manifest_json)
+    elif args.action == "put":
+        reply = upload(conn, args.path, args.kind, args.format)
+        console.print(f"{reply.artifact.id} ({reply.artifact.kind})")
+    return 0
+
+
+# --- direct stage commands ----------------------------------------------------------------------
+def parse_sets(items: list[str]) -> dict:
+    config = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--set {item!r}: expected key=value")
+        config[key] = yaml.safe_load(value)
+    return config
+
+
+def follow_operation(channel: grpc.Channel, op: common.Operation) -> common.Operation:
+    stub = common_grpc.OperationsServiceStub(channel)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task(op.kind, total=100)
+        for event in stub.WatchOperation(common.WatchOperationRequest(operation_id=op.id)):
+            op = event.operation
+            bar.update(
+                task,
+                completed=op.progress.percent,
+                description=f"{op.kind} {op.progress.phase} {op.progress.message}".strip(),
+            )
+    return op
+
+
+def cmd_quantize(args) -> int:
+    conn = Connection.discover(args.state_dir)
+    model_id = args.model if len(args.model) == 64 and not Path(args.model).exists() else None
+    if model_id is None:
+        model_id = upload(conn, Path(args.model)).artifact.id
+    channel = conn.service_channel("quantizer")
+    op = quant_grpc.QuantizerServiceStub(channel).Quantize(
+        quant_pb.QuantizeRequest(
+            model=common.ArtifactRef(id=model_id),
+            method=args.method,
+            config=to_struct(parse_sets(args.set)),
+            seed=args.seed,
+        )
+    )
+    op = follow_operation(channel, op)
+    if op.state != common.OPERATION_STATE_SUCCEEDED:
+        raise CliError(f"quantize failed: {op.error.message}")
+    result = op.results[0]
+    console.print(f"quantized model {result.id}{' (cached)' if op.cached else ''}")
+    if args.out:
+        download(conn, result.id, args.out)
+        console.print(f"written to {args.out}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    conn = Connection.discover(args.state_dir)
+    reply = quant_grpc.QuantizerServiceStub(conn.service_channel("quantizer")).ListMethods(
+        quant_pb.ListMethodsRequest()
+    )
+    table = Table(title="quantization methods on this worker")
+    for col in ("method", "bits", "available", "description"):
+        table.add_column(col)
+    for m in reply.methods:
+        table.add_row(
+            m.name,
+            ",".join(map(str, m.bits)),
+            "yes" if m.available else f"no: {m.unavailable_reason}",
+            m.description,
+        )
+    console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tailor", description=__doc__)
+    parser.add_argument(
+        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="local stack state (.tailor)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the local stack (every service as its own process)")
+    quick = sub.add_parser("quickstart", help="start the stack, run a pipeline on it, stop the stack")
+    quick.add_argument("--spec", type=Path, default=Path("examples/quickstart.yaml"))
+    for p in (up, quick):
+        p.add_argument("--port", type=int, default=50051, help="gateway port; services use the next five")
+        p.add_argument(
+            "--store", default=None, help="artifact store URL (default: a directory in the state dir)"
+        )
+
+    pipe = sub.add_parser("pipeline", help="run and follow pipelines").add_subparsers(
+        dest="action", required=True
+    )
+    run = pipe.add_parser("run", help="upload the spec's local inputs and submit it")
+    run.add_argument("spec", type=Path)
+    run.add_argument("--watch", action="store_true", help="follow progress and print the result")
+    run.add_argument(
+        "--idempotency-key", default="", help="a retried submission with the same key is not duplicated"
+    )
+    pipe.add_parser("list")
+    for action in ("status", "watch", "cancel"):
+        pipe.add_parser(action).add_argument("id")
+
+    art = sub.add_parser("artifacts", help="the artifact store").add_subparsers(dest="action", required=True)
+    art.add_parser("ls").add_argument("--kind", default="")
+    get = art.add_parser("get")
+    get.add_argument("id")
+    get.add_argument("dest", type=Path)
+    art.add_parser("show").add_argument("id")
+    put = art.add_parser("put")
+    put.add_argument("path", type=Path)
+    put.add_argument("--kind", default=None)
+    put.add_argument("--format", default=None)
+
+    quant = sub.add_parser("quantize", help="quantize a model directly on the quantizer service")
+    quant.add_argument("--model", required=True, help="a model folder or an artifact id")
+    quant.add_argument("--method", required=True)
+    quant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--out", type=Path, default=None, help="download the result here")
+    sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
+    return parser
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "quickstart": cmd_quickstart,
+    "pipeline": cmd_pipeline,
+    "artifacts": cmd_artifacts,
+    "quantize": cmd_quantize,
+    "methods": cmd_methods,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (CliError, TailorError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    except grpc.RpcError as exc:
+        console.print(f"[red]error ({exc.code().name}):[/red] {exc.details()}")
+        return 2
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""What a person sees in the terminal: live stage progress and the final candidates table."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from tailor.common.v1 import common_pb2 as common
+from tailor.gateway.v1 import gateway_service_pb2 as pb
+
+STATE_STYLE = {
+    "PENDING": "dim",
+    "RUNNING": "cyan",
+    "SUCCEEDED": "green",
+    "FAILED": "bold red",
+    "CANCELLED": "yellow",
+}
+
+
+def stage_state(value: int) -> str:
+    return common.OperationState.Name(value).removeprefix("OPERATION_STATE_")
+
+
+def pipeline_state(value: int) -> str:
+    return pb.PipelineState.Name(value).removeprefix("PIPELINE_STATE_")
+
+
+def stages_table(p: pb.Pipeline) -> Table:
+    table = Table(title=f"pipeline {p.name} ({p.id[:12]}): {pipeline_state(p.state)}", expand=False)
+    table.add_column("stage")
+    table.add_column("state")
+    table.add_column("progress", width=24)
+    table.add_column("%", justify="right")
+    table.add_column("detail", overflow="fold", max_width=60)
+    for s in p.stages:
+        state = stage_state(s.state)
+        percent = s.progress.percent if state != "SUCCEEDED" else 100.0
+        detail = (
+            s.error.message
+            if s.error.message
+            else " ".join(x for x in (s.progress.phase, s.progress.message) if x)
+        )
+        if s.cached:
+            detail = "cached: output already in the store"
+        table.add_row(
+            s.name,
+            Text(state.lower(), style=STATE_STYLE.get(state, "")),
+            ProgressBar(total=100, completed=percent, width=24),
+            f"{percent:.0f}",
+            detail,
+        )
+    return table
+
+
+def _num(metrics: dict, key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    return format(value, fmt) if isinstance(value, int | float) else "-"
+
+
+def candidates_table(summary: dict) -> Table:
+    table = Table(title="candidates")
+    for name, justify in (
+        ("candidate", "left"),
+        ("method", "left"),
+        ("size MB", "right"),
+        ("perplexity", "right"),
+        ("vs baseline", "right"),
+        ("ms/token", "right"),
+        ("peak mem MB", "right"),
+        ("pareto", "center"),
+        ("constraints", "left"),
+    ):
+        table.add_column(name, justify=justify)
+    recommended = summary.get("recommended")
+    for c in summary.get("candidates", []):
+        m = c.get("metrics", {})
+        delta = m.get("perplexity_increase_pct")
+        verdict = (
+            Text("pass", style="green")
+            if c.get("feasible")
+            else Text(
+                "fail: "
+                + "; ".join(
+                    f"{v['metric']} {v['actual']:.3g} > {v['limit']:.3g}" for v in c.get("violations", [])
+                ),
+                style="red",
+            )
+        )
+        name = Text(
+            ("* " if c["name"] == recommended else "  ") + c["name"],
+            style="bold green" if c["name"] == recommended else "",
+        )
+        table.add_row(
+            name,
+            c.get("method", ""),
+            _num(m, "size_mb", ".3f"),
+            _num(m, "perplexity", ".4f"),
+            f"{delta:+.2f}%" if isinstance(delta, int | float) else "-",
+            _num(m, "latency_ms_per_token", ".3f"),
+            _num(m, "peak_memory_mb", ".0f"),
+            "yes" if c.get("pareto_optimal") else "",
+            verdict,
+        )
+    return table
+
+
+def summary_view(summary: dict, report_path: str | None) -> Group:
+    parts = [candidates_table(summary)]
+    recommended = summary.get("recommended") or "none"
+    parts.append(Text.assemble(("recommended: ", "bold"), (recommended, "bold green")))
+    parts.append(Text(summary.get("rationale", "")))
+    export = summary.get("export")
+    if export:
+        parts.append(
+            Text(
+                f"export: {export.get('format')} {export.get('artifact_id', '')[:16]}... verified in onnxruntime: "
+                f"max |logit diff| {export.get('max_abs_diff', float('nan')):.2e}, "
+                f"top-1 agreement {export.get('top1_agreement', float('nan')):.3f}"
+            )
+        )
+    env = summary.get("environment") or {}
+    if env:
+        parts.append(
+            Text(
+                f"measured on: {env.get('cpu_model') or env.get('cpu', '?')}, "
+                f"{env.get('torch_threads', env.get('threads', '?'))} threads",
+                style="dim",
+            )
+        )
+    if report_path:
+        parts.append(Text.assemble(("report: ", "bold"), report_path))
+    return Group(*parts)

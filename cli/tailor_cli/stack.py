@@ -1,0 +1,152 @@
+"""The local stack: every service as its own process on localhost, sharing one artifact store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tailor_gateway.tokens import issue_token
+
+SERVICES = ("quantizer", "trainer", "benchmarker", "exporter", "selector")
+MODULES = {
+    "gateway": "tailor_gateway",
+    "quantizer": "tailor_quantizer",
+    "trainer": "tailor_trainer",
+    "benchmarker": "tailor_benchmarker",
+    "exporter": "tailor_exporter",
+    "selector": "tailor_selector",
+}
+OFFSETS = {"gateway": 0, "quantizer": 1, "trainer": 2, "benchmarker": 3, "exporter": 4, "selector": 5}
+
+
+@dataclass
+class Stack:
+    state_dir: Path
+    base_port: int = 50051
+    store_url: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    token: str = ""
+    envs: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def address(self, service: str) -> str:
+        return f"127.0.0.1:{self.base_port + OFFSETS[service]}"
+
+    def metrics_port(self, service: str) -> int:
+        return self.base_port + 1000 + OFFSETS[service]
+
+    @property
+    def info_file(self) -> Path:
+        return self.state_dir / "stack.json"
+
+    def start(self, timeout: float = 180.0) -> None:
+        self.state_dir = self.state_dir.resolve()
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        store = self.store_url or str(self.state_dir / "store")
+        tokens_file = self.state_dir / "tokens"
+        self.token = issue_token(tokens_file, "default")
+        token_file = self.state_dir / "token"
+        token_file.write_text(self.token + "\n")
+        os.chmod(token_file, 0o600)
+        workers = ";".join(f"{s}={self.address(s)}" for s in SERVICES)
+        for service in MODULES:
+            env = {
+                **os.environ,
+                "TAILOR_PORT": str(self.base_port + OFFSETS[service]),
+                "TAILOR_METRICS_PORT": str(self.metrics_port(service)),
+                "TAILOR_STORE_URL": store,
+                "TAILOR_CACHE_DIR": str(self.state_dir / "cache" / service),
+                "TAILOR_TRACE_FILE": str(self.state_dir / "traces.jsonl"),
+                "TAILOR_STATE_DB": str(self.state_dir / "gateway.db"),
+                "TAILOR_TOKENS_FILE": str(tokens_file),
+                "TAILOR_WORKERS": workers,
+                "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
+            }
+            self.envs[service] = env
+            self._spawn(service)
+        self.info_file.write_text(
+            json.dumps(
+                {
+                    "gateway": self.address("gateway"),
+                    "services": {s: self.address(s) for s in SERVICES},
+                    "pids": {s: p.pid for s, p in self.processes.items()},
+                    "store": store,
+                },
+                indent=2,
+            )
+        )
+        self.wait_healthy(timeout)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(MODULES)
+        while pending:
+            for service in sorted(pending):
+                proc = self.processes.get(service)
+                if proc is not None and proc.poll() is not None:
+                    self.stop()
+                    tail = (self.state_dir / "logs" / f"{service}.log").read_text()[-2000:]
+                    raise RuntimeError(
+                        f"{service} exited with code {proc.returncode} while starting:\n{tail}"
+                    )
+                if health_status(self.address(service)) == "SERVING":
+                    pending.discard(service)
+            if pending and time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"services not healthy after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            time.sleep(0.3)
+
+    def stop(self, grace: float = 15.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.info_file.unlink(missing_ok=True)
+
+    def _spawn(self, service: str) -> None:
+        with open(self.state_dir / "logs" / f"{service}.log", "ab") as log:
+            self.processes[service] = subprocess.Popen(
+                [sys.executable, "-m", MODULES[service]],
+                env=self.envs[service],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self, service: str) -> None:
+        """SIGKILL one service: what a crash looks like."""
+        proc = self.processes[service]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def restart(self, service: str) -> None:
+        """Start a killed service again with the same settings and wait until it serves."""
+        self._spawn(service)
+        self.wait_healthy(120)
+
+
+def health_status(address: str, timeout: float = 1.0) -> str:
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+            return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError:
+        return "DOWN"

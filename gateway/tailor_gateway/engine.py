@@ -1,0 +1,451 @@
+"""The pipeline engine: spec -> stages in the durable state -> operations on workers -> summary.
+
+Each pipeline has one driver task. It starts every stage whose dependencies succeeded, records each
+transition in the state store before acting on it, and follows remote operations by streaming. On a
+gateway restart, `resume()` re-attaches to recorded operations, or dispatches again where the worker
+no longer knows them; finished stages are never run again (and the workers' recipe cache makes a
+re-dispatched stage cheap when its output already exists).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from opentelemetry import propagate, trace
+
+from tailor.benchmarker.v1 import benchmarker_service_pb2 as bench_pb
+from tailor.benchmarker.v1 import benchmarker_service_pb2_grpc as bench_grpc
+from tailor.common.v1 import common_pb2 as common
+from tailor.common.v1 import common_pb2_grpc as common_grpc
+from tailor.exporter.v1 import exporter_service_pb2 as export_pb
+from tailor.exporter.v1 import exporter_service_pb2_grpc as export_grpc
+from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
+from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
+from tailor.selector.v1 import selector_service_pb2 as select_pb
+from tailor.selector.v1 import selector_service_pb2_grpc as select_grpc
+from tailor.trainer.v1 import trainer_service_pb2 as train_pb
+from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
+from tailor_gateway import state as st
+from tailor_gateway.reporting import publish_report
+from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec, parse_spec, plan
+from tailor_gateway.workers import STAGE_POOL, WorkerPools
+from tailor_runtime.errors import FailedPrecondition, NotFound, TailorError
+from tailor_runtime.logs import bind
+from tailor_runtime.operations import to_struct
+from tailor_runtime.store import ArtifactStore
+from tailor_runtime.telemetry import tracer
+
+log = logging.getLogger("tailor.gateway.engine")
+OS = common.OperationState
+MAX_ATTEMPTS = 3
+_OP_STATE = {
+    OS.OPERATION_STATE_SUCCEEDED: st.SUCCEEDED,
+    OS.OPERATION_STATE_FAILED: st.FAILED,
+    OS.OPERATION_STATE_CANCELLED: st.CANCELLED,
+}
+
+
+class StageFailed(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class Engine:
+    def __init__(self, state: st.StateStore, pools: WorkerPools, store: ArtifactStore):
+        self.state = state
+        self.pools = pools
+        self.store = store
+        self._drivers: dict[str, asyncio.Task] = {}
+        self._progress: dict[tuple[str, str], common.Progress] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+
+    # --- public API -----------------------------------------------------------------------------
+    def create(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
+        if idempotency_key:
+            existing = self.state.find_by_idempotency_key(project, idempotency_key)
+            if existing is not None:
+                return existing
+        spec = parse_spec(spec_yaml)
+        for field, ref in spec.inputs().items():
+            if not self.store.exists(ref.artifact):
+                raise NotFound(f"{field}: artifact {ref.artifact} not found in the store; upload it first")
+        pipeline_id = uuid.uuid4().hex
+        # One trace per pipeline: a short root span whose context every stage continues, across restarts.
+        with tracer().start_as_current_span(f"pipeline {spec.name}") as span:
+            span.set_attribute("tailor.pipeline_id", pipeline_id)
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+        now = time.time()
+        row = st.PipelineRow(
+            id=pipeline_id,
+            project=project,
+            name=spec.name,
+            spec_yaml=spec_yaml,
+            state=st.PENDING,
+            created=now,
+            updated=now,
+            idempotency_key=idempotency_key or None,
+            trace_parent=json.dumps(carrier),
+        )
+        stages = [
+            st.StageRow(pipeline_id, s.name, s.kind, i, s.depends_on, s.params)
+            for i, s in enumerate(plan(spec))
+        ]
+        self.state.create_pipeline(row, stages)
+        log.info("pipeline created", extra={"fields": {"pipeline_id": pipeline_id, "pipeline": spec.name}})
+        self._start_driver(pipeline_id)
+        return row
+
+    def resume(self) -> int:
+        """After a restart: drive every pipeline that was not finished."""
+        unfinished = self.state.unfinished_pipelines()
+        for p in unfinished:
+            self._start_driver(p.id)
+        return len(unfinished)
+
+    async def cancel(self, pipeline_id: str) -> None:
+        p = self.state.get_pipeline(pipeline_id)
+        if p is None:
+            raise NotFound(f"pipeline {pipeline_id} not found")
+        if p.state in st.TERMINAL:
+            return
+        self.state.set_pipeline(
+            pipeline_id,
+            state=st.CANCELLED,
+            error_code=grpc.StatusCode.CANCELLED.value[0],
+            error_message="cancelled by the user",
+        )
+        driver = self._drivers.get(pipeline_id)
+        if driver:
+            driver.cancel()
+        # Stop the work on the workers too, not only our waiting for it.
+        for s in self.state.stages(pipeline_id):
+            if s.state == st.RUNNING and s.operation_id and s.worker:
+                try:
+                    await common_grpc.OperationsServiceStub(self.pools.channel(s.worker)).CancelOperation(
+                        common.CancelOperationRequest(operation_id=s.operation_id), timeout=10
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("could not cancel %s on %s: %s", s.operation_id, s.worker, exc.details())
+            if s.state not in st.TERMINAL:
+                self.state.set_stage(pipeline_id, s.name, state=st.CANCELLED)
+        self._notify(pipeline_id)
+
+    def progress_of(self, pipeline_id: str, stage: str) -> common.Progress | None:
+        return self._progress.get((pipeline_id, stage))
+
+    async def wait_change(self, pipeline_id: str, timeout: float) -> None:
+        event = self._changed.setdefault(pipeline_id, asyncio.Event())
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    async def shutdown(self) -> None:
+        for task in self._drivers.values():
+            task.cancel()
+        await asyncio.gather(*self._drivers.values(), return_exceptions=True)
+
+    # --- driving --------------------------------------------------------------------------------
+    def _notify(self, pipeline_id: str) -> None:
+        event = self._changed.pop(pipeline_id, None)
+        if event:
+            event.set()
+
+    def _start_driver(self, pipeline_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._drive(pipeline_id))
+        self._drivers[pipeline_id] = task
+        task.add_done_callback(lambda _t: self._drivers.pop(pipeline_id, None))
+
+    async def _drive(self, pipeline_id: str) -> None:
+        bind(pipeline_id=pipeline_id)
+        p = self.state.get_pipeline(pipeline_id)
+        spec = parse_spec(p.spec_yaml)
+        if p.state == st.PENDING:
+            self.state.set_pipeline(pipeline_id, state=st.RUNNING)
+            self._notify(pipeline_id)
+        running: dict[str, asyncio.Task] = {}
+        try:
+            while True:
+                stages = {s.name: s for s in self.state.stages(pipeline_id)}
+                failed = [s for s in stages.values() if s.state == st.FAILED]
+                if failed:
+                    first = failed[0]
+                    raise StageFailed(first.error_code, f"stage {first.name} failed: {first.error_message}")
+                if all(s.state == st.SUCCEEDED for s in stages.values()):
+                    self.state.set_pipeline(pipeline_id, state=st.SUCCEEDED)
+                    log.info("pipeline succeeded")
+                    return
+                for s in stages.values():
+                    ready = all(stages[d].state == st.SUCCEEDED for d in s.depends_on)
+                    if s.name not in running and s.state in (st.PENDING, st.RUNNING) and ready:
+                        running[s.name] = asyncio.create_task(self._run_stage(p, spec, s, stages))
+                if not running:
+                    raise StageFailed(
+                        grpc.StatusCode.INTERNAL.value[0], "pipeline is stuck: no stage can run"
+                    )
+                done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
+                for name in [n for n, t in running.items() if t in done]:
+                    running.pop(name).result()
+        except asyncio.CancelledError:
+            for t in running.values():
+                t.cancel()
+            raise
+        except StageFailed as exc:
+            for t in running.values():
+                t.cancel()
+            self.state.set_pipeline(
+                pipeline_id, state=st.FAILED, error_code=exc.code, error_message=exc.message
+            )
+            log.warning("pipeline failed: %s", exc.message)
+        except Exception as exc:  # noqa: BLE001 - a bug fails this pipeline, not the gateway
+            log.error("pipeline driver crashed", exc_info=exc)
+            self.state.set_pipeline(
+                pipeline_id,
+                state=st.FAILED,
+                error_code=grpc.StatusCode.INTERNAL.value[0],
+                error_message=f"internal error in the gateway ({type(exc).__name__})",
+            )
+        finally:
+            self._notify(pipeline_id)
+
+    async def _run_stage(self, p: st.PipelineRow, spec: PipelineSpec, s: st.StageRow, stages) -> None:
+        ctx = propagate.extract(json.loads(p.trace_parent or "{}"))
+        with tracer().start_as_current_span(f"stage {s.name}", context=ctx) as span:
+            span.set_attribute("tailor.pipeline_id", p.id)
+            try:
+                if s.kind in STAGE_POOL and s.kind != "select":
+                    await self._run_remote(p, spec, s, stages)
+                elif s.kind == "select":
+                    await self._run_select(p, spec, s, stages)
+                else:
+                    await self._run_report(p, spec, s, stages)
+            except StageFailed as exc:
+                self._fail_stage(p.id, s, exc.code, exc.message)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
+            except TailorError as exc:
+                self._fail_stage(p.id, s, exc.code.value[0], exc.message)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
+            except grpc.aio.AioRpcError as exc:
+                self._fail_stage(p.id, s, exc.code().value[0], exc.details() or exc.code().name)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code().name))
+            finally:
+                self._notify(p.id)
+
+    def _fail_stage(self, pipeline_id: str, s: st.StageRow, code: int, message: str) -> None:
+        self.state.set_stage(pipeline_id, s.name, state=st.FAILED, error_code=code, error_message=message)
+
+    def _succeed_stage(self, pipeline_id: str, s: st.StageRow, results, metrics, cached=False) -> None:
+        self.state.set_stage(
+            pipeline_id, s.name, state=st.SUCCEEDED, results=results, metrics=metrics, cached=cached
+        )
+
+    # --- remote stages --------------------------------------------------------------------------
+    async def _run_remote(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
+        pool = STAGE_POOL[s.kind]
+        attempts = s.attempts
+        operation_id, worker = s.operation_id, s.worker
+        while True:
+            if not operation_id:
+                if attempts >= MAX_ATTEMPTS:
+                    raise StageFailed(
+                        grpc.StatusCode.UNAVAILABLE.value[0],
+                        f"gave up after {attempts} attempts: the {pool} workers kept losing it",
+                    )
+                attempts += 1
+                request_call = self._start_call(p, spec, s, stages)
+                worker, op = await self.pools.dispatch(pool, request_call)
+                operation_id = op.id
+                # Durable before we wait on it: a restarted gateway re-attaches to this operation.
+                self.state.set_stage(
+                    p.id, s.name, state=st.RUNNING, operation_id=op.id, worker=worker, attempts=attempts
+                )
+                self._notify(p.id)
+            op = await self._follow(p.id, s.name, worker, operation_id)
+            if op is None:
+                # The worker restarted or died and forgot the operation: dispatch again.
+                log.warning("stage %s lost its operation on %s; dispatching again", s.name, worker)
+                operation_id = ""
+                continue
+            final = _OP_STATE.get(op.state)
+            if final == st.SUCCEEDED:
+                results = [json_format.MessageToDict(r, preserving_proto_field_name=True) for r in op.results]
+                metrics = json_format.MessageToDict(op.metrics)
+                self._succeed_stage(p.id, s, results, metrics, cached=op.cached)
+                return
+            if final == st.CANCELLED:
+                # Not by the user (that cancels this task first): the worker shut down. Dispatch again.
+                log.warning(
+                    "stage %s was cancelled on %s (worker shutdown?); dispatching again", s.name, worker
+                )
+                operation_id = ""
+                continue
+            raise StageFailed(op.error.code or grpc.StatusCode.UNKNOWN.value[0], op.error.message or "failed")
+
+    async def _follow(self, pipeline_id: str, stage: str, worker: str, operation_id: str):
+        """Stream the operation's progress until it ends; None when the worker no longer knows it."""
+        stub = common_grpc.OperationsServiceStub(self.pools.channel(worker))
+        backoff_s = 0.5
+        lost_since: float | None = None
+        while True:
+            try:
+                stream = stub.WatchOperation(common.WatchOperationRequest(operation_id=operation_id))
+                async for event in stream:
+                    op = event.operation
+                    lost_since = None
+                    self._progress[(pipeline_id, stage)] = op.progress
+                    self._notify(pipeline_id)
+                    if op.state in _OP_STATE:
+                        return op
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                # Unreachable: wait a little for it to come back, then treat the operation as lost.
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > 30:
+                    return None
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    def _start_call(self, p, spec: PipelineSpec, s: st.StageRow, stages):
+        labels = {"pipeline_id": p.id, "stage": s.name, "method": s.params.get("method", "")}
+        metadata = _trace_metadata()
+        source = self._source_model(spec, stages)
+        if s.kind == "finetune":
+            request = train_pb.FineTuneRequest(
+                base_model=_ref(spec.model.artifact),
+                dataset=_ref(spec.data.train.artifact),
+                method=s.params["method"],
+                config=to_struct(s.params["config"]),
+                seed=s.params["seed"],
+                labels=labels,
+            )
+            return lambda ch: train_grpc.TrainerServiceStub(ch).FineTune(
+                request, metadata=metadata, timeout=30
+            )
+        if s.kind == "quantize":
+            request = quant_pb.QuantizeRequest(
+                model=source,
+                method=s.params["method"],
+                config=to_struct(s.params["config"]),
+                seed=s.params["seed"],
+                labels=labels,
+            )
+            return lambda ch: quant_grpc.QuantizerServiceStub(ch).Quantize(
+                request, metadata=metadata, timeout=30
+            )
+        if s.kind == "benchmark":
+            candidate = s.params["candidate"]
+            model = (
+                source if candidate == "original" else _ref_dict(stages[f"quantize/{candidate}"].results[0])
+            )
+            request = bench_pb.BenchmarkRequest(
+                model=model,
+                eval_data=_ref(spec.data.eval.artifact),
+                config=to_struct(spec.benchmark.config),
+                labels=labels,
+            )
+            return lambda ch: bench_grpc.BenchmarkerServiceStub(ch).Benchmark(
+                request, metadata=metadata, timeout=30
+            )
+        if s.kind == "export":
+            chosen = stages["select"].metrics.get("recommended_model")
+            if not chosen:
+                raise FailedPrecondition("nothing to export: no candidate met the constraints")
+            request = export_pb.ExportRequest(
+                model=_ref_dict(chosen),
+                format=s.params["format"],
+                config=to_struct(s.params["config"]),
+                labels=labels,
+            )
+            return lambda ch: export_grpc.ExporterServiceStub(ch).Export(
+                request, metadata=metadata, timeout=30
+            )
+        raise AssertionError(f"not a remote stage: {s.kind}")
+
+    @staticmethod
+    def _source_model(spec: PipelineSpec, stages) -> common.ArtifactRef:
+        """The model quantized and benchmarked as 'original': the fine-tuned one if there is a finetune."""
+        if "finetune" in stages:
+            return _ref_dict(stages["finetune"].results[0])
+        return _ref(spec.model.artifact)
+
+    # --- local stages ---------------------------------------------------------------------------
+    async def _run_select(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
+        candidates, models = [], {}
+        for stage in stages.values():
+            if stage.kind != "benchmark":
+                continue
+            candidate = stage.params["candidate"]
+            metrics = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, int | float)}
+            candidates.append(
+                select_pb.Candidate(
+                    id=candidate, name=candidate, metrics=metrics, is_baseline=candidate == "original"
+                )
+            )
+            models[candidate] = (
+                _ref_to_dict(self._source_model(spec, stages))
+                if candidate == "original"
+                else stages[f"quantize/{candidate}"].results[0]
+            )
+        constraints = []
+        for key, value in spec.select.constraints.model_dump().items():
+            if value is not None:
+                metric, comparison = CONSTRAINT_METRICS[key]
+                constraints.append(
+                    common.Constraint(
+                        metric=metric,
+                        value=value,
+                        comparison=common.COMPARISON_AT_MOST
+                        if comparison == "at_most"
+                        else common.COMPARISON_AT_LEAST,
+                    )
+                )
+        objectives = [select_pb.Objective(**o.model_dump()) for o in spec.select.objectives]
+        request = select_pb.SelectRequest(
+            candidates=candidates, constraints=constraints, objectives=objectives
+        )
+        metadata = _trace_metadata()
+        worker, response = await self.pools.dispatch(
+            "selector",
+            lambda ch: select_grpc.SelectorServiceStub(ch).Select(request, metadata=metadata, timeout=30),
+        )
+        result = json_format.MessageToDict(response, preserving_proto_field_name=True)
+        result["recommended_model"] = models.get(response.recommended_id, {})
+        self.state.set_stage(p.id, s.name, worker=worker)
+        self._succeed_stage(p.id, s, [], result)
+
+    async def _run_report(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
+        summary, ref = await asyncio.to_thread(publish_report, self.store, p, spec, stages)
+        self.state.set_pipeline(p.id, summary=summary, report=ref)
+        self._succeed_stage(p.id, s, [ref], {})
+
+
+def _trace_metadata() -> list[tuple[str, str]]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+def _ref(artifact_id: str) -> common.ArtifactRef:
+    return common.ArtifactRef(id=artifact_id, sha256=artifact_id)
+
+
+def _ref_dict(d: dict[str, Any]) -> common.ArtifactRef:
+    return common.ArtifactRef(
+        id=d["id"], kind=d.get("kind", ""), uri=d.get("uri", ""), sha256=d.get("sha256", "")
+    )
+
+
+def _ref_to_dict(ref: common.ArtifactRef) -> dict[str, str]:
+    return {"id": ref.id, "kind": ref.kind, "uri": ref.uri, "sha256": ref.sha256}

@@ -1,0 +1,117 @@
+"""The pipeline's summary (candidates, verdicts, recommendation) and its report artifact (JSON + HTML)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tailor_gateway.report import render_report_html, render_report_json
+from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec
+from tailor_runtime.store import ArtifactStore
+
+SUMMARY_METRICS = (
+    "perplexity",
+    "perplexity_increase_pct",
+    "size_mb",
+    "latency_ms_per_token",
+    "tokens_per_s",
+    "peak_memory_mb",
+    "model_memory_mb",
+)
+
+
+def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
+    select = stages["select"].metrics
+    verdicts = {v["candidate_id"]: v for v in select.get("verdicts", [])}
+    candidates = []
+    environment: dict[str, Any] = {}
+    for stage in stages.values():
+        if stage.kind != "benchmark":
+            continue
+        name = stage.params["candidate"]
+        verdict = verdicts.get(name, {})
+        if name == "original":
+            method = "lora-merged" if "finetune" in stages else "original"
+            model_id = stages["finetune"].results[0]["id"] if "finetune" in stages else spec.model.artifact
+        else:
+            quantize = stages[f"quantize/{name}"]
+            method, model_id = quantize.params["method"], quantize.results[0]["id"]
+        # The selector's copy of the metrics includes what it derived (perplexity_increase_pct).
+        measured = {**stage.metrics, **verdict.get("metrics", {})}
+        metrics = {k: measured[k] for k in SUMMARY_METRICS if k in measured}
+        environment = environment or stage.metrics.get("environment", {})
+        candidates.append(
+            {
+                "name": name,
+                "method": method,
+                "artifact_id": model_id,
+                "report_id": stage.results[0]["id"] if stage.results else "",
+                "metrics": metrics,
+                "feasible": bool(verdict.get("feasible", False)),
+                "pareto_optimal": bool(verdict.get("pareto_optimal", False)),
+                "violations": verdict.get("violations", []),
+            }
+        )
+    constraints = [
+        {"metric": CONSTRAINT_METRICS[k][0], "comparison": CONSTRAINT_METRICS[k][1], "value": v}
+        for k, v in spec.select.constraints.model_dump().items()
+        if v is not None
+    ]
+    summary: dict[str, Any] = {
+        "pipeline": {
+            "id": p.id,
+            "name": p.name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(p.created)),
+        },
+        "baseline": "original",
+        "constraints": constraints,
+        "objectives": [o.model_dump() for o in spec.select.objectives],
+        "candidates": candidates,
+        "recommended": select.get("recommended_id", ""),
+        "rationale": select.get("rationale", ""),
+        "environment": environment,
+    }
+    if "finetune" in stages:
+        ft = stages["finetune"]
+        summary["finetune"] = {
+            "model_id": ft.results[0]["id"],
+            "adapter_id": ft.results[1]["id"] if len(ft.results) > 1 else "",
+            **{
+                k: v
+                for k, v in ft.metrics.items()
+                if k in ("final_loss", "steps", "tokens_per_s", "trainable_params")
+            },
+        }
+    if "export" in stages and stages["export"].results:
+        ex = stages["export"]
+        summary["export"] = {
+            "format": ex.params["format"],
+            "artifact_id": ex.results[0]["id"],
+            **{k: v for k, v in ex.metrics.items() if isinstance(v, int | float | str)},
+        }
+    return summary
+
+
+def publish_report(store: ArtifactStore, p, spec: PipelineSpec, stages: dict) -> tuple[dict, dict]:
+    summary = build_summary(p, spec, stages)
+    with tempfile.TemporaryDirectory(prefix="tailor-report-") as tmp:
+        folder = Path(tmp)
+        (folder / "report.json").write_text(render_report_json(summary))
+        (folder / "report.html").write_text(render_report_html(summary))
+        parents = [c["report_id"] for c in summary["candidates"] if c["report_id"]]
+        manifest = store.publish_directory(
+            folder,
+            kind="report",
+            format="tailor-report",
+            name=f"{p.name}-report",
+            parents=parents,
+            recipe={"stage": "report", "pipeline_id": p.id},
+        )
+    return summary, {
+        "id": manifest.id,
+        "kind": "report",
+        "uri": store.uri_for(manifest.id),
+        "sha256": manifest.id,
+    }

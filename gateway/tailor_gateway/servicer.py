@@ -1,0 +1,165 @@
+"""GatewayService: pipelines and artifacts for authenticated callers. Proto <-> engine only."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from google.protobuf import json_format, timestamp_pb2
+
+from tailor.common.v1 import common_pb2 as common
+from tailor.gateway.v1 import gateway_service_pb2 as pb
+from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from tailor_gateway import state as st
+from tailor_gateway.artifacts import iter_download, receive_upload
+from tailor_gateway.engine import Engine
+from tailor_runtime.errors import NotFound
+from tailor_runtime.interceptors import current_principal
+from tailor_runtime.operations import to_struct
+from tailor_runtime.store import ArtifactStore
+from tailor_runtime.store.keys import check_artifact_id
+
+_PIPELINE_STATE = {
+    st.PENDING: pb.PIPELINE_STATE_PENDING,
+    st.RUNNING: pb.PIPELINE_STATE_RUNNING,
+    st.SUCCEEDED: pb.PIPELINE_STATE_SUCCEEDED,
+    st.FAILED: pb.PIPELINE_STATE_FAILED,
+    st.CANCELLED: pb.PIPELINE_STATE_CANCELLED,
+}
+_STAGE_STATE = {
+    st.PENDING: common.OPERATION_STATE_PENDING,
+    st.RUNNING: common.OPERATION_STATE_RUNNING,
+    st.SUCCEEDED: common.OPERATION_STATE_SUCCEEDED,
+    st.FAILED: common.OPERATION_STATE_FAILED,
+    st.CANCELLED: common.OPERATION_STATE_CANCELLED,
+}
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _ref(d: dict) -> common.ArtifactRef:
+    return common.ArtifactRef(**{k: d.get(k, "") for k in ("id", "kind", "uri", "sha256")})
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    def __init__(self, engine: Engine, store: ArtifactStore, staging: Path, max_upload_bytes: int):
+        self.engine = engine
+        self.store = store
+        self.staging = staging
+        self.max_upload_bytes = max_upload_bytes
+
+    # --- pipelines ------------------------------------------------------------------------------
+    def _owned(self, pipeline_id: str) -> st.PipelineRow:
+        p = self.engine.state.get_pipeline(pipeline_id)
+        # Another project's pipeline reads as absent: its existence is not disclosed.
+        if p is None or p.project != current_principal.get():
+            raise NotFound(f"pipeline {pipeline_id!r} not found")
+        return p
+
+    def _to_proto(self, p: st.PipelineRow) -> pb.Pipeline:
+        message = pb.Pipeline(
+            id=p.id,
+            name=p.name,
+            state=_PIPELINE_STATE[p.state],
+            project=p.project,
+            create_time=_ts(p.created),
+            update_time=_ts(p.updated),
+        )
+        if p.error_message:
+            message.error.CopyFrom(common.Status(code=p.error_code, message=p.error_message))
+        if p.summary:
+            message.summary.CopyFrom(to_struct(p.summary))
+        if p.report:
+            message.report.CopyFrom(_ref(p.report))
+        for s in self.engine.state.stages(p.id):
+            stage = pb.Stage(
+                name=s.name,
+                kind=s.kind,
+                state=_STAGE_STATE[s.state],
+                operation_id=s.operation_id,
+                worker=s.worker,
+                depends_on=s.depends_on,
+                attempts=s.attempts,
+                cached=s.cached,
+                results=[_ref(r) for r in s.results],
+            )
+            progress = self.engine.progress_of(p.id, s.name)
+            if progress is not None:
+                stage.progress.CopyFrom(progress)
+            if s.state == st.SUCCEEDED:
+                stage.progress.percent = 100.0
+            if s.error_message:
+                stage.error.CopyFrom(common.Status(code=s.error_code, message=s.error_message))
+            message.stages.append(stage)
+        return message
+
+    async def CreatePipeline(self, request, context):
+        row = self.engine.create(request.spec_yaml, current_principal.get(), request.idempotency_key)
+        return self._to_proto(self.engine.state.get_pipeline(row.id))
+
+    async def GetPipeline(self, request, context):
+        return self._to_proto(self._owned(request.pipeline_id))
+
+    async def ListPipelines(self, request, context):
+        rows = self.engine.state.list_pipelines(current_principal.get())
+        return pb.ListPipelinesResponse(pipelines=[self._to_proto(p) for p in rows])
+
+    async def WatchPipeline(self, request, context):
+        last = None
+        while True:
+            snapshot = self._to_proto(self._owned(request.pipeline_id))
+            if snapshot != last:
+                yield pb.PipelineEvent(pipeline=snapshot)
+                last = snapshot
+            if snapshot.state in (
+                pb.PIPELINE_STATE_SUCCEEDED,
+                pb.PIPELINE_STATE_FAILED,
+                pb.PIPELINE_STATE_CANCELLED,
+            ):
+                return
+            await self.engine.wait_change(request.pipeline_id, timeout=2.0)
+
+    async def CancelPipeline(self, request, context):
+        self._owned(request.pipeline_id)
+        await self.engine.cancel(request.pipeline_id)
+        return self._to_proto(self._owned(request.pipeline_id))
+
+    # --- artifacts ------------------------------------------------------------------------------
+    async def UploadArtifact(self, request_iterator, context):
+        manifest = await receive_upload(request_iterator, self.store, self.max_upload_bytes, self.staging)
+        ref = common.ArtifactRef(
+            id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
+        )
+        return pb.UploadArtifactResponse(artifact=ref, manifest_json=manifest.canonical_bytes().decode())
+
+    async def DownloadArtifact(self, request, context):
+        iterator = iter_download(self.store, check_artifact_id(request.artifact_id))
+        while True:
+            # The store may be remote (S3): read off the event loop.
+            message = await asyncio.to_thread(next, iterator, None)
+            if message is None:
+                return
+            yield message
+
+    async def ListArtifacts(self, request, context):
+        found = await asyncio.to_thread(self.store.list_manifests, request.kind)
+        return pb.ListArtifactsResponse(
+            artifacts=[
+                common.ArtifactRef(id=i, kind=m.kind, uri=self.store.uri_for(i), sha256=i) for i, m in found
+            ]
+        )
+
+    async def GetArtifact(self, request, context):
+        manifest = await asyncio.to_thread(self.store.get_manifest, check_artifact_id(request.artifact_id))
+        ref = common.ArtifactRef(
+            id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
+        )
+        return pb.GetArtifactResponse(artifact=ref, manifest_json=manifest.canonical_bytes().decode())
+
+
+def pipeline_to_dict(p: pb.Pipeline) -> dict:
+    return json_format.MessageToDict(p, preserving_proto_field_name=True)

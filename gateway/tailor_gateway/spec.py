@@ -1,0 +1,197 @@
+"""The pipeline spec: typed, strict (unknown keys are errors), turned into a DAG of stages.
+
+A spec names a base model, data and stages. Inputs are artifacts: the CLI uploads local paths and
+rewrites them to artifact ids before it submits, so the gateway never reads a client's disk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tailor_runtime.errors import InvalidArgument
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class Input(BaseModel):
+    """An artifact id, or (in a spec file given to the CLI) a local path the CLI uploads first."""
+
+    model_config = _STRICT
+    artifact: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.artifact is None) == (self.path is None):
+            raise ValueError("give exactly one of 'artifact' (an id) or 'path' (a local file or folder)")
+        return self
+
+
+class Data(BaseModel):
+    model_config = _STRICT
+    train: Input | None = None
+    eval: Input
+
+
+class FineTune(BaseModel):
+    model_config = _STRICT
+    method: str = "lora"
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0)
+
+
+class Quantize(BaseModel):
+    model_config = _STRICT
+    method: str
+    name: str | None = Field(None, description="Candidate name; defaults to the method.")
+    config: dict[str, Any] = Field(default_factory=dict)
+    seed: int = Field(0, ge=0)
+
+
+class Benchmark(BaseModel):
+    model_config = _STRICT
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Constraints(BaseModel):
+    model_config = _STRICT
+    max_memory_mb: float | None = Field(None, gt=0, description="Peak resident memory while running.")
+    max_size_mb: float | None = Field(None, gt=0, description="Size on disk.")
+    max_perplexity_increase_pct: float | None = Field(None, ge=0, description="Quality loss vs the baseline.")
+    max_latency_ms_per_token: float | None = Field(None, gt=0)
+    min_tokens_per_s: float | None = Field(None, gt=0)
+
+
+# Spec shorthand -> (measured metric, comparison).
+CONSTRAINT_METRICS = {
+    "max_memory_mb": ("peak_memory_mb", "at_most"),
+    "max_size_mb": ("size_mb", "at_most"),
+    "max_perplexity_increase_pct": ("perplexity_increase_pct", "at_most"),
+    "max_latency_ms_per_token": ("latency_ms_per_token", "at_most"),
+    "min_tokens_per_s": ("tokens_per_s", "at_least"),
+}
+OBJECTIVE_METRICS = ("perplexity", "size_mb", "latency_ms_per_token", "peak_memory_mb", "tokens_per_s")
+
+
+class ObjectiveSpec(BaseModel):
+    model_config = _STRICT
+    metric: Literal["perplexity", "size_mb", "latency_ms_per_token", "peak_memory_mb", "tokens_per_s"]
+    maximize: bool = False
+    weight: float = Field(1.0, ge=0)
+
+
+class Select(BaseModel):
+    model_config = _STRICT
+    constraints: Constraints = Field(default_factory=Constraints)
+    objectives: list[ObjectiveSpec] = Field(
+        default_factory=lambda: [
+            ObjectiveSpec(metric="perplexity", weight=2.0),
+            ObjectiveSpec(metric="size_mb"),
+            ObjectiveSpec(metric="latency_ms_per_token"),
+        ]
+    )
+
+
+class Export(BaseModel):
+    model_config = _STRICT
+    format: str = "onnx"
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class PipelineSpec(BaseModel):
+    model_config = _STRICT
+    apiVersion: Literal["tailor.dev/v1"] = "tailor.dev/v1"  # noqa: N815 - the YAML key
+    kind: Literal["Pipeline"] = "Pipeline"
+    name: str
+    model: Input
+    data: Data
+    finetune: FineTune | None = None
+    quantize: list[Quantize] = Field(default_factory=list)
+    benchmark: Benchmark = Field(default_factory=Benchmark)
+    select: Select = Field(default_factory=Select)
+    export: Export | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not _NAME.match(self.name):
+            raise ValueError("name must be 1-63 lowercase letters, digits, '.', '_' or '-'")
+        if self.finetune is not None and self.data.train is None:
+            raise ValueError("finetune needs data.train")
+        names = [q.name or q.method for q in self.quantize]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"quantize candidates need unique names; repeated: {duplicates} (set 'name')")
+        if "original" in names:
+            raise ValueError("'original' is reserved for the unquantized model")
+        return self
+
+    def inputs(self) -> dict[str, Input]:
+        found = {"model": self.model, "data.eval": self.data.eval}
+        if self.data.train is not None:
+            found["data.train"] = self.data.train
+        return found
+
+
+def parse_spec(text: str, *, require_artifacts: bool = True) -> PipelineSpec:
+    """YAML -> PipelineSpec; every problem reported with the path of the offending field."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"pipeline spec is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument("pipeline spec must be a YAML mapping with name, model, data and stages")
+    try:
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidArgument(f"invalid pipeline spec: {problems}") from None
+    if require_artifacts:
+        local = [k for k, v in spec.inputs().items() if v.path is not None]
+        if local:
+            raise InvalidArgument(
+                f"the gateway takes artifact ids, not local paths ({', '.join(local)}): "
+                "upload them first (`tailor pipeline run` does this for you)"
+            )
+    return spec
+
+
+@dataclass
+class StagePlan:
+    name: str
+    kind: str  # finetune, quantize, benchmark, select, export, report
+    depends_on: list[str] = field(default_factory=list)
+    # What the stage needs beyond its dependencies' results (method, config, candidate name...).
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(spec: PipelineSpec) -> list[StagePlan]:
+    """The DAG: finetune -> quantize (fan-out) -> benchmark each -> select (fan-in) -> export -> report."""
+    stages: list[StagePlan] = []
+    source = []
+    if spec.finetune is not None:
+        stages.append(StagePlan("finetune", "finetune", [], spec.finetune.model_dump()))
+        source = ["finetune"]
+    benchmarks = ["benchmark/original"]
+    stages.append(StagePlan("benchmark/original", "benchmark", list(source), {"candidate": "original"}))
+    for q in spec.quantize:
+        name = q.name or q.method
+        stages.append(
+            StagePlan(f"quantize/{name}", "quantize", list(source), {**q.model_dump(), "candidate": name})
+        )
+        stages.append(StagePlan(f"benchmark/{name}", "benchmark", [f"quantize/{name}"], {"candidate": name}))
+        benchmarks.append(f"benchmark/{name}")
+    stages.append(StagePlan("select", "select", benchmarks, {}))
+    last = "select"
+    if spec.export is not None:
+        stages.append(StagePlan("export", "export", ["select"], spec.export.model_dump()))
+        last = "export"
+    stages.append(StagePlan("report", "report", [last], {}))
+    return stages

@@ -1,0 +1,251 @@
+"""Durable pipeline state. Every transition is committed before the gateway acts on it.
+
+SQLite by default (one file, WAL). The SQL is kept to the common subset so the same statements can run
+on PostgreSQL in clusters (see docs/architecture.md for what is not done yet).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pipelines (
+  id TEXT PRIMARY KEY,
+  project TEXT NOT NULL,
+  name TEXT NOT NULL,
+  spec_yaml TEXT NOT NULL,
+  state TEXT NOT NULL,
+  error_code INTEGER NOT NULL DEFAULT 0,
+  error_message TEXT NOT NULL DEFAULT '',
+  idempotency_key TEXT,
+  summary_json TEXT NOT NULL DEFAULT '{}',
+  report_json TEXT NOT NULL DEFAULT '{}',
+  trace_parent TEXT NOT NULL DEFAULT '',
+  created REAL NOT NULL,
+  updated REAL NOT NULL,
+  UNIQUE (project, idempotency_key)
+);
+CREATE TABLE IF NOT EXISTS stages (
+  pipeline_id TEXT NOT NULL REFERENCES pipelines(id),
+  name TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  position INTEGER NOT NULL,
+  depends_on_json TEXT NOT NULL,
+  params_json TEXT NOT NULL,
+  state TEXT NOT NULL,
+  operation_id TEXT NOT NULL DEFAULT '',
+  worker TEXT NOT NULL DEFAULT '',
+  results_json TEXT NOT NULL DEFAULT '[]',
+  metrics_json TEXT NOT NULL DEFAULT '{}',
+  error_code INTEGER NOT NULL DEFAULT 0,
+  error_message TEXT NOT NULL DEFAULT '',
+  attempts INTEGER NOT NULL DEFAULT 0,
+  cached INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (pipeline_id, name)
+);
+"""
+
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+
+
+@dataclass
+class StageRow:
+    pipeline_id: str
+    name: str
+    kind: str
+    position: int
+    depends_on: list[str]
+    params: dict[str, Any]
+    state: str = PENDING
+    operation_id: str = ""
+    worker: str = ""
+    results: list[dict[str, str]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error_code: int = 0
+    error_message: str = ""
+    attempts: int = 0
+    cached: bool = False
+
+
+@dataclass
+class PipelineRow:
+    id: str
+    project: str
+    name: str
+    spec_yaml: str
+    state: str
+    created: float
+    updated: float
+    error_code: int = 0
+    error_message: str = ""
+    idempotency_key: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, str] = field(default_factory=dict)
+    trace_parent: str = ""
+
+
+class StateStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _tx(self, statements: list[tuple[str, tuple]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cursor = self._db.execute(sql, args)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    # --- pipelines ------------------------------------------------------------------------------
+    def create_pipeline(self, p: PipelineRow, stages: list[StageRow]) -> None:
+        statements = [
+            (
+                "INSERT INTO pipelines (id, project, name, spec_yaml, state, idempotency_key, trace_parent,"
+                " created, updated) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    p.id,
+                    p.project,
+                    p.name,
+                    p.spec_yaml,
+                    p.state,
+                    p.idempotency_key,
+                    p.trace_parent,
+                    p.created,
+                    p.updated,
+                ),
+            )
+        ]
+        for s in stages:
+            statements.append(
+                (
+                    "INSERT INTO stages (pipeline_id, name, kind, position, depends_on_json, params_json, state)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        s.pipeline_id,
+                        s.name,
+                        s.kind,
+                        s.position,
+                        json.dumps(s.depends_on),
+                        json.dumps(s.params),
+                        s.state,
+                    ),
+                )
+            )
+        self._tx(statements)
+
+    def find_by_idempotency_key(self, project: str, key: str) -> PipelineRow | None:
+        rows = self._query(
+            "SELECT * FROM pipelines WHERE project = ? AND idempotency_key = ?", (project, key)
+        )
+        return self._pipeline(rows[0]) if rows else None
+
+    def get_pipeline(self, pipeline_id: str) -> PipelineRow | None:
+        rows = self._query("SELECT * FROM pipelines WHERE id = ?", (pipeline_id,))
+        return self._pipeline(rows[0]) if rows else None
+
+    def list_pipelines(self, project: str | None = None) -> list[PipelineRow]:
+        if project is None:
+            rows = self._query("SELECT * FROM pipelines ORDER BY created")
+        else:
+            rows = self._query("SELECT * FROM pipelines WHERE project = ? ORDER BY created", (project,))
+        return [self._pipeline(r) for r in rows]
+
+    def unfinished_pipelines(self) -> list[PipelineRow]:
+        rows = self._query(
+            "SELECT * FROM pipelines WHERE state IN (?, ?) ORDER BY created", (PENDING, RUNNING)
+        )
+        return [self._pipeline(r) for r in rows]
+
+    def set_pipeline(self, pipeline_id: str, **fields: Any) -> None:
+        columns = {
+            "state": fields.get("state"),
+            "error_code": fields.get("error_code"),
+            "error_message": fields.get("error_message"),
+            "summary_json": json.dumps(fields["summary"]) if "summary" in fields else None,
+            "report_json": json.dumps(fields["report"]) if "report" in fields else None,
+        }
+        sets = {k: v for k, v in columns.items() if v is not None}
+        sql = "UPDATE pipelines SET " + ", ".join(f"{k} = ?" for k in sets) + ", updated = ? WHERE id = ?"
+        self._tx([(sql, (*sets.values(), time.time(), pipeline_id))])
+
+    # --- stages ---------------------------------------------------------------------------------
+    def stages(self, pipeline_id: str) -> list[StageRow]:
+        rows = self._query("SELECT * FROM stages WHERE pipeline_id = ? ORDER BY position", (pipeline_id,))
+        return [self._stage(r) for r in rows]
+
+    def set_stage(self, pipeline_id: str, name: str, **fields: Any) -> None:
+        encoders = {
+            "results": ("results_json", json.dumps),
+            "metrics": ("metrics_json", json.dumps),
+            "cached": ("cached", int),
+        }
+        sets = {}
+        for key, value in fields.items():
+            column, encode = encoders.get(key, (key, lambda v: v))
+            sets[column] = encode(value)
+        sql = (
+            "UPDATE stages SET " + ", ".join(f"{k} = ?" for k in sets) + " WHERE pipeline_id = ? AND name = ?"
+        )
+        self._tx([(sql, (*sets.values(), pipeline_id, name))])
+
+    @staticmethod
+    def _pipeline(r: dict) -> PipelineRow:
+        return PipelineRow(
+            id=r["id"],
+            project=r["project"],
+            name=r["name"],
+            spec_yaml=r["spec_yaml"],
+            state=r["state"],
+            created=r["created"],
+            updated=r["updated"],
+            error_code=r["error_code"],
+            error_message=r["error_message"],
+            idempotency_key=r["idempotency_key"],
+            summary=json.loads(r["summary_json"]),
+            report=json.loads(r["report_json"]),
+            trace_parent=r["trace_parent"],
+        )
+
+    @staticmethod
+    def _stage(r: dict) -> StageRow:
+        return StageRow(
+            pipeline_id=r["pipeline_id"],
+            name=r["name"],
+            kind=r["kind"],
+            position=r["position"],
+            depends_on=json.loads(r["depends_on_json"]),
+            params=json.loads(r["params_json"]),
+            state=r["state"],
+            operation_id=r["operation_id"],
+            worker=r["worker"],
+            results=json.loads(r["results_json"]),
+            metrics=json.loads(r["metrics_json"]),
+            error_code=r["error_code"],
+            error_message=r["error_message"],
+            attempts=r["attempts"],
+            cached=bool(r["cached"]),
+        )

@@ -1,0 +1,112 @@
+"""Worker pools and dispatch: an idle worker of the right pool gets the stage.
+
+Locally the pools are a static list (TAILOR_WORKERS); in a cluster they come from Kubernetes
+EndpointSlices (not built yet: see docs/architecture.md). A busy worker answers RESOURCE_EXHAUSTED
+and a dead one UNAVAILABLE: either way the next worker is tried, then the pool is retried with
+exponential backoff and jitter, capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+from prometheus_client import Gauge
+
+from tailor_runtime.errors import InvalidArgument, Unavailable
+from tailor_runtime.server import GRPC_OPTIONS
+
+log = logging.getLogger("tailor.gateway.workers")
+T = TypeVar("T")
+
+POOLS = ("trainer", "quantizer", "benchmarker", "exporter", "selector")
+STAGE_POOL = {
+    "finetune": "trainer",
+    "quantize": "quantizer",
+    "benchmark": "benchmarker",
+    "export": "exporter",
+    "select": "selector",
+}
+RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+
+# What an autoscaler scales worker pools on.
+QUEUE_DEPTH = Gauge("tailor_gateway_queue_depth", "Stages waiting for a worker, per pool", ["pool"])
+
+
+def parse_workers(text: str) -> dict[str, list[str]]:
+    """'quantizer=host:port,host:port;trainer=host:port' -> {pool: [addresses]}."""
+    pools: dict[str, list[str]] = {p: [] for p in POOLS}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        pool, _, addresses = part.partition("=")
+        pool = pool.strip()
+        if pool not in POOLS:
+            raise InvalidArgument(f"TAILOR_WORKERS names an unknown pool {pool!r}", choices=POOLS)
+        for address in filter(None, (a.strip() for a in addresses.split(","))):
+            if ":" not in address:
+                raise InvalidArgument(f"worker address {address!r} must be host:port")
+            pools[pool].append(address)
+    return pools
+
+
+class Backoff:
+    def __init__(self, base: float = 0.5, cap: float = 10.0):
+        self.base, self.cap, self.attempt = base, cap, 0
+
+    def next_delay(self) -> float:
+        # "Full jitter": spreads retries of many stages so they do not hit a pool in lockstep.
+        delay = random.uniform(0, min(self.cap, self.base * 2**self.attempt))
+        self.attempt += 1
+        return delay
+
+
+class WorkerPools:
+    def __init__(self, pools: dict[str, list[str]], wait_for_worker_s: float = 600.0):
+        self.pools = pools
+        self.wait_for_worker_s = wait_for_worker_s
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._cursor = {p: itertools.count() for p in POOLS}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return self._channels[address]
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+    async def dispatch(self, pool: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> tuple[str, T]:
+        """Run `call` on the first worker of `pool` that accepts it; wait and retry while all are busy."""
+        addresses = self.pools.get(pool) or []
+        if not addresses:
+            raise Unavailable(f"no {pool} workers are configured (TAILOR_WORKERS)")
+        backoff = Backoff()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_for_worker_s
+        QUEUE_DEPTH.labels(pool).inc()
+        try:
+            while True:
+                start = next(self._cursor[pool])
+                last_error: grpc.aio.AioRpcError | None = None
+                for k in range(len(addresses)):
+                    address = addresses[(start + k) % len(addresses)]
+                    try:
+                        return address, await call(self.channel(address))
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() not in RETRYABLE:
+                            raise
+                        last_error = exc
+                if loop.time() > deadline:
+                    detail = last_error.details() if last_error else "no answer"
+                    raise Unavailable(
+                        f"no {pool} worker accepted the stage within {self.wait_for_worker_s:.0f}s "
+                        f"(last answer: {detail})"
+                    )
+                await asyncio.sleep(backoff.next_delay())
+        finally:
+            QUEUE_DEPTH.labels(pool).dec()

@@ -1,0 +1,98 @@
+"""Helpers every stage servicer uses: validate requests, fetch inputs, publish outputs, record recipes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2
+from pydantic import BaseModel, ValidationError
+
+from tailor.common.v1 import common_pb2 as common
+from tailor_runtime.errors import InvalidArgument, NotFound
+from tailor_runtime.store import ArtifactStore, Manifest
+from tailor_runtime.store.keys import check_artifact_id
+
+FORMAT_FILE = "tailor_format.json"
+
+
+def config_from_struct(config_cls: type[BaseModel], struct: struct_pb2.Struct, what: str) -> BaseModel:
+    """Struct -> typed config; every problem named with its field and the rule it broke."""
+    raw = json_format.MessageToDict(struct) if struct is not None else {}
+    try:
+        return config_cls.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()
+        )
+        fields = ", ".join(config_cls.model_fields)
+        raise InvalidArgument(f"invalid config for {what}: {problems} (fields: {fields})") from None
+
+
+def require_artifact(
+    store: ArtifactStore, ref: common.ArtifactRef, field: str, kinds: tuple[str, ...]
+) -> Manifest:
+    """The request's artifact exists and is of an accepted kind; checked before any work starts."""
+    if not ref.id:
+        raise InvalidArgument(f"{field} is required: an artifact id from an upload or an earlier stage")
+    check_artifact_id(ref.id)
+    if not store.exists(ref.id):
+        raise NotFound(f"{field}: artifact {ref.id} not found in the store")
+    manifest = store.get_manifest(ref.id)
+    if manifest.kind not in kinds:
+        raise InvalidArgument(f"{field}: artifact {ref.id} is a {manifest.kind!r}", choices=kinds)
+    return manifest
+
+
+def library_versions(*distributions: str) -> dict[str, str]:
+    versions = {}
+    for name in distributions:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@contextmanager
+def workspace(cache_dir: Path) -> Iterator[Path]:
+    """A scratch folder for one operation's outputs, removed afterwards whatever happens."""
+    root = cache_dir.parent / "work"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="op-", dir=root))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def read_format_name(folder: Path) -> str:
+    try:
+        return json.loads((folder / FORMAT_FILE).read_text())["format"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return "unknown"
+
+
+def recipe(
+    stage: str,
+    method: str,
+    config: BaseModel | dict[str, Any],
+    inputs: list[str],
+    seed: int = 0,
+    libraries: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """What makes an output: the same recipe on the same inputs gives the same artifact."""
+    return {
+        "stage": stage,
+        "method": method,
+        "config": config.model_dump(mode="json") if isinstance(config, BaseModel) else config,
+        "inputs": inputs,
+        "seed": seed,
+        "libraries": library_versions(*libraries),
+    }
