@@ -96,3 +96,14 @@ def recipe(
         "seed": seed,
         "libraries": library_versions(*libraries),
     }
+
+
+def dataset_file(manifest: Manifest) -> str:
+    """The one text file of a dataset artifact (stories or documents separated by blank lines)."""
+    texts = [f.path for f in manifest.files if f.path.endswith((".txt", ".text"))]
+    if len(texts) != 1:
+        raise InvalidArgument(
+            "a text dataset artifact must hold exactly one .txt file; "
+            f"this one holds {[f.path for f in manifest.files]}"
+        )
+    return texts[0]

@@ -164,6 +164,8 @@ def _scores(rows: list[list[float]], objectives: list[Objective]) -> list[float]
     perplexity costs 0.001, 4x the size costs 1.39); otherwise a min-max scale stands in.
     """
     totals = [0.0] * len(rows)
+    if not rows:
+        return totals
     for k, o in enumerate(objectives):
         column = [r[k] for r in rows]
         lo, hi = min(column), max(column)

@@ -1,0 +1,233 @@
+"""The whole stack as separate processes, the store on a real S3 server (Ceph RGW), a short quickstart
+through the gateway; then artifacts, lineage, health, metrics, one trace, and bad requests."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+import uuid
+from pathlib import Path
+
+import boto3
+import grpc
+import pytest
+import yaml
+
+from tailor.common.v1 import common_pb2 as common
+from tailor.gateway.v1 import gateway_service_pb2 as gw
+from tailor.quantizer.v1 import quantizer_service_pb2 as qpb
+from tailor.quantizer.v1 import quantizer_service_pb2_grpc as qgrpc
+from tailor_cli.client import Connection, download, upload
+from tailor_cli.stack import SERVICES, Stack, health_status
+from tailor_runtime.store.manifest import sha256_file
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+BUCKET = "tailor-it"
+
+SHORT_SPEC = {
+    "apiVersion": "tailor.dev/v1",
+    "kind": "Pipeline",
+    "name": "quickstart-short",
+    "finetune": {"method": "lora", "config": {"steps": 4, "batch_size": 4, "seq_len": 64}},
+    "quantize": [{"method": "bf16"}, {"method": "int8_dynamic"}, {"method": "nf4"}],
+    "benchmark": {
+        "config": {"max_eval_tokens": 1024, "context_length": 128, "stride": 64, "latency_new_tokens": 8,
+                   "warmup": 0, "repetitions": 1}
+    },
+    "select": {"constraints": {"max_memory_mb": 4096, "max_perplexity_increase_pct": 5}},
+    "export": {"format": "onnx"},
+}
+
+
+@pytest.fixture(scope="module")
+def stack(s3_server, tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack")
+    prefix = f"run-{uuid.uuid4().hex[:8]}"
+    s = Stack(
+        state,
+        base_port=_free_base_port(),
+        store_url=f"s3://{BUCKET}/{prefix}",
+        extra_env={
+            "TAILOR_S3_ENDPOINT_URL": s3_server.endpoint,
+            "TAILOR_S3_ACCESS_KEY": s3_server.access_key,
+            "TAILOR_S3_SECRET_KEY": s3_server.secret_key,
+            "TAILOR_S3_CREATE_BUCKET": "true",
+            "TAILOR_GRACE_SECONDS": "5",
+        },
+    )
+    s.start(timeout=240)
+    s.prefix = prefix
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def conn(stack) -> Connection:
+    return Connection(stack.address("gateway"), stack.token, {s: stack.address(s) for s in SERVICES})
+
+
+@pytest.fixture(scope="module")
+def finished(stack, conn):
+    """Run the short quickstart through the gateway once; the tests below inspect what it left."""
+    spec = dict(SHORT_SPEC)
+    spec["model"] = {"artifact": upload(conn, EXAMPLES / "models" / "stories260K").artifact.id}
+    spec["data"] = {
+        "train": {"artifact": upload(conn, EXAMPLES / "data" / "tinystories_train.txt").artifact.id},
+        "eval": {"artifact": upload(conn, EXAMPLES / "data" / "tinystories_eval.txt").artifact.id},
+    }
+    stub = conn.gateway_stub()
+    request = gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(spec), idempotency_key="it-1")
+    p = stub.CreatePipeline(request, metadata=conn.metadata())
+    again = stub.CreatePipeline(request, metadata=conn.metadata())
+    events = list(stub.WatchPipeline(gw.WatchPipelineRequest(pipeline_id=p.id), metadata=conn.metadata()))
+    final = events[-1].pipeline
+    return {"spec": spec, "pipeline": final, "events": events, "first_id": p.id, "retried_id": again.id}
+
+
+def _free_base_port() -> int:
+    import socket
+
+    for base in range(52000, 60000, 37):
+        ok = True
+        for offset in (0, 1, 2, 3, 4, 5, 1000, 1001, 1002, 1003, 1004, 1005):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", base + offset)) == 0:
+                    ok = False
+                    break
+        if ok:
+            return base
+    raise RuntimeError("no free port range")
+
+
+def test_pipeline_succeeds_with_progress(finished):
+    p = finished["pipeline"]
+    assert gw.PipelineState.Name(p.state) == "PIPELINE_STATE_SUCCEEDED", p.error.message
+    names = {s.name for s in p.stages}
+    assert {"finetune", "quantize/nf4", "benchmark/original", "select", "export", "report"} <= names
+    # Progress streamed while it ran: some event saw a stage running part-way.
+    assert any(
+        s.state == common.OPERATION_STATE_RUNNING for e in finished["events"] for s in e.pipeline.stages
+    )
+    assert finished["retried_id"] == finished["first_id"], "same idempotency key must give the same pipeline"
+
+
+def test_summary_has_every_candidate_measured(finished):
+    summary = _struct(finished["pipeline"].summary)
+    names = {c["name"] for c in summary["candidates"]}
+    assert names == {"original", "bf16", "int8_dynamic", "nf4"}
+    for c in summary["candidates"]:
+        m = c["metrics"]
+        for key in ("perplexity", "size_mb", "latency_ms_per_token", "peak_memory_mb"):
+            assert m[key] > 0, (c["name"], key)
+    by = {c["name"]: c["metrics"] for c in summary["candidates"]}
+    assert by["nf4"]["size_mb"] < by["original"]["size_mb"]
+    assert by["bf16"]["size_mb"] < by["original"]["size_mb"]
+    assert 2.0 < by["original"]["perplexity"] < 8.0  # stories260K on TinyStories: about 4
+    assert summary["recommended"] in names
+    assert summary["rationale"]
+
+
+def test_artifacts_lineage_and_manifests_on_s3(finished, stack, s3_server, conn):
+    p = finished["pipeline"]
+    stages = {s.name: s for s in p.stages}
+    spec = finished["spec"]
+    stub = conn.gateway_stub()
+
+    def manifest(artifact_id):
+        reply = stub.GetArtifact(gw.GetArtifactRequest(artifact_id=artifact_id), metadata=conn.metadata())
+        return json.loads(reply.manifest_json)
+
+    merged = stages["finetune"].results[0].id
+    m = manifest(merged)
+    assert m["parents"] == [spec["model"]["artifact"], spec["data"]["train"]["artifact"]]
+    assert m["recipe"]["stage"] == "finetune"
+    for method in ("bf16", "int8_dynamic", "nf4"):
+        q = manifest(stages[f"quantize/{method}"].results[0].id)
+        assert q["parents"] == [merged]
+        assert q["recipe"]["method"] == method and "libraries" in q["recipe"]
+        assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in q["files"])
+    export = manifest(stages["export"].results[0].id)
+    assert export["kind"] == "export" and export["format"] == "onnx"
+    assert any(f["path"].endswith(".onnx") for f in export["files"])
+    # The bytes really are in the S3 bucket, under the configured prefix.
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
+                      aws_secret_access_key=s3_server.secret_key, region_name="us-east-1")
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=stack.prefix)["Contents"]}
+    assert f"{stack.prefix}/artifacts/{merged}/manifest.json" in keys
+
+
+def test_download_through_gateway_is_verified(finished, conn, tmp_path):
+    report_id = finished["pipeline"].report.id
+    files = download(conn, report_id, tmp_path / "report")
+    names = {f.name for f in files}
+    assert {"report.html", "report.json"} <= names
+    reply = conn.gateway_stub().GetArtifact(gw.GetArtifactRequest(artifact_id=report_id), metadata=conn.metadata())
+    for entry in json.loads(reply.manifest_json)["files"]:
+        assert sha256_file(tmp_path / "report" / entry["path"]) == entry["sha256"]
+
+
+def test_health_and_metrics_endpoints(finished, stack):
+    for service in ("gateway", *SERVICES):
+        assert health_status(stack.address(service)) == "SERVING"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port('quantizer')}/metrics").read().decode()
+    assert 'tailor_rpc_requests_total{code="OK",method="/tailor.quantizer.v1.QuantizerService/Quantize"' in text
+    assert "tailor_stage_duration_seconds_bucket" in text
+    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port('gateway')}/metrics").read().decode()
+    assert "tailor_gateway_queue_depth" in text
+
+
+def test_one_trace_spans_gateway_and_services(finished, stack):
+    spans = [json.loads(line) for line in (stack.state_dir / "traces.jsonl").read_text().splitlines()]
+    pipeline_id = finished["pipeline"].id
+    roots = [s for s in spans if s["attributes"].get("tailor.pipeline_id") == pipeline_id and s["parent_id"] is None]
+    assert len(roots) == 1
+    trace_id = roots[0]["trace_id"]
+    services = {s["service"] for s in spans if s["trace_id"] == trace_id}
+    assert {"tailor-gateway", "tailor-trainer", "tailor-quantizer", "tailor-benchmarker", "tailor-exporter",
+            "tailor-selector"} <= services
+
+
+def test_bad_requests_get_the_right_status(finished, stack, conn):
+    channel = grpc.insecure_channel(stack.address("quantizer"))
+    quantizer = qgrpc.QuantizerServiceStub(channel)
+    model_id = finished["spec"]["model"]["artifact"]
+    with pytest.raises(grpc.RpcError) as err:
+        quantizer.Quantize(qpb.QuantizeRequest(model=common.ArtifactRef(id=model_id), method="bogus"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nf4" in err.value.details() and "int8_dynamic" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        quantizer.Quantize(qpb.QuantizeRequest(model=common.ArtifactRef(id="0" * 64), method="nf4"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        quantizer.Quantize(qpb.QuantizeRequest(model=common.ArtifactRef(id="../../etc"), method="nf4"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    stub = conn.gateway_stub()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListPipelines(gw.ListPipelinesRequest())
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListPipelines(gw.ListPipelinesRequest(), metadata=[("authorization", "Bearer wrong")])
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    bad = {**finished["spec"], "quantize": [{"method": "nf4", "bits": 3}]}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreatePipeline(gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(bad)), metadata=conn.metadata())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "quantize.0.bits" in err.value.details()
+    missing = {**finished["spec"], "model": {"artifact": "f" * 64}}
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreatePipeline(gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(missing)), metadata=conn.metadata())
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetArtifact(gw.GetArtifactRequest(artifact_id="f" * 64), metadata=conn.metadata())
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # The workers are still healthy after all that.
+    assert health_status(stack.address("quantizer")) == "SERVING"
+
+
+def _struct(struct) -> dict:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(struct)
