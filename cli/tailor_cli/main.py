@@ -235,6 +235,7 @@ def follow_operation(channel: grpc.Channel, op: common.Operation) -> common.Oper
 
 
 def cmd_quantize(args) -> int:
+    config = parse_sets(args.set)  # before any upload: a typo should cost nothing
     conn = Connection.discover(args.state_dir)
     model_id = args.model if len(args.model) == 64 and not Path(args.model).exists() else None
     if model_id is None:
@@ -244,7 +245,7 @@ def cmd_quantize(args) -> int:
         quant_pb.QuantizeRequest(
             model=common.ArtifactRef(id=model_id),
             method=args.method,
-            config=to_struct(parse_sets(args.set)),
+            config=to_struct(config),
             seed=args.seed,
         )
     )

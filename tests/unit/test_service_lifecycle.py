@@ -1,0 +1,55 @@
+"""A real service process: bad settings stop it with a clear message; SIGTERM stops it gracefully."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tailor_cli.stack import health_status
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env(tmp_path, **extra):
+    return {**os.environ, "TAILOR_STORE_URL": str(tmp_path / "store"), "TAILOR_CACHE_DIR": str(tmp_path / "c"),
+            **extra}
+
+
+def test_bad_settings_name_the_variable(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tailor_selector"], env=_env(tmp_path, TAILOR_PORT="not-a-port", TAILOR_LOG_LEVEL="LOUD"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode != 0
+    assert "TAILOR_PORT" in proc.stderr and "TAILOR_LOG_LEVEL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_stops_within_the_grace_period(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tailor_selector"],
+        env=_env(tmp_path, TAILOR_PORT=str(port), TAILOR_GRACE_SECONDS="3"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while health_status(f"127.0.0.1:{port}") != "SERVING":
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "never became SERVING"
+            time.sleep(0.2)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+        assert time.monotonic() - start < 5
+        logs = proc.stdout.read()
+        assert '"msg": "shutting down: NOT_SERVING' in logs and '"msg": "stopped"' in logs
+    finally:
+        if proc.poll() is None:
+            proc.kill()
