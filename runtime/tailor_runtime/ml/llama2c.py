@@ -86,7 +86,9 @@ class Llama2cHeader:
 
 def read_header(data: bytes, name: str = "checkpoint") -> Llama2cHeader:
     if len(data) < HEADER.size:
-        raise InvalidArgument(f"{name} is {len(data)} bytes; a llama2.c checkpoint starts with a 28-byte header")
+        raise InvalidArgument(
+            f"{name} is {len(data)} bytes; a llama2.c checkpoint starts with a 28-byte header"
+        )
     dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len = HEADER.unpack_from(data)
     if dim == VERSIONED_MAGIC:
         raise InvalidArgument(
@@ -198,10 +200,13 @@ def read_tokenizer_bin(path: Path, vocab_size: int) -> list[tuple[bytes, float]]
             )
         tokens.append((data[off : off + n], score))
         off += n
-    if len(tokens) != vocab_size or off != len(data):
+    if len(tokens) > vocab_size or off != len(data):
         raise InvalidArgument(
-            f"{path} holds {'more than ' if off != len(data) else ''}{len(tokens)} tokens; "
-            f"the checkpoint's vocab_size is {vocab_size}"
+            f"{path} holds more than {vocab_size} tokens; the checkpoint's vocab_size is {vocab_size}"
+        )
+    if len(tokens) < vocab_size:
+        raise InvalidArgument(
+            f"{path} holds {len(tokens)} tokens; the checkpoint's vocab_size is {vocab_size}"
         )
     return tokens
 
@@ -213,7 +218,9 @@ def hf_vocab(tokens: list[tuple[bytes, float]]) -> tuple[dict[str, int], list[fl
         if i < len(SPECIAL_TOKENS):
             piece = SPECIAL_TOKENS[i]  # llama2.c stores these as "<unk>", "\n<s>\n", "\n</s>\n"
             if raw.strip() != piece.encode():
-                raise InvalidArgument(f"tokenizer token {i} is {raw!r}; expected {piece!r} (SentencePiece layout)")
+                raise InvalidArgument(
+                    f"tokenizer token {i} is {raw!r}; expected {piece!r} (SentencePiece layout)"
+                )
         else:
             try:
                 piece = raw.decode("utf-8").replace(" ", METASPACE)
@@ -258,15 +265,26 @@ def build_tokenizer(tokens: list[tuple[bytes, float]]):
         raise InvalidArgument(f"tokenizer lacks byte-fallback tokens ({', '.join(missing[:4])}, ...)")
     tok = Tokenizer(
         models.BPE(
-            vocab=vocab, merges=bpe_merges(vocab, scores), unk_token="<unk>", byte_fallback=True, fuse_unk=True
+            vocab=vocab,
+            merges=bpe_merges(vocab, scores),
+            unk_token="<unk>",
+            byte_fallback=True,
+            fuse_unk=True,
         )
     )
     # llama2.c prepends " " to any non-empty text (even one starting with a space) and never splits or
     # collapses whitespace: Prepend + Replace, and no pre-tokenizer (Metaspace would skip the prefix
     # before a leading space).
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend(METASPACE), normalizers.Replace(" ", METASPACE)])
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(METASPACE), normalizers.Replace(" ", METASPACE)]
+    )
     tok.decoder = decoders.Sequence(
-        [decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        [
+            decoders.Replace(METASPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
     )
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
@@ -330,8 +348,9 @@ def convert_llama2c(checkpoint: Path, tokenizer_bin: Path, out_dir: Path) -> dic
     config = hf_config(hdr, theta)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
+    state = hf_state_dict(hdr, tensors)
     # assign=True adopts our tensors instead of copying into the meta (unallocated) ones.
-    missing, unexpected = model.load_state_dict(hf_state_dict(hdr, tensors), strict=False, assign=True)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in missing if not (k == "lm_head.weight" and hdr.shared_classifier)]
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
@@ -359,7 +378,7 @@ def convert_llama2c(checkpoint: Path, tokenizer_bin: Path, out_dir: Path) -> dic
         "source": "llama2.c",
         "checkpoint_sha256": sha256_file(checkpoint),
         "tokenizer_sha256": sha256_file(tokenizer_bin),
-        "parameters": sum(v.numel() for v in hf_state_dict(hdr, tensors).values()),
+        "parameters": sum(v.numel() for v in state.values()),
         "rope_theta": theta,
         **{k: getattr(hdr, k) for k in Llama2cHeader.__dataclass_fields__},
     }

@@ -29,7 +29,9 @@ def read_format(folder: Path) -> dict[str, Any]:
     path = folder / FORMAT_FILE
     valid = sorted(formats.KNOWN_FORMATS)
     if not path.is_file():
-        raise InvalidArgument(f"{folder} has no {FORMAT_FILE}; it must declare one of the formats", choices=valid)
+        raise InvalidArgument(
+            f"{folder} has no {FORMAT_FILE}; it must declare one of the formats", choices=valid
+        )
     try:
         fmt = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -65,12 +67,16 @@ def load_causal_lm(folder: Path) -> tuple[Any, Any]:
 
 
 def save_hf_model(model: Any, tokenizer: Any, out_dir: Path, dtype: str = "float32") -> dict[str, Any]:
-    """Save a full-precision model as an `hf-safetensors` folder in `dtype` (float32, bfloat16, float16)."""
+    """Save a full-precision model as an `hf-safetensors` folder in `dtype` (float32, bfloat16, float16).
+
+    The model is cast in place (no copy: models can be large), so it is in `dtype` afterwards.
+    """
     from tailor_runtime.ml.formats.hf_safetensors import torch_dtype
 
+    target = torch_dtype(dtype)  # validate before creating anything
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model = model.to(torch_dtype(dtype))
+    model = model.to(target)
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

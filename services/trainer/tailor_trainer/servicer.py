@@ -23,11 +23,19 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         from tailor_trainer.lora import LoraTrainConfig
 
         info = common.MethodInfo(
-            name="lora", description="LoRA adapters on every linear projection (peft); merged model on output",
-            available=True, devices=["cpu", "cuda"], output_format="hf-safetensors", libraries=list(LIBRARIES),
+            name="lora",
+            description="LoRA adapters on every linear projection (peft); merged model on output",
+            available=True,
+            devices=["cpu", "cuda"],
+            output_format="hf-safetensors",
+            libraries=list(LIBRARIES),
             parameters=[
-                common.Parameter(name=n, type=str(f.annotation), default_json=repr(f.default),
-                                 description=f.description or "")
+                common.Parameter(
+                    name=n,
+                    type=str(f.annotation),
+                    default_json=repr(f.default),
+                    description=f.description or "",
+                )
                 for n, f in LoraTrainConfig.model_fields.items()
             ],
         )
@@ -57,14 +65,26 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 metrics = finetune_lora(model_dir, data_dir / text_path, merged, adapter, cfg, progress)
                 progress(99.0, "publishing", "")
                 # Timings differ run to run: they go to the operation, not into the content-addressed manifest.
-                stable = {k: v for k, v in metrics.items() if k in ("final_loss", "steps", "trainable_params")}
+                stable = {
+                    k: v for k, v in metrics.items() if k in ("final_loss", "steps", "trainable_params")
+                }
                 merged_manifest = store.publish_directory(
-                    merged, kind="model", format="hf-safetensors", name="lora-merged", parents=inputs,
-                    recipe=the_recipe, metrics=stable,
+                    merged,
+                    kind="model",
+                    format="hf-safetensors",
+                    name="lora-merged",
+                    parents=inputs,
+                    recipe=the_recipe,
+                    metrics=stable,
                 )
                 adapter_manifest = store.publish_directory(
-                    adapter, kind="adapter", format="peft-lora", name="lora-adapter", parents=inputs,
-                    recipe=the_recipe, metrics={**stable, "loss_curve": metrics.get("loss_curve", [])},
+                    adapter,
+                    kind="adapter",
+                    format="peft-lora",
+                    name="lora-adapter",
+                    parents=inputs,
+                    recipe=the_recipe,
+                    metrics={**stable, "loss_curve": metrics.get("loss_curve", [])},
                 )
             return WorkResult(results=[merged_manifest, adapter_manifest], metrics=metrics)
 

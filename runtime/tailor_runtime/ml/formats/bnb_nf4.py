@@ -1,0 +1,58 @@
+"""The `bnb-nf4` folder format: bitsandbytes 4-bit NormalFloat weights, as transformers saves them.
+
+transformers serializes a 4-bit model to safetensors: per Linear the packed uint8 weight plus its
+quantization state (absmax, quant_map, nested statistics for double quantization, and the non-tensor
+fields packed as JSON bytes in a uint8 tensor, never pickled). config.json carries the
+`quantization_config`, so `from_pretrained` rebuilds the Linear4bit layers on CPU. tailor_format.json:
+{"format": "bnb-nf4", "dtype": "float32" (the compute dtype), "double_quant": bool}.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+
+@functools.cache
+def availability() -> tuple[bool, str]:
+    """Whether bitsandbytes can be imported here (it runs NF4 on CPU since 0.46).
+
+    A real import, not a find_spec: a wheel whose native library does not load must count as unavailable.
+    It costs seconds (bitsandbytes imports torch._dynamo), hence the cache.
+    """
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # an ImportError, or a broken native library raising anything
+        return False, f"bitsandbytes cannot be imported: {exc}"
+    return True, ""
+
+
+def load(folder: Path, fmt: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    from tailor_runtime.errors import FailedPrecondition
+
+    ok, why = availability()
+    if not ok:
+        raise FailedPrecondition(f"cannot load the bnb-nf4 model in {folder}: {why}")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, device_map="cpu", use_safetensors=True, local_files_only=True
+    )
+    _disable_cpu_repacking(model)
+    return model.eval()
+
+
+def _disable_cpu_repacking(model: Any) -> None:
+    """Keep bitsandbytes' standard NF4 layout for CPU inference.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place on the first no-grad
+    forward. That repacking asserts out_features % 32 == 0 (Llama MLPs such as stories260K's 172 fail) and
+    is only fast with a kernel fetched from the Hugging Face hub at run time, which Tailor never does. The
+    standard path dequantizes per matmul and works for every shape, on every CPU.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False

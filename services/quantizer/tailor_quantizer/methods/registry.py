@@ -1,0 +1,105 @@
+"""The registry of quantization methods: a name -> a class with Config, availability() and run().
+
+A method is a class decorated with `@register("name", caps=Caps(...))` that defines:
+
+    class Config(pydantic.BaseModel)     # its options; extra="forbid", frozen, every Field described
+    @staticmethod availability() -> (ok, reason)   # can it run in this process (libraries, hardware)?
+    @staticmethod run(model_dir, out_dir, cfg, progress) -> dict   # metrics
+
+Method modules import torch and friends inside `run`, so listing the methods stays cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ValidationError
+
+from tailor_runtime.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Caps:
+    """What a method produces and needs, shown to users and used to pick a worker."""
+
+    bits: int  # bits per quantized weight
+    needs_calibration: bool  # needs sample data (none of the current methods do)
+    devices: tuple[str, ...]  # where it can run: "cpu", "cuda"
+    output_format: str  # the tailor_format.json format it writes
+    libraries: tuple[str, ...]  # Python packages it relies on
+    description: str
+
+
+class Method(Protocol):
+    name: ClassVar[str]
+    caps: ClassVar[Caps]
+    Config: ClassVar[type[BaseModel]]
+
+    @staticmethod
+    def availability() -> tuple[bool, str]: ...
+
+    @staticmethod
+    def run(model_dir: Any, out_dir: Any, cfg: Any, progress: Any) -> dict[str, Any]: ...
+
+
+_METHODS: dict[str, type] = {}
+
+
+def register(name: str, *, caps: Caps):
+    """Class decorator adding a method under `name`; a second method with the same name is an error."""
+
+    def decorate(cls: type) -> type:
+        if name in _METHODS:
+            raise ValueError(f"quantization method {name!r} is registered twice ({_METHODS[name]} and {cls})")
+        config = getattr(cls, "Config", None)
+        if not (isinstance(config, type) and issubclass(config, BaseModel)):
+            raise TypeError(f"method {name!r} must define a pydantic Config class")
+        if config.model_config.get("extra") != "forbid" or not config.model_config.get("frozen"):
+            raise TypeError(f"method {name!r}: Config must use ConfigDict(extra='forbid', frozen=True)")
+        for attr in ("availability", "run"):
+            if not callable(getattr(cls, attr, None)):
+                raise TypeError(f"method {name!r} must define {attr}()")
+        cls.name, cls.caps = name, caps
+        _METHODS[name] = cls
+        return cls
+
+    return decorate
+
+
+def get_method(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise InvalidArgument(f"unknown quantization method {name!r}", choices=_METHODS)
+    return _METHODS[name]
+
+
+def list_methods() -> list[type[Method]]:
+    return [_METHODS[n] for n in sorted(_METHODS)]
+
+
+def parse_config(method: type[Method], raw: dict[str, Any] | None) -> BaseModel:
+    """`method.Config` from user input; InvalidArgument naming each bad field otherwise."""
+    try:
+        return method.Config.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}" for err in exc.errors()
+        )
+        fields = ", ".join(sorted(method.Config.model_fields)) or "none"
+        raise InvalidArgument(
+            f"bad config for quantization method {method.name!r}: {problems} (its options: {fields})"
+        ) from None
+
+
+def require_full_precision(model_dir: Any) -> dict[str, Any]:
+    """The input folder's format, which must be a plain HF model (quantizing twice is refused)."""
+    from tailor_runtime.ml.formats import HF_SAFETENSORS
+    from tailor_runtime.ml.model_io import read_format
+
+    fmt = read_format(model_dir)
+    if fmt["format"] != HF_SAFETENSORS:
+        raise InvalidArgument(
+            f"quantization needs a full-precision model (format {HF_SAFETENSORS!r}); {model_dir} is "
+            f"{fmt['format']!r}"
+        )
+    return fmt

@@ -1,0 +1,175 @@
+"""Every registered quantization method, run for real on the bundled stories260K model."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel, ConfigDict
+
+from tailor_quantizer.methods import Caps, get_method, list_methods, parse_config, register
+from tailor_runtime.errors import Cancelled, InvalidArgument
+from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format
+from tailor_runtime.ml.perplexity import perplexity
+from tailor_runtime.ml.text import read_stories, tokenize_stories
+from tailor_runtime.progress import no_progress
+
+REPO = Path(__file__).resolve().parents[3]
+MODEL = REPO / "examples" / "models" / "stories260K"
+EVAL = REPO / "examples" / "data" / "tinystories_eval.txt"
+# torch 2.13 deprecates torch.ao's quantized modules (still functional; see formats/int8_dynamic.py).
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:torch.jit._script")
+
+EVAL_TOKENS = 4096  # 8 windows of 512: enough to separate the methods, fast for dynamic int8 on CPU
+
+# Perplexity increase allowed over the float32 model on EVAL_TOKENS of tinystories_eval.txt. Measured:
+# bf16 +0.0%, int8_dynamic about +4%, nf4 about +11% (a 64-wide model leaves NF4's 64-weight blocks
+# little to average over; bigger models lose far less).
+MAX_PPL_INCREASE = {"bf16": 0.01, "int8_dynamic": 0.10, "nf4": 0.20}
+# Smaller than the float32 folder by at least this factor (embeddings stay float in int8/nf4).
+MIN_SHRINK = {"bf16": 1.9, "int8_dynamic": 2.5, "nf4": 3.0}
+EXPECTED_FORMAT = {"bf16": "hf-safetensors", "int8_dynamic": "int8-dynamic", "nf4": "bnb-nf4"}
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def eval_ids():
+    _, tok = load_causal_lm(MODEL)
+    return tokenize_stories(tok, read_stories(EVAL), max_tokens=EVAL_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def baseline(eval_ids):
+    model, _ = load_causal_lm(MODEL)
+    return perplexity(model, eval_ids)["perplexity"]
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    """Each available method run twice on the same input into separate folders."""
+    runs = {}
+    for method in list_methods():
+        if not method.availability()[0]:
+            continue
+        folders = []
+        for i in range(2):
+            out = tmp_path_factory.mktemp(f"{method.name}_{i}")
+            metrics = method.run(MODEL, out, parse_config(method, {}), no_progress)
+            folders.append((out, metrics))
+        runs[method.name] = folders
+    return runs
+
+
+def test_registry_lists_the_methods_with_caps_and_documented_configs():
+    names = [m.name for m in list_methods()]
+    assert names == ["bf16", "int8_dynamic", "nf4"]
+    for method in list_methods():
+        assert isinstance(method.caps, Caps) and method.caps.description
+        assert method.caps.output_format == EXPECTED_FORMAT[method.name]
+        for field_name, field in method.Config.model_fields.items():
+            assert field.description, f"{method.name}.{field_name} has no description"
+        ok, why = method.availability()
+        assert isinstance(ok, bool) and isinstance(why, str)
+    assert get_method("nf4").caps.bits == 4 and get_method("int8_dynamic").caps.bits == 8
+
+
+def test_unknown_method_lists_choices():
+    with pytest.raises(InvalidArgument, match="valid choices: bf16, int8_dynamic, nf4"):
+        get_method("gptq")
+
+
+def test_duplicate_registration_fails():
+    caps = Caps(
+        bits=16, needs_calibration=False, devices=("cpu",), output_format="x", libraries=(), description="x"
+    )
+    with pytest.raises(ValueError, match="registered twice"):
+
+        @register("bf16", caps=caps)
+        class Again:
+            class Config(BaseModel):
+                model_config = ConfigDict(extra="forbid", frozen=True)
+
+            availability = staticmethod(lambda: (True, ""))
+            run = staticmethod(lambda *a: {})
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(InvalidArgument, match="bogus"):
+        parse_config(get_method("bf16"), {"bogus": 1})
+    with pytest.raises(InvalidArgument, match="double_quant"):
+        parse_config(get_method("nf4"), {"double_quant": "maybe"})
+    with pytest.raises(InvalidArgument, match="compute_dtype"):
+        parse_config(get_method("nf4"), {"compute_dtype": "float8"})
+    cfg = parse_config(get_method("nf4"), {"double_quant": False})
+    assert cfg.double_quant is False and cfg.compute_dtype == "float32"
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8_dynamic", "nf4"])
+def test_method_output_loads_is_smaller_and_keeps_quality(name, outputs, eval_ids, baseline):
+    if name not in outputs:
+        pytest.skip(f"{name} unavailable: {get_method(name).availability()[1]}")
+    (out, metrics), _ = outputs[name]
+    assert read_format(out)["format"] == EXPECTED_FORMAT[name]
+    assert metrics["quantized_layers"] >= 35 and metrics["weight_bytes"] > 0
+    assert not any(p.suffix in {".bin", ".pt", ".pth", ".pkl"} for p in out.iterdir())
+    shrink = folder_size_bytes(MODEL) / folder_size_bytes(out)
+    assert shrink >= MIN_SHRINK[name], f"{name}: only {shrink:.2f}x smaller"
+    model, tok = load_causal_lm(out)
+    assert tok("Once upon a time")["input_ids"] == [1, 403, 407, 261, 378]
+    ppl = perplexity(model, eval_ids)["perplexity"]
+    print(
+        f"{name}: {folder_size_bytes(out)} bytes ({shrink:.2f}x smaller), perplexity {ppl:.4f} vs {baseline:.4f}"
+    )
+    assert ppl <= baseline * (1 + MAX_PPL_INCREASE[name])
+
+
+@pytest.mark.parametrize("name", ["bf16", "int8_dynamic", "nf4"])
+def test_same_input_and_config_give_identical_bytes(name, outputs):
+    if name not in outputs:
+        pytest.skip(f"{name} unavailable")
+    (first, _), (second, _) = outputs[name]
+    assert file_hashes(first) == file_hashes(second)
+
+
+def test_int8_runs_int8_kernels_and_logits_stay_close(outputs):
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    (out, _), _ = outputs["int8_dynamic"]
+    qmodel, tok = load_causal_lm(out)
+    fmodel, _ = load_causal_lm(MODEL)
+    dynamic = [m for m in qmodel.modules() if isinstance(m, DynamicQuantizedLinear)]
+    assert len(dynamic) == 35  # 5 layers x (q, k, v, o, gate, up, down); lm_head stays float
+    assert (
+        isinstance(qmodel.lm_head, torch.nn.Linear)
+        and qmodel.lm_head.weight is qmodel.model.embed_tokens.weight
+    )
+    ids = tok("Once upon a time, there was a little girl named Lily.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ql, fl = qmodel(ids).logits, fmodel(ids).logits
+    kl = torch.nn.functional.kl_div(
+        ql.log_softmax(-1), fl.log_softmax(-1), log_target=True, reduction="batchmean"
+    )
+    assert float(kl) / ids.shape[1] < 0.02
+    assert (ql.argmax(-1) == fl.argmax(-1)).float().mean() > 0.9
+
+
+def test_refuses_to_quantize_a_quantized_model(outputs, tmp_path):
+    (int8_dir, _), _ = outputs["int8_dynamic"]
+    with pytest.raises(InvalidArgument, match="full-precision"):
+        get_method("bf16").run(int8_dir, tmp_path / "out", parse_config(get_method("bf16"), {}), no_progress)
+
+
+def test_cancel_stops_before_writing(tmp_path):
+    def cancel(percent, phase="", message="", **metrics):
+        if phase == "quantizing":
+            raise Cancelled("cancelled by test")
+
+    method = get_method("int8_dynamic")
+    with pytest.raises(Cancelled):
+        method.run(MODEL, tmp_path / "out", parse_config(method, {}), cancel)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
