@@ -31,11 +31,19 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
         return pb.ListFormatsResponse(
             formats=[
                 common.MethodInfo(
-                    name=name, available=True, description="ONNX (opset >= 17), verified in onnxruntime",
-                    output_format=name, libraries=list(LIBRARIES), devices=["cpu", "cuda"],
+                    name=name,
+                    available=True,
+                    description="ONNX (opset >= 17), verified in onnxruntime",
+                    output_format=name,
+                    libraries=list(LIBRARIES),
+                    devices=["cpu", "cuda"],
                     parameters=[
-                        common.Parameter(name=n, type=str(f.annotation), default_json=repr(f.default),
-                                         description=f.description or "")
+                        common.Parameter(
+                            name=n,
+                            type=str(f.annotation),
+                            default_json=repr(f.default),
+                            description=f.description or "",
+                        )
                         for n, f in config.model_fields.items()
                     ],
                 )
@@ -63,13 +71,21 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
                 metrics["size_on_disk_mb"] = result.get("size_on_disk_mb", 0.0)
                 progress(99.0, "publishing", "")
                 manifest = store.publish_directory(
-                    out, kind="export", format=read_format_name(out), name=f"{request.format}-export",
-                    parents=[request.model.id], recipe=the_recipe, metrics=metrics,
+                    out,
+                    kind="export",
+                    format=read_format_name(out),
+                    name=f"{request.format}-export",
+                    parents=[request.model.id],
+                    recipe=the_recipe,
+                    metrics=metrics,
                 )
-            return WorkResult(results=[manifest], metrics={**metrics, "export_s": result.get("export_s", 0.0)})
+            return WorkResult(
+                results=[manifest], metrics={**metrics, "export_s": result.get("export_s", 0.0)}
+            )
 
-        return self.ctx.runner.start("export", work, labels={**request.labels, "method": request.format},
-                                     recipe=the_recipe)
+        return self.ctx.runner.start(
+            "export", work, labels={**request.labels, "method": request.format}, recipe=the_recipe
+        )
 
 
 def register(server, ctx: ServiceContext) -> list[str]:

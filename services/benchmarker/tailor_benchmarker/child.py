@@ -1,0 +1,201 @@
+"""Measure one model in a process of its own:
+
+    python -m tailor_benchmarker.child --model DIR --eval FILE --config JSON --out RESULT.json
+
+A process per model makes its peak RSS that model's alone, and lets the worker kill it on cancel or
+survive it crashing. Progress goes to stdout as lines `@progress {"percent": .., "phase": .., "message": ..}`
+(anything else printed there is ignored). The result, or `{"error": {...}}`, is written to --out
+atomically; the exit status is 0 only with a result.
+
+Memory: `baseline_rss_mb` is the process after importing torch and transformers (and onnxruntime for
+an ONNX folder), before the model; `peak_rss_mb` is ru_maxrss, the most the process ever held;
+`model_memory_mb` counts weight bytes (parameters, buffers, packed int8 weights, 4-bit block scales; for
+ONNX the graph's initializers). All sizes are MiB (2**20 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tailor_benchmarker.config import BenchmarkConfig
+from tailor_runtime.ml.model_io import FORMAT_FILE
+
+PROGRESS_PREFIX = "@progress "
+ONNX_FORMAT = "onnx"
+
+
+def report(percent: float, phase: str, message: str = "") -> None:
+    print(PROGRESS_PREFIX + json.dumps({"percent": percent, "phase": phase, "message": message}), flush=True)
+
+
+def current_rss_mb() -> float:
+    """Resident set size now, from /proc (Linux): what the process holds, not what it ever held."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+def torch_weight_bytes(model: Any) -> int:
+    """Bytes of parameters and buffers, including weights that quantized modules keep outside them."""
+    total = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    for module in model.modules():
+        # torch.ao dynamic-quantized Linear packs its int8 weight where parameters() does not see it.
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and callable(getattr(module, "weight", None)):
+            weight, bias = module.weight(), module.bias()
+            total += weight.numel() * weight.element_size()
+            total += 0 if bias is None else bias.numel() * bias.element_size()
+    for param in model.parameters():
+        # bitsandbytes 4-bit weights keep their per-block scales in a quant_state.
+        absmax = getattr(getattr(param, "quant_state", None), "absmax", None)
+        if absmax is not None:
+            total += absmax.numel() * absmax.element_size()
+    return total
+
+
+def _declared_format(model_dir: Path) -> str | None:
+    """The folder's declared format, or None; loading reports a missing or broken marker properly."""
+    try:
+        return json.loads((model_dir / FORMAT_FILE).read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load(model_dir: Path, threads: int | None) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, info) for an ONNX folder or any format load_causal_lm reads."""
+    declared = _declared_format(model_dir)
+    if declared == ONNX_FORMAT:
+        from tailor_benchmarker.onnx_model import OnnxCausalLM
+        from tailor_runtime.ml.model_io import load_tokenizer
+
+        model = OnnxCausalLM(model_dir, threads=threads)
+        info = {"format": ONNX_FORMAT, "runtime": "onnxruntime", "ort_intra_op_threads": model.threads}
+        return model, load_tokenizer(model_dir), {**info, "weight_bytes": model.weight_bytes()}
+
+    from tailor_runtime.ml.model_io import load_causal_lm
+
+    model, tokenizer = load_causal_lm(model_dir)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    info = {"format": declared, "runtime": "torch", "dtype": dtype}
+    return model, tokenizer, {**info, "weight_bytes": torch_weight_bytes(model)}
+
+
+def measure(model_dir: Path, eval_file: Path, cfg: BenchmarkConfig) -> dict[str, Any]:
+    import torch
+
+    from tailor_benchmarker.latency import decode_latency
+    from tailor_benchmarker.perplexity import perplexity
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(0)
+    baseline = current_rss_mb()
+    report(2, "loading", f"loading {model_dir.name}")
+    model, tokenizer, info = _load(model_dir, cfg.threads)
+    after_load = current_rss_mb()
+
+    report(10, "perplexity", "tokenizing")
+    text = eval_file.read_text(encoding="utf-8")
+    ppl = perplexity(
+        model,
+        tokenizer,
+        text,
+        context_length=cfg.context_length,
+        stride=cfg.stride,
+        max_tokens=cfg.max_eval_tokens,
+        split_documents=cfg.split_documents,
+        on_window=lambda done, total: report(10 + 60 * done / total, "perplexity", f"window {done}/{total}"),
+    )
+    report(70, "latency", f"perplexity {ppl['perplexity']:.3f}")
+    lat = decode_latency(
+        model,
+        tokenizer,
+        prompt=cfg.latency_prompt,
+        new_tokens=cfg.latency_new_tokens,
+        warmup=cfg.warmup,
+        repetitions=cfg.repetitions,
+        on_run=lambda done, total: report(70 + 29 * done / total, "latency", f"run {done}/{total}"),
+    )
+    peak = peak_rss_mb()
+    return {
+        "model": info,
+        "model_memory_mb": info.pop("weight_bytes") / 2**20,
+        "memory": {
+            "baseline_rss_mb": baseline,  # the process after imports, before the model
+            "rss_after_load_mb": after_load,
+            "peak_rss_mb": peak,
+            "peak_rss_over_baseline_mb": peak - baseline,
+        },
+        "perplexity": ppl,
+        "latency": lat,
+        "threads": {
+            "torch_intra_op": torch.get_num_threads(),
+            "torch_inter_op": torch.get_num_interop_threads(),
+        },
+    }
+
+
+def _write_atomically(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the worker that started it dies, so no benchmark is orphaned."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux/glibc: the parent still kills the child on cancel and on its own errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tailor_benchmarker.child", description=__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="model folder")
+    parser.add_argument("--eval", type=Path, required=True, help="UTF-8 evaluation text")
+    parser.add_argument("--config", required=True, help="BenchmarkConfig as JSON")
+    parser.add_argument("--out", type=Path, required=True, help="where to write the result JSON")
+    args = parser.parse_args(argv)
+    _die_with_parent()
+
+    # Imported before the baseline RSS is read, so the baseline holds the frameworks, not the model.
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    if _declared_format(args.model) == ONNX_FORMAT:
+        import onnxruntime  # noqa: F401
+
+    try:
+        cfg = BenchmarkConfig.model_validate_json(args.config)
+        result = measure(args.model, args.eval, cfg)
+    except Exception as exc:  # reported to the parent as data; the traceback goes to stderr for logs
+        traceback.print_exc()
+        from tailor_runtime.errors import TailorError
+
+        message = exc.message if isinstance(exc, TailorError) else str(exc) or repr(exc)
+        _write_atomically(args.out, {"error": {"type": type(exc).__name__, "message": message}})
+        print(f"error: {type(exc).__name__}: {message}", file=sys.stderr, flush=True)
+        return 1
+    _write_atomically(args.out, result)
+    report(100, "done")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""What one benchmark measures, and how (the `config` Struct of a BenchmarkRequest)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class BenchmarkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_eval_tokens: int = Field(
+        8192, ge=2, description="Perplexity uses the first this many tokens of the text."
+    )
+    context_length: int = Field(256, ge=2, description="Tokens per perplexity window.")
+    stride: int = Field(128, ge=1, description="Tokens between window starts; <= context_length.")
+    split_documents: bool = Field(
+        True, description="Blank-line-separated documents each start with BOS; False: one document, one BOS."
+    )
+    latency_prompt: str = Field("Once upon a time", min_length=1, description="Prompt of the decode timing.")
+    latency_new_tokens: int = Field(32, ge=2, description="Tokens generated per timed run (EOS ignored).")
+    warmup: int = Field(1, ge=0, description="Untimed runs before the timed ones.")
+    repetitions: int = Field(3, ge=1, description="Timed runs.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch / ONNX Runtime; None: default."
+    )
+
+    @model_validator(mode="after")
+    def _stride_within_context(self) -> BenchmarkConfig:
+        if self.stride > self.context_length:
+            raise ValueError(f"stride ({self.stride}) must not exceed context_length ({self.context_length})")
+        return self

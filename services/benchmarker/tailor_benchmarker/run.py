@@ -1,0 +1,195 @@
+"""Benchmark one model folder: run the measurement in a child process and label it with the machine.
+
+The child (tailor_benchmarker.child) does the work; this side follows it, forwards its progress, and
+kills it when the operation is cancelled (the ProgressFn raises Cancelled) or anything else goes
+wrong here, so a benchmark can never outlive its operation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from tailor_benchmarker.child import ONNX_FORMAT, PROGRESS_PREFIX
+from tailor_benchmarker.config import BenchmarkConfig
+from tailor_runtime import errors
+from tailor_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TailorError
+from tailor_runtime.progress import ProgressFn
+
+# Progress (and with it the cancellation check) is called at least this often while the child runs.
+POLL_S = 0.25
+STDERR_TAIL_LINES = 8
+_VERSIONED = ("torch", "transformers", "onnxruntime", "tokenizers", "bitsandbytes", "numpy")
+
+
+def run_benchmark(
+    model_dir: Path, eval_text: Path, cfg: BenchmarkConfig, progress: ProgressFn
+) -> dict[str, Any]:
+    """Perplexity, latency and memory of the model in `model_dir`, measured in a child process."""
+    from tailor_runtime.ml.model_io import folder_size_bytes
+
+    model_dir, eval_text = Path(model_dir), Path(eval_text)
+    if not model_dir.is_dir():
+        raise NotFound(f"model folder {model_dir} does not exist")
+    if not eval_text.is_file():
+        raise NotFound(f"evaluation text {eval_text} does not exist")
+    _check_format(model_dir)
+
+    progress(0.0, "starting", f"benchmarking {model_dir.name}")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tailor-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        stderr_path = Path(tmp) / "stderr.txt"
+        with stderr_path.open("wb") as stderr:
+            returncode = _follow(_child_command(model_dir, eval_text, cfg, out), stderr, progress)
+        result = _read_result(out, returncode, stderr_path, model_dir)
+
+    result["size_on_disk_mb"] = folder_size_bytes(model_dir) / 2**20
+    result["wall_s"] = time.monotonic() - started
+    result["config"] = cfg.model_dump()
+    result["environment"] = environment(result.get("threads", {}))
+    progress(100.0, "done", f"perplexity {result['perplexity']['perplexity']:.3f}")
+    return result
+
+
+def _check_format(model_dir: Path) -> None:
+    """Fail before starting a child (seconds of imports) on a folder no child could load."""
+    from tailor_runtime.ml.formats import loadable_formats
+    from tailor_runtime.ml.model_io import FORMAT_FILE
+
+    path = model_dir / FORMAT_FILE
+    try:
+        declared = json.loads(path.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        raise InvalidArgument(f"{path} is missing or is not a JSON object") from None
+    measurable = [*loadable_formats(), ONNX_FORMAT]
+    if declared not in measurable:
+        raise InvalidArgument(f"cannot benchmark a model in format {declared!r}", choices=measurable)
+
+
+def _child_command(model_dir: Path, eval_text: Path, cfg: BenchmarkConfig, out: Path) -> list[str]:
+    command = [sys.executable, "-m", "tailor_benchmarker.child"]
+    command += ["--model", str(model_dir), "--eval", str(eval_text)]
+    return command + ["--config", cfg.model_dump_json(), "--out", str(out)]
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The child imports the same packages as this process, whether or not they are installed.
+    roots = {str(Path(m.__file__).resolve().parents[1]) for m in (sys.modules[__package__], errors)}
+    env["PYTHONPATH"] = os.pathsep.join([*sorted(roots), *filter(None, [env.get("PYTHONPATH")])])
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _follow(command: list[str], stderr: Any, progress: ProgressFn) -> int:
+    """Run the child to its end, forwarding its progress; kill it if anything (a cancel) interrupts."""
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=stderr, env=_child_env(), encoding="utf-8", errors="replace"
+    )
+    latest: dict[str, Any] = {"percent": 0.0, "phase": "starting", "message": ""}
+    # A thread reads stdout so a chatty child never blocks on a full pipe.
+    reader = threading.Thread(target=_read_progress, args=(proc.stdout, latest), daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            progress(min(float(latest["percent"]), 99.0), str(latest["phase"]), str(latest["message"]))
+            time.sleep(POLL_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        reader.join(timeout=5)
+    return proc.returncode
+
+
+def _read_progress(stream: Any, latest: dict[str, Any]) -> None:
+    for line in stream:
+        if line.startswith(PROGRESS_PREFIX):
+            try:
+                latest.update(json.loads(line[len(PROGRESS_PREFIX) :]))
+            except json.JSONDecodeError:
+                continue
+
+
+def _read_result(out: Path, returncode: int, stderr_path: Path, model_dir: Path) -> dict[str, Any]:
+    data = json.loads(out.read_text()) if out.is_file() else None
+    if returncode == 0 and data is not None and "error" not in data:
+        return data
+    if data is not None and "error" in data:
+        # A domain error in the child (an invalid config, an unknown format) keeps its class and code.
+        err = data["error"]
+        cls = getattr(errors, err.get("type", ""), None)
+        if isinstance(cls, type) and issubclass(cls, TailorError):
+            raise cls(f"benchmark of {model_dir.name} failed: {err.get('message')}")
+        raise FailedPrecondition(
+            f"benchmark of {model_dir.name} failed: {err.get('type')}: {err.get('message')}"
+        )
+    if returncode < 0:
+        how = f"was killed by {signal.Signals(-returncode).name}"
+        if returncode == -signal.SIGKILL:
+            how += " (out of memory?)"
+    else:
+        how = f"exited with status {returncode}"
+    tail = _tail(stderr_path)
+    raise FailedPrecondition(
+        f"benchmark of {model_dir.name} {how} without a result" + (f"; last output: {tail}" if tail else "")
+    )
+
+
+def _tail(path: Path) -> str:
+    lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    return " | ".join(deque(lines, maxlen=STDERR_TAIL_LINES))
+
+
+def environment(child_threads: dict[str, Any]) -> dict[str, Any]:
+    """The machine and software a result was measured with, so every figure is labelled."""
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),  # what a container or taskset actually allows
+        "memory_total_mb": _meminfo_mb("MemTotal"),
+        "threads": child_threads,
+        "hostname": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _meminfo_mb(key: str) -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

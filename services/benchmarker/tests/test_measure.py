@@ -1,0 +1,189 @@
+"""Benchmarker measurements on the bundled real model (stories260K) and real text (TinyStories)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tailor_benchmarker.config import BenchmarkConfig
+from tailor_benchmarker.latency import decode_latency
+from tailor_benchmarker.perplexity import encode_eval_text, perplexity, window_spans
+from tailor_benchmarker.run import run_benchmark
+from tailor_runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
+from tailor_runtime.ml.model_io import load_causal_lm
+
+REPO = Path(__file__).resolve().parents[3]
+MODEL = REPO / "examples/models/stories260K"
+EVAL = REPO / "examples/data/tinystories_eval.txt"
+# The box running the tests may be small and busy; one thread is both faster and steadier there.
+FAST = dict(
+    max_eval_tokens=512,
+    context_length=64,
+    stride=32,
+    latency_new_tokens=6,
+    warmup=0,
+    repetitions=1,
+    threads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.set_num_threads(1)
+    return load_causal_lm(MODEL)
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return EVAL.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("n, context, stride", [(1000, 64, 32), (1000, 64, 64), (130, 64, 48), (5, 64, 32)])
+def test_windows_score_each_token_once(n, context, stride):
+    scored = []
+    for begin, first, end in window_spans(n, context, stride):
+        assert end - begin <= context and begin < first
+        scored += range(first, end)
+    assert len(scored) == len(set(scored))
+    if stride < context:  # every token but the very first
+        assert scored == list(range(1, n))
+    else:  # non-overlapping: the first token of each window has no context and is not scored
+        assert sorted(set(range(n)) - set(scored)) == list(range(0, n, context))
+
+
+def test_non_overlapping_perplexity_equals_hand_computed_chunks(lm, text):
+    model, tokenizer = lm
+    result = perplexity(model, tokenizer, text, context_length=64, stride=64, max_tokens=300)
+
+    # Independent reference: plain chunks, log_softmax by hand, BOS never a target.
+    ids, _ = encode_eval_text(tokenizer, text, 300)
+    nll, count = 0.0, 0
+    for start in range(0, len(ids), 64):
+        chunk = torch.tensor([ids[start : start + 64]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(chunk).logits[0].double(), dim=-1)
+        for pos in range(1, chunk.shape[1]):
+            if chunk[0, pos] != tokenizer.bos_token_id:
+                nll -= logp[pos - 1, chunk[0, pos]].item()
+                count += 1
+    assert result["tokens_scored"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+
+
+def test_overlapping_windows_do_not_raise_perplexity_on_real_text(lm, text):
+    model, tokenizer = lm
+    sliding = perplexity(model, tokenizer, text, context_length=64, stride=16, max_tokens=1024)
+    chunks = perplexity(model, tokenizer, text, context_length=64, stride=64, max_tokens=1024)
+    assert sliding["perplexity"] <= chunks["perplexity"]
+    # stories260K on in-domain text: karpathy reports 3.66 on its own validation split.
+    assert 2.5 < sliding["perplexity"] < 8
+
+
+def test_perplexity_of_a_logits_callable_equals_the_module(lm, text):
+    model, tokenizer = lm
+    as_module = perplexity(model, tokenizer, text, context_length=32, stride=16, max_tokens=128)
+    as_callable = perplexity(lambda ids: model(input_ids=ids).logits, tokenizer, text, 32, 16, 128)
+    assert as_callable["perplexity"] == pytest.approx(as_module["perplexity"], rel=1e-6)
+
+
+def test_perplexity_rejects_a_context_longer_than_the_model(lm, text):
+    with pytest.raises(InvalidArgument, match="exceeds the model's context"):
+        perplexity(*lm, text, context_length=1024, stride=512)
+
+
+def test_kv_cache_decoding_matches_full_recompute(lm):
+    model, tokenizer = lm
+    cached = decode_latency(model, tokenizer, new_tokens=12, warmup=1, repetitions=2)
+    recomputed = decode_latency(
+        lambda ids: model(input_ids=ids).logits, tokenizer, new_tokens=12, repetitions=1
+    )
+    assert cached["sample"] == recomputed["sample"]
+    assert cached["sample"].startswith("Once upon a time, there was a little girl named Lily")
+    assert cached["kv_cache"] and not recomputed["kv_cache"]
+    assert cached["repetitions"] == 2 and cached["new_tokens"] == 12
+    assert 0 < cached["per_token_ms"]["p50"] <= cached["per_token_ms"]["p95"] <= cached["per_token_ms"]["max"]
+    assert cached["tokens_per_s"] > 0 and cached["ttft_ms"]["median"] > 0
+
+
+def test_config_is_strict():
+    with pytest.raises(ValueError, match="stride"):
+        BenchmarkConfig(context_length=64, stride=128)
+    with pytest.raises(ValueError, match="extra"):
+        BenchmarkConfig(max_tokens=10)
+    assert (
+        BenchmarkConfig.model_validate({"context_length": 128.0, "stride": 64.0}).stride == 64
+    )  # Struct numbers
+
+
+def test_run_benchmark_measures_in_a_child_process():
+    calls = []
+    result = run_benchmark(
+        MODEL, EVAL, BenchmarkConfig(**FAST), lambda p, phase="", msg="", **m: calls.append(p)
+    )
+    assert 2.5 < result["perplexity"]["perplexity"] < 8
+    assert result["perplexity"]["tokens_scored"] > 400
+    assert result["latency"]["new_tokens"] == 6 and result["latency"]["kv_cache"]
+    memory = result["memory"]
+    assert 0 < memory["baseline_rss_mb"] <= memory["peak_rss_mb"]
+    assert result["model_memory_mb"] == pytest.approx(260_032 * 4 / 2**20, rel=0.01)  # fp32, tied classifier
+    assert result["size_on_disk_mb"] > 1.0
+    env = result["environment"]
+    assert env["threads"]["torch_intra_op"] == 1 and env["versions"]["torch"] and env["hostname"]
+    assert calls[0] == 0.0 and calls[-1] == 100.0 and calls == sorted(calls)
+
+
+def test_cancel_kills_the_child(monkeypatch):
+    children = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        children.append(real_popen(*args, **kwargs))
+        return children[-1]
+
+    monkeypatch.setattr("tailor_benchmarker.run.subprocess.Popen", recording_popen)
+
+    def progress(percent, phase="", message="", **metrics):
+        if children:  # the child has started: the operation is cancelled now
+            raise Cancelled("cancelled by the test")
+
+    with pytest.raises(Cancelled):
+        run_benchmark(MODEL, EVAL, BenchmarkConfig(**FAST), progress)
+    assert children and children[0].poll() is not None
+
+
+def test_an_unknown_format_fails_before_any_child_starts(tmp_path, monkeypatch):
+    monkeypatch.setattr("tailor_benchmarker.run.subprocess.Popen", None)  # would fail if called
+    (tmp_path / "tailor_format.json").write_text('{"format": "no-such-format"}')
+    with pytest.raises(InvalidArgument, match="no-such-format.*valid choices: .*onnx"):
+        run_benchmark(tmp_path, EVAL, BenchmarkConfig(**FAST), lambda *a, **k: None)
+
+
+def _fake_child(monkeypatch, script: str) -> None:
+    """Replace the child by a short Python script (argv[1]: the result path), to test failures fast."""
+    monkeypatch.setattr(
+        "tailor_benchmarker.run._child_command",
+        lambda model_dir, eval_text, cfg, out: [sys.executable, "-c", script, str(out)],
+    )
+
+
+def test_a_crashing_child_gives_its_last_stderr_lines(monkeypatch):
+    _fake_child(monkeypatch, "import sys; print('loading', file=sys.stderr); sys.exit('kernel exploded')")
+    with pytest.raises(FailedPrecondition) as info:
+        run_benchmark(MODEL, EVAL, BenchmarkConfig(**FAST), lambda *a, **k: None)
+    assert "exited with status 1" in info.value.message and "kernel exploded" in info.value.message
+
+
+def test_a_domain_error_in_the_child_keeps_its_class(monkeypatch):
+    error = {
+        "error": {"type": "InvalidArgument", "message": "context_length 1024 exceeds the model's context"}
+    }
+    _fake_child(
+        monkeypatch, f"import sys, json; open(sys.argv[1], 'w').write(json.dumps({error!r})); sys.exit(1)"
+    )
+    with pytest.raises(InvalidArgument, match="exceeds the model's context"):
+        run_benchmark(MODEL, EVAL, BenchmarkConfig(**FAST), lambda *a, **k: None)
