@@ -97,7 +97,7 @@ def measure(model_dir: Path, eval_file: Path, cfg: BenchmarkConfig) -> dict[str,
     import torch
 
     from tailor_benchmarker.latency import decode_latency
-    from tailor_benchmarker.perplexity import perplexity
+    from tailor_runtime.ml.perplexity import perplexity
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

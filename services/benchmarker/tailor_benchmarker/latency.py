@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tailor_benchmarker.perplexity import logits_fn_for
+from tailor_runtime.ml.perplexity import logits_fn_for
 from tailor_runtime.errors import InvalidArgument
 
 

@@ -12,7 +12,7 @@ import torch
 
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_benchmarker.latency import decode_latency
-from tailor_benchmarker.perplexity import encode_eval_text, perplexity, window_spans
+from tailor_runtime.ml.perplexity import encode_eval_text, perplexity, window_spans
 from tailor_benchmarker.run import run_benchmark
 from tailor_runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
 from tailor_runtime.ml.model_io import load_causal_lm

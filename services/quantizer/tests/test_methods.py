@@ -12,7 +12,6 @@ from tailor_quantizer.methods import Caps, get_method, list_methods, parse_confi
 from tailor_runtime.errors import Cancelled, InvalidArgument
 from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format
 from tailor_runtime.ml.perplexity import perplexity
-from tailor_runtime.ml.text import read_stories, tokenize_stories
 from tailor_runtime.progress import no_progress
 
 REPO = Path(__file__).resolve().parents[3]
@@ -37,15 +36,18 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def eval_ids():
-    _, tok = load_causal_lm(MODEL)
-    return tokenize_stories(tok, read_stories(EVAL), max_tokens=EVAL_TOKENS)
+def eval_text():
+    return EVAL.read_text()
 
 
 @pytest.fixture(scope="module")
-def baseline(eval_ids):
-    model, _ = load_causal_lm(MODEL)
-    return perplexity(model, eval_ids)["perplexity"]
+def baseline(eval_text):
+    model, tok = load_causal_lm(MODEL)
+    return _ppl(model, tok, eval_text)
+
+
+def _ppl(model, tok, text):
+    return perplexity(model, tok, text, context_length=256, stride=128, max_tokens=EVAL_TOKENS)["perplexity"]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +111,7 @@ def test_bad_config_names_the_field():
 
 
 @pytest.mark.parametrize("name", ["bf16", "int8_dynamic", "nf4"])
-def test_method_output_loads_is_smaller_and_keeps_quality(name, outputs, eval_ids, baseline):
+def test_method_output_loads_is_smaller_and_keeps_quality(name, outputs, eval_text, baseline):
     if name not in outputs:
         pytest.skip(f"{name} unavailable: {get_method(name).availability()[1]}")
     (out, metrics), _ = outputs[name]
@@ -120,7 +122,7 @@ def test_method_output_loads_is_smaller_and_keeps_quality(name, outputs, eval_id
     assert shrink >= MIN_SHRINK[name], f"{name}: only {shrink:.2f}x smaller"
     model, tok = load_causal_lm(out)
     assert tok("Once upon a time")["input_ids"] == [1, 403, 407, 261, 378]
-    ppl = perplexity(model, eval_ids)["perplexity"]
+    ppl = _ppl(model, tok, eval_text)
     print(
         f"{name}: {folder_size_bytes(out)} bytes ({shrink:.2f}x smaller), perplexity {ppl:.4f} vs {baseline:.4f}"
     )

@@ -72,14 +72,13 @@ def fixed_batch_loss(model, tokenizer, seed: int = 12345) -> float:
 
 def test_training_lowers_the_loss(trained):
     from tailor_runtime.ml.perplexity import perplexity
-    from tailor_runtime.ml.text import read_stories, tokenize_stories
 
     out, metrics, _ = trained
     base, tok = load_causal_lm(MODEL)
     merged, _ = load_causal_lm(out / "merged")
     before, after = fixed_batch_loss(base, tok), fixed_batch_loss(merged, tok)
-    ids = tokenize_stories(tok, read_stories(EVAL), max_tokens=4096)
-    ppl_before, ppl_after = perplexity(base, ids)["perplexity"], perplexity(merged, ids)["perplexity"]
+    text = EVAL.read_text()
+    ppl_before, ppl_after = (perplexity(m, tok, text, max_tokens=4096)["perplexity"] for m in (base, merged))
     print(
         f"fixed-batch loss {before:.4f} -> {after:.4f}; eval perplexity {ppl_before:.4f} -> {ppl_after:.4f}"
     )
