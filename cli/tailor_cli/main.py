@@ -30,7 +30,8 @@ from tailor_gateway.spec import parse_spec
 from tailor_runtime.errors import TailorError
 from tailor_runtime.operations import to_struct
 
-console = Console()
+# Piped output (CI logs, `make run | tee`) would otherwise wrap tables at 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 140)
 TERMINAL = (pb.PIPELINE_STATE_SUCCEEDED, pb.PIPELINE_STATE_FAILED, pb.PIPELINE_STATE_CANCELLED)
 
 

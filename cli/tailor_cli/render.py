@@ -9,6 +9,7 @@ from rich.text import Text
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.gateway.v1 import gateway_service_pb2 as pb
+from tailor_runtime.hardware import describe
 
 STATE_STYLE = {
     "PENDING": "dim",
@@ -29,7 +30,7 @@ def pipeline_state(value: int) -> str:
 
 def stages_table(p: pb.Pipeline) -> Table:
     table = Table(title=f"pipeline {p.name} ({p.id[:12]}): {pipeline_state(p.state)}", expand=False)
-    table.add_column("stage")
+    table.add_column("stage", no_wrap=True)
     table.add_column("state")
     table.add_column("progress", width=24)
     table.add_column("%", justify="right")
@@ -115,20 +116,15 @@ def summary_view(summary: dict, report_path: str | None) -> Group:
     if export:
         parts.append(
             Text(
-                f"export: {export.get('format')} {export.get('artifact_id', '')[:16]}... verified in onnxruntime: "
+                f"export: {export.get('format')} {export.get('artifact_id', '')[:16]}... checked in onnxruntime "
+                "against its PyTorch source: "
                 f"max |logit diff| {export.get('max_abs_diff', float('nan')):.2e}, "
                 f"top-1 agreement {export.get('top1_agreement', float('nan')):.3f}"
             )
         )
     env = summary.get("environment") or {}
     if env:
-        parts.append(
-            Text(
-                f"measured on: {env.get('cpu_model') or env.get('cpu', '?')}, "
-                f"{env.get('torch_threads', env.get('threads', '?'))} threads",
-                style="dim",
-            )
-        )
+        parts.append(Text(f"measured on: {describe(env)}", style="dim"))
     if report_path:
         parts.append(Text.assemble(("report: ", "bold"), report_path))
     return Group(*parts)

@@ -320,7 +320,6 @@ class Engine:
     def _start_call(self, p, spec: PipelineSpec, s: st.StageRow, stages):
         labels = {"pipeline_id": p.id, "stage": s.name, "method": s.params.get("method", "")}
         metadata = _trace_metadata()
-        source = self._source_model(spec, stages)
         if s.kind == "finetune":
             request = train_pb.FineTuneRequest(
                 base_model=_ref(spec.model.artifact),
@@ -335,7 +334,7 @@ class Engine:
             )
         if s.kind == "quantize":
             request = quant_pb.QuantizeRequest(
-                model=source,
+                model=self._source_model(spec, stages),
                 method=s.params["method"],
                 config=to_struct(s.params["config"]),
                 seed=s.params["seed"],
@@ -347,7 +346,9 @@ class Engine:
         if s.kind == "benchmark":
             candidate = s.params["candidate"]
             model = (
-                source if candidate == "original" else _ref_dict(stages[f"quantize/{candidate}"].results[0])
+                self._source_model(spec, stages)
+                if candidate == "original"
+                else _ref_dict(stages[f"quantize/{candidate}"].results[0])
             )
             request = bench_pb.BenchmarkRequest(
                 model=model,

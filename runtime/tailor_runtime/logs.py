@@ -9,7 +9,9 @@ import sys
 import time
 
 # Set by the operation runner and the gateway; every log line in that context carries them.
-log_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("log_context", default=None)
+log_context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "log_context", default=None
+)
 
 _SECRET_WORDS = ("secret", "password", "token", "authorization")
 

@@ -120,7 +120,9 @@ class OperationRunner:
             self._forget_old()
         if cached is not None:
             # The manifest's own metrics (deterministic ones) stand in for the run that did not happen.
-            self._finish(record, WorkResult(results=[cached], metrics=dict(cached.metrics), cached=True), None)
+            self._finish(
+                record, WorkResult(results=[cached], metrics=dict(cached.metrics), cached=True), None
+            )
             return self.snapshot(op.id)
         OPERATIONS.labels(self.service, kind, "RUNNING").inc()
         ctx = contextvars.copy_context()

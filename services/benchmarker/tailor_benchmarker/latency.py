@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from tailor_runtime.ml.perplexity import logits_fn_for
 from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.ml.perplexity import logits_fn_for
 
 
 class _KVCacheDecoder:

@@ -26,6 +26,7 @@ from tailor_benchmarker.child import ONNX_FORMAT, PROGRESS_PREFIX
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_runtime import errors
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TailorError
+from tailor_runtime.hardware import cpu_model, memory_gb
 from tailor_runtime.progress import ProgressFn
 
 # Progress (and with it the cancellation check) is called at least this often while the child runs.
@@ -163,33 +164,13 @@ def environment(child_threads: dict[str, Any]) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),  # what a container or taskset actually allows
-        "memory_total_mb": _meminfo_mb("MemTotal"),
+        "memory_total_mb": memory_gb() * 1024,
         "threads": child_threads,
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "versions": versions,
     }
-
-
-def _cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def _meminfo_mb(key: str) -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None

@@ -12,10 +12,10 @@ import torch
 
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_benchmarker.latency import decode_latency
-from tailor_runtime.ml.perplexity import encode_eval_text, perplexity, window_spans
 from tailor_benchmarker.run import run_benchmark
 from tailor_runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
 from tailor_runtime.ml.model_io import load_causal_lm
+from tailor_runtime.ml.perplexity import encode_eval_text, perplexity, window_spans
 
 REPO = Path(__file__).resolve().parents[3]
 MODEL = REPO / "examples/models/stories260K"
