@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from tailor.benchmarker.v1 import benchmarker_service_pb2 as bench_pb
@@ -79,7 +80,10 @@ class Engine:
                 raise NotFound(f"{field}: artifact {ref.artifact} not found in the store; upload it first")
         pipeline_id = uuid.uuid4().hex
         # One trace per pipeline: a short root span whose context every stage continues, across restarts.
-        with tracer().start_as_current_span(f"pipeline {spec.name}") as span:
+        request_span = trace.get_current_span().get_span_context()
+        with tracer().start_as_current_span(
+            f"pipeline {spec.name}", context=otel_context.Context(), links=[trace.Link(request_span)]
+        ) as span:
             span.set_attribute("tailor.pipeline_id", pipeline_id)
             carrier: dict[str, str] = {}
             propagate.inject(carrier)
