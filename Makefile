@@ -45,12 +45,17 @@ run: install
 up: install
 	$(BIN)/tailor up
 
-# The Ceph RADOS Gateway (a real S3 server) for the integration tests; needs root and apt.
+# Debian packages the tests need: Ceph RGW (a real S3 server) and Chromium (the report page test).
+# Each package is named after the command it provides; only the missing ones are installed (root, apt).
 system-deps:
-	@command -v radosgw >/dev/null || { \
+	@missing=""; for pkg in radosgw ceph-mon ceph-osd chromium; do \
+	  command -v $$pkg >/dev/null || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends radosgw ceph-mon ceph-osd >/dev/null; \
-	  else echo "radosgw missing: run 'sudo apt-get install -y --no-install-recommends radosgw ceph-mon ceph-osd'"; exit 1; fi; }
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  else echo "missing:$$missing; run 'sudo apt-get install -y --no-install-recommends$$missing'"; exit 1; fi; \
+	fi
 
 test: install system-deps
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from tailor_selector.selection import Candidate, Constraint, Objective, pareto_front, select
 from tailor_runtime.errors import InvalidArgument
+from tailor_selector.selection import Candidate, Constraint, Objective, pareto_front, select
 
 
 def _candidates():

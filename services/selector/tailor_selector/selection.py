@@ -79,7 +79,7 @@ DEFAULT_OBJECTIVES = (
 
 
 def fmt(metric: str, value: float) -> str:
-    return f"{value:.3g}{UNITS.get(metric, '')}"
+    return f"{value:.4g}{UNITS.get(metric, '')}"
 
 
 def _validate(candidates, constraints, objectives) -> None:

@@ -1,0 +1,526 @@
+"""The pipeline report: one self-contained HTML page (inline CSS and SVG, no scripts, nothing fetched)
+and the same summary as JSON.
+
+The page answers, top to bottom: what to deploy and why, how every candidate measured and which
+constraint it broke, where the candidates sit against size and latency, and the machine it was
+measured on. Every piece of text from the summary goes through `html.escape`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from html import escape
+from typing import Any
+
+# metric -> (label, unit); the unit goes in column headers and axis titles.
+METRICS = {
+    "perplexity": ("Perplexity", ""),
+    "perplexity_increase_pct": ("Perplexity increase", "%"),
+    "size_mb": ("Size", "MB"),
+    "latency_ms_per_token": ("Latency", "ms/token"),
+    "tokens_per_s": ("Throughput", "tokens/s"),
+    "peak_memory_mb": ("Peak memory", "MB"),
+    "model_memory_mb": ("Model memory", "MB"),
+}
+_OPS = {"at_most": "≤", "at_least": "≥"}
+# A constraint line further than this many data spans from the points would squash them: say so instead.
+_MAX_STRETCH = 1.5
+
+
+def render_report_json(summary: dict[str, Any]) -> str:
+    # NaN and infinity are not JSON: a failed measurement becomes null.
+    return json.dumps(_finite(summary), indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n"
+
+
+def render_report_html(summary: dict[str, Any]) -> str:
+    pipeline = summary.get("pipeline", {})
+    title = f"Tailor report: {pipeline.get('name') or pipeline.get('id') or 'pipeline'}"
+    plots = _plots(summary)
+    body = "\n".join(
+        [
+            f"<header><h1>{_e(title)}</h1><p class=muted>pipeline {_e(pipeline.get('id', ''))} · "
+            f"created {_e(pipeline.get('created', ''))}</p></header>",
+            _recommendation(summary),
+            _goals(summary),
+            _table(summary),
+            f"<section><h2>Quality against cost</h2><div class=plots>{plots}</div>{_LEGEND}"
+            "<p class=muted>Lower is better on both axes. The line joins each plot's Pareto front: the "
+            "candidates no other candidate beats on both of its axes. The table's Pareto badge is the "
+            "selector's verdict over all the objectives.</p></section>",
+            _export(summary),
+            _finetune(summary),
+            _footer(summary),
+        ]
+    )
+    return (
+        "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
+        # No fetch of any kind is allowed: the page must open the same offline and in ten years.
+        "<meta http-equiv=Content-Security-Policy content=\"default-src 'none'; style-src 'unsafe-inline'\">"
+        f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"
+        f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
+
+
+# --- page sections ------------------------------------------------------------------------------
+def _recommendation(summary: dict) -> str:
+    rationale = f"<p>{_e(summary.get('rationale', ''))}</p>" if summary.get("rationale") else ""
+    chosen = _candidate(summary, summary.get("recommended", ""))
+    if chosen is None:
+        return (
+            "<section class='verdict none'><h2>No candidate is recommended</h2>"
+            f"<p>None of the candidates meets every constraint.</p>{rationale}</section>"
+        )
+    base = _candidate(summary, summary.get("baseline", "")) or {}
+    facts = []
+    for metric, better in (("size_mb", "smaller"), ("latency_ms_per_token", "faster")):
+        ours, theirs = _metric(chosen, metric), _metric(base, metric)
+        if ours and theirs and chosen is not base:
+            facts.append(f"{_num(theirs / ours)}× {better}")
+    ppl = _ppl_change(chosen, base)
+    if ppl is not None and chosen is not base:
+        facts.append(f"perplexity {_signed_pct(ppl)}")
+    facts_html = "".join(f"<span class=chip>{_e(f)}</span>" for f in facts)
+    versus = f" than {_e(base.get('name', ''))}" if facts and base else ""
+    return (
+        "<section class='verdict ok'><p class=eyebrow>Recommended</p>"
+        f"<h2>{_e(chosen['name'])} <span class=muted>({_e(chosen.get('method', ''))})</span></h2>"
+        f"<p>{facts_html}{versus}</p>{rationale}</section>"
+    )
+
+
+def _goals(summary: dict) -> str:
+    items = [f"<li>{_e(_constraint_text(c))}</li>" for c in summary.get("constraints", [])]
+    objectives = [
+        f"<li>{'maximize' if o.get('maximize') else 'minimize'} {_e(_label(o.get('metric', '')))}"
+        f"{_e(' (weight ' + _short(o['weight']) + ')') if o.get('weight', 1.0) != 1.0 else ''}</li>"
+        for o in summary.get("objectives", [])
+    ]
+    return (
+        "<section class=goals><div><h3>Constraints</h3>"
+        f"<ul>{''.join(items) or '<li>none</li>'}</ul></div><div><h3>Objectives</h3>"
+        f"<ul>{''.join(objectives) or '<li>none</li>'}</ul></div></section>"
+    )
+
+
+def _table(summary: dict) -> str:
+    base = _candidate(summary, summary.get("baseline", "")) or {}
+    header = (
+        "<tr><th>Candidate</th><th>Method</th><th class=n>Size (MB)</th><th class=n>Perplexity (Δ)</th>"
+        "<th class=n>Latency<br>(ms/token)</th><th class=n>Throughput<br>(tokens/s)</th>"
+        "<th class=n>Peak memory<br>(MB)</th><th>Verdict</th></tr>"
+    )
+    rows = []
+    for cand in summary.get("candidates", []):
+        classes = [
+            "rec" if cand.get("name") == summary.get("recommended") else "",
+            "" if cand.get("feasible") else "fail",
+        ]
+        size, base_size = _metric(cand, "size_mb"), _metric(base, "size_mb")
+        size_note = (
+            f" <small>({_signed_pct((size / base_size - 1) * 100)})</small>"
+            if size and base_size and cand is not base
+            else ""
+        )
+        badges = "".join(
+            [
+                " <span class='badge rec'>recommended</span>" if "rec" in classes else "",
+                " <span class='badge pareto' title='Pareto-optimal over all the objectives'>Pareto</span>"
+                if cand.get("pareto_optimal")
+                else "",
+                " <span class='badge base'>baseline</span>" if cand is base else "",
+            ]
+        )
+        artifact = cand.get("artifact_id", "")
+        rows.append(
+            f"<tr class='{' '.join(c for c in classes if c)}'>"
+            f"<td><b>{_e(cand.get('name', ''))}</b>{badges}</td>"
+            f"<td>{_e(cand.get('method', ''))}<br><code title='artifact {_e(artifact)}'>{_e(artifact[:12])}</code></td>"
+            f"<td class=n>{_num(size)}{size_note}</td><td class=n>{_num(_metric(cand, 'perplexity'), 3)}"
+            f" <small>({_signed_pct(_ppl_change(cand, base))})</small></td>"
+            f"<td class=n>{_num(_metric(cand, 'latency_ms_per_token'))}</td>"
+            f"<td class=n>{_num(_metric(cand, 'tokens_per_s'))}</td>"
+            f"<td class=n>{_num(_metric(cand, 'peak_memory_mb'))}</td>"
+            f"<td>{_verdict(cand, summary)}</td></tr>"
+        )
+    return (
+        "<section><h2>Candidates</h2><div class=scroll><table>"
+        f"<thead>{header}</thead><tbody>{''.join(rows)}</tbody></table></div></section>"
+    )
+
+
+def _verdict(cand: dict, summary: dict) -> str:
+    if cand.get("feasible"):
+        return "<span class='pass nw'>✓ meets every constraint</span>"
+    violations = cand.get("violations") or []
+    if not violations:
+        return "<span class=bad>✗ not feasible</span>"
+    comparisons = {c.get("metric"): c.get("comparison") for c in summary.get("constraints", [])}
+    lines = []
+    for v in violations:
+        metric, limit, actual = v.get("metric", ""), v.get("limit"), v.get("actual")
+        op = "<" if comparisons.get(metric) == "at_least" else ">"
+        unit = _unit(METRICS.get(metric, ("", ""))[1])
+        # A relative excess reads at a glance; a percentage metric already is one.
+        over = ""
+        if unit != "%" and _is_num(limit) and _is_num(actual) and limit:
+            over = f" ({_signed_pct((actual - limit) / abs(limit) * 100)})"
+        text = f"✗ {_label(metric)} {_num(actual)}{unit} {op} {_short(limit)}{unit}{over}"
+        lines.append(f"<span class=nw>{_e(text)}</span>")
+    return "<span class=bad>" + "".join(lines) + "</span>"
+
+
+def _export(summary: dict) -> str:
+    export = summary.get("export")
+    if not export:
+        return ""
+    facts = [("format", export.get("format", "")), ("artifact", export.get("artifact_id", ""))]
+    if _is_num(export.get("max_abs_diff")):
+        facts.append(("largest |difference| from the source model", f"{export['max_abs_diff']:.2g}"))
+    if _is_num(export.get("top1_agreement")):
+        facts.append(("top-1 token agreement", f"{100 * export['top1_agreement']:.1f}%"))
+    known = {"format", "artifact_id", "max_abs_diff", "top1_agreement"}
+    facts += [(k, v) for k, v in export.items() if k not in known]
+    return _facts_section("Export", facts)
+
+
+def _finetune(summary: dict) -> str:
+    finetune = summary.get("finetune")
+    return _facts_section("Fine-tuning", list(finetune.items())) if finetune else ""
+
+
+def _footer(summary: dict) -> str:
+    env = dict(summary.get("environment") or {})
+    machine = env.pop("cpu", "") or env.pop("machine", "") or "an unnamed machine"
+    cores = env.pop("cores", None)
+    where = f"{machine} ({cores} cores)" if cores else str(machine)
+    rest = " · ".join(f"{_e(k)} {_e(_scalar(v))}" for k, v in sorted(env.items()))
+    return (
+        f"<footer>All numbers were measured on <b>{_e(where)}</b>"
+        f"{' · ' + rest if rest else ''}. Generated by Tailor.</footer>"
+    )
+
+
+def _facts_section(title: str, facts: list[tuple[str, Any]]) -> str:
+    rows = "".join(f"<dt>{_e(str(k))}</dt><dd>{_e(_scalar(v))}</dd>" for k, v in facts)
+    return f"<section><h2>{_e(title)}</h2><dl>{rows}</dl></section>"
+
+
+# --- plots --------------------------------------------------------------------------------------
+@dataclass
+class _Point:
+    name: str
+    x: float
+    y: float
+    feasible: bool
+    recommended: bool
+    tip: str
+
+
+def _plots(summary: dict) -> str:
+    base = _candidate(summary, summary.get("baseline", "")) or {}
+    limits = {
+        c.get("metric"): c.get("value") for c in summary.get("constraints", []) if _is_num(c.get("value"))
+    }
+    hlines = []
+    base_ppl = _metric(base, "perplexity")
+    if base_ppl and "perplexity_increase_pct" in limits:
+        pct = limits["perplexity_increase_pct"]
+        hlines.append((base_ppl * (1 + pct / 100), f"limit: perplexity +{_short(pct)}%"))
+    out = []
+    for metric in ("size_mb", "latency_ms_per_token"):
+        label, unit = METRICS[metric]
+        points = []
+        for cand in summary.get("candidates", []):
+            x, y = _metric(cand, metric), _metric(cand, "perplexity")
+            if x is None or y is None:
+                continue  # a failed measurement cannot be placed; the table shows it
+            name = str(cand.get("name", ""))
+            tip = f"{name} ({cand.get('method', '')}): {label.lower()} {_num(x)} {unit}, perplexity {_num(y, 3)}"
+            recommended = name == summary.get("recommended")
+            points.append(_Point(name, x, y, bool(cand.get("feasible")), recommended, tip))
+        vlines = [(limits[metric], f"limit: {label.lower()}")] if metric in limits else []
+        plot_id = "plot-" + metric.split("_")[0]
+        title = f"Perplexity against {label.lower()}"
+        out.append(_scatter(plot_id, title, points, f"{label} ({unit})", hlines, vlines))
+    return "".join(out)
+
+
+def _front(points: list[_Point]) -> list[_Point]:
+    """The points no other point beats on both axes (both lower is better), left to right."""
+    front: list[_Point] = []
+    for p in sorted(points, key=lambda p: (p.x, p.y)):
+        if not front or p.y < front[-1].y:
+            front.append(p)
+    return front
+
+
+_W, _H, _L, _R, _T, _B = 600, 420, 64, 20, 40, 52
+
+
+def _scatter(
+    plot_id: str,
+    title: str,
+    points: list[_Point],
+    x_title: str,
+    hlines: list[tuple[float, str]],
+    vlines: list[tuple[float, str]],
+) -> str:
+    parts = [
+        f"<svg id={plot_id} class=plot viewBox='0 0 {_W} {_H}' role=img aria-label='{_e(title)}'>",
+        f"<text x={_W / 2} y=24 class=ptitle>{_e(title)}</text>",
+    ]
+    if not points:
+        parts.append(f"<text x={_W / 2} y={_H / 2} class=ptitle>no measurements to plot</text></svg>")
+        return "".join(parts)
+    xs, ys = [p.x for p in points], [p.y for p in points]
+    x_ticks = _ticks(xs + _reachable([v for v, _ in vlines], xs), floor_zero=True)
+    y_ticks = _ticks(ys + _reachable([v for v, _ in hlines], ys), floor_zero=False)
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+
+    def px(v: float) -> float:
+        return _L + (v - x0) / (x1 - x0) * (_W - _L - _R)
+
+    def py(v: float) -> float:
+        return _H - _B - (v - y0) / (y1 - y0) * (_H - _T - _B)
+
+    step_x, step_y = x_ticks[1] - x_ticks[0], y_ticks[1] - y_ticks[0]
+    for t in x_ticks:
+        parts.append(f"<line x1={px(t):.1f} x2={px(t):.1f} y1={_T} y2={_H - _B} class=grid />")
+        parts.append(f"<text x={px(t):.1f} y={_H - _B + 17} class=tick>{_tick(t, step_x)}</text>")
+    for t in y_ticks:
+        parts.append(f"<line x1={_L} x2={_W - _R} y1={py(t):.1f} y2={py(t):.1f} class=grid />")
+        parts.append(f"<text x={_L - 8} y={py(t) + 4:.1f} class='tick end'>{_tick(t, step_y)}</text>")
+    parts.append(f"<rect x={_L} y={_T} width={_W - _L - _R} height={_H - _T - _B} class=frame />")
+    parts.append(f"<text x={(_L + _W - _R) / 2} y={_H - 12} class=atitle>{_e(x_title)}</text>")
+    parts.append(
+        f"<text transform='translate(18 {(_T + _H - _B) / 2}) rotate(-90)' class=atitle>"
+        "Perplexity (lower is better)</text>"
+    )
+    # Every point is an obstacle for every label: no text is drawn across a marker.
+    taken = [(px(p.x) - 9, py(p.y) - 9, px(p.x) + 9, py(p.y) + 9) for p in points]
+    labels = []
+    for value, text in hlines:
+        text = f"{text} ({_num(value, 3)})"
+        if y0 <= value <= y1:
+            y = py(value)
+            parts.append(f"<line x1={_L} x2={_W - _R} y1={y:.1f} y2={y:.1f} class=limit />")
+            spots = [(_W - _R - 6, y - 6, "end"), (_L + 6, y - 6, "start"), (_W - _R - 6, y + 15, "end")]
+        else:
+            text, spots = f"{text}: off the chart", [(_W - _R - 6, _T + 16, "end")]
+        labels.append(_label_at(spots, text, taken, "limtext"))
+    for value, text in vlines:
+        text = f"{text} ({_num(value)})"
+        if x0 <= value <= x1:
+            x = px(value)
+            parts.append(f"<line x1={x:.1f} x2={x:.1f} y1={_T} y2={_H - _B} class=limit />")
+            spots = [(x - 6, _T + 16, "end"), (x + 6, _T + 16, "start"), (x - 6, _H - _B - 8, "end")]
+        else:
+            text, spots = f"{text}: off the chart", [(_W - _R - 6, _H - _B - 8, "end")]
+        labels.append(_label_at(spots, text, taken, "limtext"))
+    front = _front(points)
+    if len(front) > 1:
+        coords = " ".join(f"{px(p.x):.1f},{py(p.y):.1f}" for p in front)
+        parts.append(f"<polyline points='{coords}' class=front />")
+    # Greyed points first, so the candidates that matter are drawn on top; labels last of all.
+    for p in sorted(points, key=lambda p: (p.feasible, p in front, p.recommended)):
+        cx, cy = px(p.x), py(p.y)
+        kind = "rec" if p.recommended else "fail" if not p.feasible else "pareto" if p in front else "ok"
+        if p.recommended:
+            parts.append(f"<circle cx={cx:.1f} cy={cy:.1f} r=11 class=ring />")
+        parts.append(
+            f"<circle cx={cx:.1f} cy={cy:.1f} r=6 class='pt {kind}'><title>{_e(p.tip)}</title></circle>"
+        )
+        gap = 16 if p.recommended else 11
+        spots = [(cx + gap, cy + 4, "start"), (cx - gap, cy + 4, "end"), (cx, cy - gap - 2, "middle")]
+        spots += [(cx, cy + gap + 10, "middle")]
+        spots += [(cx + gap, cy + 4 + k * 14 * sign, "start") for k in (1, 2, 3) for sign in (1, -1)]
+        labels.append(_label_at(spots, p.name, taken, f"plabel {kind}"))
+    parts.extend(labels)
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _label_at(spots: list[tuple[float, float, str]], text: str, taken: list, cls: str) -> str:
+    """Text at the first spot where it stays in the plot and covers no point or earlier label."""
+    width, height = 6.6 * len(text), 13.0
+    chosen = spots[0]
+    for x, y, anchor in spots:
+        left = x if anchor == "start" else x - width if anchor == "end" else x - width / 2
+        box = (left, y - 10, left + width, y - 10 + height)
+        inside = box[0] >= _L and box[2] <= _W - _R and box[1] >= _T and box[3] <= _H - _B
+        if inside and not any(_overlap(box, other) for other in taken):
+            chosen = (x, y, anchor)
+            taken.append(box)
+            break
+    x, y, anchor = chosen
+    return f"<text x={x:.1f} y={y:.1f} class='{cls} {anchor}'>{_e(text)}</text>"
+
+
+def _overlap(a: tuple, b: tuple) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _reachable(limits: list[float], data: list[float]) -> list[float]:
+    """Constraint values close enough to the data to share the axis with it."""
+    lo, hi = min(data), max(data)
+    span = (hi - lo) or abs(hi) or 1.0
+    return [v for v in limits if lo - _MAX_STRETCH * span <= v <= hi + _MAX_STRETCH * span]
+
+
+def _ticks(values: list[float], floor_zero: bool) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 x 10^k) that frame the values with a margin."""
+    lo, hi = min(values), max(values)
+    pad = (hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0
+    lo, hi = lo - pad, hi + pad
+    if floor_zero and min(values) >= 0:
+        lo = max(lo, 0.0)
+    raw = (hi - lo) / 5
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if raw <= m * magnitude)
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    return [k * step for k in range(first, last + 1)]
+
+
+def _tick(value: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if round(step / 10 ** math.floor(math.log10(step)), 6) == 2.5:
+        decimals += 1
+    return f"{value:,.{decimals}f}"
+
+
+# --- values -------------------------------------------------------------------------------------
+def _candidate(summary: dict, name: str) -> dict | None:
+    return next((c for c in summary.get("candidates", []) if c.get("name") == name), None)
+
+
+def _metric(cand: dict, metric: str) -> float | None:
+    value = (cand.get("metrics") or {}).get(metric)
+    return float(value) if _is_num(value) else None
+
+
+def _ppl_change(cand: dict, base: dict) -> float | None:
+    given = _metric(cand, "perplexity_increase_pct")
+    if given is not None:
+        return given
+    ours, theirs = _metric(cand, "perplexity"), _metric(base, "perplexity")
+    return (ours / theirs - 1) * 100 if ours is not None and theirs else None
+
+
+def _constraint_text(c: dict) -> str:
+    metric = c.get("metric", "")
+    unit = METRICS.get(metric, ("", ""))[1]
+    op = _OPS.get(c.get("comparison", ""), c.get("comparison", ""))
+    return f"{_label(metric)} {op} {_short(c.get('value'))}{_unit(unit)}"
+
+
+def _label(metric: str) -> str:
+    return METRICS.get(metric, (metric.replace("_", " "), ""))[0]
+
+
+def _unit(unit: str) -> str:
+    return "%" if unit == "%" else f" {unit}" if unit else ""
+
+
+def _is_num(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _num(value: Any, decimals_below_10: int = 2) -> str:
+    if not _is_num(value):
+        return "—"
+    a = abs(value)
+    if a >= 100:
+        return f"{value:,.0f}"
+    if a >= 10:
+        return f"{value:.1f}"
+    if a >= 0.01 or a == 0:
+        return f"{value:.{decimals_below_10}f}"
+    return f"{value:.2g}"
+
+
+def _short(value: Any) -> str:
+    """A limit as a person wrote it: 5, not 5.00; 1,024, not 1,024.0."""
+    if not _is_num(value):
+        return "—"
+    return f"{value:,.3f}".rstrip("0").rstrip(".")
+
+
+def _signed_pct(value: float | None) -> str:
+    if value is None:
+        return "—"
+    digits = 2 if 0 < abs(value) < 0.1 else 1
+    return f"{'+' if value > 0 else '−' if value < 0 else '±'}{_num(abs(value), digits)}%"
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, float):
+        return _num(value, 4)
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _e(value: Any) -> str:
+    return escape(str(value), quote=True)
+
+
+_LEGEND = (
+    "<p class=legend>"
+    "<span><svg width=16 height=16><circle cx=8 cy=8 r=6 class='pt pareto'/></svg>on the plot's Pareto front"
+    "<svg width=30 height=16><line x1=2 x2=28 y1=8 y2=8 class=front /></svg></span>"
+    "<span><svg width=16 height=16><circle cx=8 cy=8 r=6 class='pt ok'/></svg>meets the constraints</span>"
+    "<span><svg width=16 height=16><circle cx=8 cy=8 r=6 class='pt fail'/></svg>breaks a constraint</span>"
+    "<span><svg width=26 height=26><circle cx=13 cy=13 r=11 class=ring /><circle cx=13 cy=13 r=6 class='pt rec'/>"
+    "</svg>recommended</span>"
+    "<span><svg width=30 height=16><line x1=2 x2=28 y1=8 y2=8 class=limit /></svg>constraint limit</span>"
+    "</p>"
+)
+
+_CSS = """
+:root{--ink:#1f2937;--muted:#6b7280;--line:#e5e7eb;--blue:#2563eb;--blue2:#93c5fd;--grey:#9ca3af;
+--green:#15803d;--red:#dc2626;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink)}
+body{max-width:1200px;margin:0 auto;padding:24px;line-height:1.45;background:#fff}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:0 0 10px}h3{font-size:14px;margin:0 0 4px}
+section{margin:22px 0}.muted{color:var(--muted);font-weight:normal}
+.verdict{border-radius:10px;padding:16px 20px}.verdict.ok{background:#f0fdf4;border:1px solid #bbf7d0}
+.verdict.none{background:#fef2f2;border:1px solid #fecaca}.verdict h2{font-size:22px}
+.eyebrow{text-transform:uppercase;letter-spacing:.08em;font-size:12px;color:var(--green);margin:0 0 4px;font-weight:600}
+.chip{display:inline-block;background:#fff;border:1px solid #bbf7d0;border-radius:999px;padding:1px 10px;margin-right:6px;font-weight:600}
+.goals{display:flex;gap:48px}.goals ul{margin:0;padding-left:18px}
+.scroll{overflow-x:auto}table{border-collapse:collapse;width:100%;font-size:13.5px}
+th,td{padding:7px 10px;border-bottom:1px solid var(--line);text-align:left;vertical-align:top}
+th{background:#f9fafb;font-weight:600;white-space:nowrap}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+tr.rec td{background:#f0fdf4}tr.fail td{color:var(--muted)}tr.fail td b{color:var(--ink)}
+.nw{white-space:nowrap;display:block}.pass{color:var(--green)}.bad{color:var(--red)}small{color:var(--muted)}
+.badge{font-size:11px;border-radius:4px;padding:1px 5px;margin-left:4px;white-space:nowrap}
+.badge.rec{background:var(--green);color:#fff}.badge.pareto{background:#dbeafe;color:#1e40af}.badge.base{background:#f3f4f6;color:#374151}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:16px}
+svg.plot{width:100%;height:auto;border:1px solid var(--line);border-radius:8px;background:#fff}
+.ptitle{font-size:15px;font-weight:600;text-anchor:middle;fill:var(--ink)}
+.atitle{font-size:13px;text-anchor:middle;fill:var(--ink)}.tick{font-size:11px;fill:var(--muted);text-anchor:middle}
+.grid{stroke:#f1f5f9}.frame{fill:none;stroke:#cbd5e1}
+.limit{stroke:var(--red);stroke-width:1.5;stroke-dasharray:6 4}.limtext{font-size:11px;fill:var(--red)}
+.front{fill:none;stroke:var(--blue);stroke-width:2;stroke-opacity:.55}
+.pt{stroke:#fff;stroke-width:1.5}.pt.pareto{fill:var(--blue)}.pt.ok{fill:var(--blue2)}.pt.rec{fill:var(--green)}
+.pt.fail{fill:#d1d5db;stroke:var(--grey)}.ring{fill:none;stroke:var(--green);stroke-width:2.5}
+.plabel,.limtext{paint-order:stroke;stroke:#fff;stroke-width:3px;stroke-linejoin:round}
+.plabel{font-size:12px;fill:var(--ink)}.plabel.fail{fill:var(--grey)}.plabel.rec{fill:var(--green);font-weight:700}
+.start{text-anchor:start}.end{text-anchor:end}.middle{text-anchor:middle}
+.legend{font-size:13px;color:var(--muted);display:flex;flex-wrap:wrap;gap:6px 18px;align-items:center}
+.legend span{display:inline-flex;align-items:center;gap:5px}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}dt{color:var(--muted)}dd{margin:0}
+code{font-size:11.5px;color:var(--muted)}footer{margin-top:32px;padding-top:12px;border-top:1px solid var(--line);font-size:13px;color:var(--muted)}
+footer b{color:var(--ink)}
+"""

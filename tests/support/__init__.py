@@ -1,0 +1,1 @@
+"""Helpers shared by the test suites (real servers, sample data); imported from tests/conftest.py."""

@@ -1,0 +1,112 @@
+"""The report page and JSON from odd summaries: hostile text, failed measurements, no winner."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from support.report_sample import sample_summary
+
+from tailor_gateway.report import render_report_html, render_report_json
+
+
+def _plot(page: str, plot_id: str) -> str:
+    return re.search(rf"<svg id={plot_id} .*?</svg>", page, re.S).group(0)
+
+
+def test_every_piece_of_text_is_escaped():
+    summary = sample_summary()
+    evil = "<img src=x onerror=alert(1)>"
+    summary["pipeline"]["name"] = evil
+    summary["candidates"][1]["name"] = evil
+    summary["recommended"] = evil
+    summary["rationale"] = evil
+    summary["environment"]["cpu"] = evil
+    summary["environment"][evil] = evil
+    page = render_report_html(summary)
+    assert "<img" not in page
+    assert page.count("&lt;img src=x onerror=alert(1)&gt;") >= 6
+
+
+def test_page_fetches_nothing():
+    page = render_report_html(sample_summary())
+    assert not re.search(r"(src|href)\s*=", page)
+    assert "<script" not in page
+    assert "default-src 'none'" in page
+
+
+def test_perplexity_limit_line_sits_at_the_baseline_plus_the_allowed_increase():
+    page = render_report_html(sample_summary())
+    # original: 3.912; limit +5% -> 4.1076, drawn on both plots.
+    assert "limit: perplexity +5% (4.108)" in _plot(page, "plot-size")
+    assert "limit: perplexity +5% (4.108)" in _plot(page, "plot-latency")
+
+
+def test_a_size_limit_far_from_the_data_is_named_not_drawn():
+    summary = sample_summary()
+    summary["constraints"].append({"metric": "size_mb", "comparison": "at_most", "value": 4096.0})
+    size_plot = _plot(render_report_html(summary), "plot-size")
+    assert "limit: size (4,096): off the chart" in size_plot
+    assert "4,000" not in size_plot  # the axis was not stretched to reach it
+
+
+def test_a_near_size_limit_is_a_vertical_line():
+    summary = sample_summary()
+    summary["constraints"].append({"metric": "size_mb", "comparison": "at_most", "value": 0.5})
+    size_plot = _plot(render_report_html(summary), "plot-size")
+    assert "limit: size (0.50)" in size_plot
+    assert "off the chart" not in size_plot
+
+
+def test_violations_say_which_limit_and_by_how_much():
+    page = render_report_html(sample_summary())
+    assert "Peak memory 1,530 MB &gt; 1,024 MB (+49.4%)" in page
+    assert "Perplexity increase 6.39% &gt; 5%" in page
+
+
+def test_failed_measurements_show_as_dashes_and_stay_off_the_plot():
+    summary = sample_summary()
+    del summary["candidates"][2]["metrics"]["latency_ms_per_token"]
+    summary["candidates"][3]["metrics"]["perplexity"] = math.nan
+    page = render_report_html(summary)
+    assert _plot(page, "plot-latency").count("class='pt ") == len(summary["candidates"]) - 2
+    assert _plot(page, "plot-size").count("class='pt ") == len(summary["candidates"]) - 1
+    assert "—" in page
+
+
+def test_no_recommendation_is_said_plainly():
+    summary = sample_summary()
+    summary["recommended"] = ""
+    summary["rationale"] = "no candidate keeps peak memory under 1 MB"
+    page = render_report_html(summary)
+    assert "No candidate is recommended" in page
+    assert "no candidate keeps peak memory under 1 MB" in page
+
+
+def test_degenerate_summaries_render():
+    empty = {"pipeline": {"id": "p"}, "candidates": []}
+    assert "no measurements to plot" in render_report_html(empty)
+    one = sample_summary()
+    one["candidates"] = one["candidates"][:1]
+    one["recommended"] = "original"
+    assert "Recommended" in render_report_html(one)
+    same = sample_summary()
+    for cand in same["candidates"]:
+        cand["metrics"].update(size_mb=0.0, perplexity=4.0, latency_ms_per_token=1.0)
+    assert "<svg id=plot-size" in render_report_html(same)
+
+
+def test_footer_names_the_machine_and_versions():
+    page = render_report_html(sample_summary())
+    footer = re.search(r"<footer>.*?</footer>", page, re.S).group(0)
+    assert "measured on" in footer and "Intel(R) Xeon(R) Platinum 8481C (2 cores)" in footer
+    assert "torch 2.13.0" in footer and "transformers 5.23.0" in footer
+
+
+def test_json_is_valid_even_with_failed_measurements():
+    summary = sample_summary()
+    summary["candidates"][0]["metrics"]["perplexity"] = math.inf
+    loaded = json.loads(render_report_json(summary))
+    assert loaded["candidates"][0]["metrics"]["perplexity"] is None
+    assert loaded["recommended"] == "int8_dynamic"
