@@ -8,11 +8,6 @@ from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.store.keys import check_artifact_id, check_relative_path
 
 GOOD_ID = "0123456789abcdef" * 4
-# keys.py anchors its patterns with `$`, which also matches before a final newline; the fix is
-# `fullmatch` (or `\Z`). Strict: these start failing, to be un-marked, once keys.py is fixed.
-TRAILING_NEWLINE_BUG = pytest.mark.xfail(
-    strict=True, reason="keys.py: `$` accepts a trailing newline; use re.fullmatch"
-)
 
 
 @pytest.mark.parametrize(
@@ -50,7 +45,7 @@ def test_valid_paths_pass_unchanged(path):
         "space in name",
         "semi;colon",
         "new\nline",
-        pytest.param("config.json\n", marks=TRAILING_NEWLINE_BUG),
+        "config.json\n",
         "ünïcode",
     ],
 )
@@ -81,7 +76,7 @@ def test_valid_artifact_id():
         "../" + GOOD_ID[3:],
         GOOD_ID[:63] + "/",
         " " + GOOD_ID[1:],
-        pytest.param(GOOD_ID + "\n", marks=TRAILING_NEWLINE_BUG),
+        GOOD_ID + "\n",
     ],
 )
 def test_bad_artifact_ids_are_refused(artifact_id):

@@ -12,7 +12,7 @@ _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9._+=@-]+$")
 
 
 def check_artifact_id(artifact_id: str) -> str:
-    if not _ARTIFACT_ID.match(artifact_id or ""):
+    if not _ARTIFACT_ID.fullmatch(artifact_id or ""):
         raise InvalidArgument(
             f"artifact id {artifact_id!r} is not valid: expected 64 lowercase hex characters (a sha256)"
         )
@@ -27,7 +27,7 @@ def check_relative_path(path: str) -> str:
     if normalized != path:
         raise InvalidArgument(f"file path {path!r} is not normalized (expected {normalized!r})")
     for segment in path.split("/"):
-        if segment in ("", ".", "..") or not _SAFE_SEGMENT.match(segment):
+        if segment in ("", ".", "..") or not _SAFE_SEGMENT.fullmatch(segment):
             raise InvalidArgument(
                 f"file path {path!r} has a bad segment {segment!r}: use letters, digits and . _ + = @ -"
             )
