@@ -38,13 +38,14 @@ def stages_table(p: pb.Pipeline) -> Table:
     for s in p.stages:
         state = stage_state(s.state)
         percent = s.progress.percent if state != "SUCCEEDED" else 100.0
-        detail = (
-            s.error.message
-            if s.error.message
-            else " ".join(x for x in (s.progress.phase, s.progress.message) if x)
-        )
-        if s.cached:
+        if s.error.message:
+            detail = s.error.message
+        elif s.cached:
             detail = "cached: output already in the store"
+        elif state == "SUCCEEDED":
+            detail = f"done: {s.results[0].kind} {s.results[0].id[:12]}" if s.results else "done"
+        else:
+            detail = " ".join(x for x in (s.progress.phase, s.progress.message) if x)
         table.add_row(
             s.name,
             Text(state.lower(), style=STATE_STYLE.get(state, "")),
@@ -73,7 +74,8 @@ def candidates_table(summary: dict) -> Table:
         ("pareto", "center"),
         ("constraints", "left"),
     ):
-        table.add_column(name, justify=justify)
+        # Numbers never wrap; only the verdict column folds when the terminal is narrow.
+        table.add_column(name, justify=justify, no_wrap=name != "constraints")
     recommended = summary.get("recommended")
     for c in summary.get("candidates", []):
         m = c.get("metrics", {})

@@ -35,7 +35,7 @@ def describe(environment: dict) -> str:
     threads = (environment.get("threads") or {}).get("torch_intra_op")
     parts = [
         environment.get("cpu_model") or "unknown CPU",
-        f"{environment.get('cpus_usable') or environment.get('cpu_count') or '?'} cores",
+        f"{int(environment.get('cpus_usable') or environment.get('cpu_count') or 0) or '?'} cores",
         f"{int(threads)} torch thread(s)" if threads else "",
         f"torch {versions['torch']}" if versions.get("torch") else "",
         f"transformers {versions['transformers']}" if versions.get("transformers") else "",

@@ -33,8 +33,14 @@ SHORT_SPEC = {
     "finetune": {"method": "lora", "config": {"steps": 4, "batch_size": 4, "seq_len": 64}},
     "quantize": [{"method": "bf16"}, {"method": "int8_dynamic"}, {"method": "nf4"}],
     "benchmark": {
-        "config": {"max_eval_tokens": 1024, "context_length": 128, "stride": 64, "latency_new_tokens": 8,
-                   "warmup": 0, "repetitions": 1}
+        "config": {
+            "max_eval_tokens": 1024,
+            "context_length": 128,
+            "stride": 64,
+            "latency_new_tokens": 8,
+            "warmup": 0,
+            "repetitions": 1,
+        }
     },
     "select": {"constraints": {"max_memory_mb": 4096, "max_perplexity_increase_pct": 5}},
     "export": {"format": "onnx"},
@@ -152,8 +158,13 @@ def test_artifacts_lineage_and_manifests_on_s3(finished, stack, s3_server, conn)
     assert export["kind"] == "export" and export["format"] == "onnx"
     assert any(f["path"].endswith(".onnx") for f in export["files"])
     # The bytes really are in the S3 bucket, under the configured prefix.
-    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id=s3_server.access_key,
-                      aws_secret_access_key=s3_server.secret_key, region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.endpoint,
+        aws_access_key_id=s3_server.access_key,
+        aws_secret_access_key=s3_server.secret_key,
+        region_name="us-east-1",
+    )
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=stack.prefix)["Contents"]}
     assert f"{stack.prefix}/artifacts/{merged}/manifest.json" in keys
 
@@ -163,7 +174,9 @@ def test_download_through_gateway_is_verified(finished, conn, tmp_path):
     files = download(conn, report_id, tmp_path / "report")
     names = {f.name for f in files}
     assert {"report.html", "report.json"} <= names
-    reply = conn.gateway_stub().GetArtifact(gw.GetArtifactRequest(artifact_id=report_id), metadata=conn.metadata())
+    reply = conn.gateway_stub().GetArtifact(
+        gw.GetArtifactRequest(artifact_id=report_id), metadata=conn.metadata()
+    )
     for entry in json.loads(reply.manifest_json)["files"]:
         assert sha256_file(tmp_path / "report" / entry["path"]) == entry["sha256"]
 
@@ -171,8 +184,12 @@ def test_download_through_gateway_is_verified(finished, conn, tmp_path):
 def test_health_and_metrics_endpoints(finished, stack):
     for service in ("gateway", *SERVICES):
         assert health_status(stack.address(service)) == "SERVING"
-    text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port('quantizer')}/metrics").read().decode()
-    assert 'tailor_rpc_requests_total{code="OK",method="/tailor.quantizer.v1.QuantizerService/Quantize"' in text
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port('quantizer')}/metrics").read().decode()
+    )
+    assert (
+        'tailor_rpc_requests_total{code="OK",method="/tailor.quantizer.v1.QuantizerService/Quantize"' in text
+    )
     assert "tailor_stage_duration_seconds_bucket" in text
     text = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port('gateway')}/metrics").read().decode()
     assert "tailor_gateway_queue_depth" in text
@@ -181,12 +198,22 @@ def test_health_and_metrics_endpoints(finished, stack):
 def test_one_trace_spans_gateway_and_services(finished, stack):
     spans = [json.loads(line) for line in (stack.state_dir / "traces.jsonl").read_text().splitlines()]
     pipeline_id = finished["pipeline"].id
-    roots = [s for s in spans if s["attributes"].get("tailor.pipeline_id") == pipeline_id and s["parent_id"] is None]
+    roots = [
+        s
+        for s in spans
+        if s["attributes"].get("tailor.pipeline_id") == pipeline_id and s["parent_id"] is None
+    ]
     assert len(roots) == 1
     trace_id = roots[0]["trace_id"]
     services = {s["service"] for s in spans if s["trace_id"] == trace_id}
-    assert {"tailor-gateway", "tailor-trainer", "tailor-quantizer", "tailor-benchmarker", "tailor-exporter",
-            "tailor-selector"} <= services
+    assert {
+        "tailor-gateway",
+        "tailor-trainer",
+        "tailor-quantizer",
+        "tailor-benchmarker",
+        "tailor-exporter",
+        "tailor-selector",
+    } <= services
 
 
 def test_bad_requests_get_the_right_status(finished, stack, conn):
@@ -218,7 +245,9 @@ def test_bad_requests_get_the_right_status(finished, stack, conn):
     assert "quantize.0.bits" in err.value.details()
     missing = {**finished["spec"], "model": {"artifact": "f" * 64}}
     with pytest.raises(grpc.RpcError) as err:
-        stub.CreatePipeline(gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(missing)), metadata=conn.metadata())
+        stub.CreatePipeline(
+            gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(missing)), metadata=conn.metadata()
+        )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     with pytest.raises(grpc.RpcError) as err:
         stub.GetArtifact(gw.GetArtifactRequest(artifact_id="f" * 64), metadata=conn.metadata())

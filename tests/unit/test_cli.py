@@ -5,8 +5,14 @@ import sys
 
 
 def _tailor(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "tailor_cli.main", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"})
+    return subprocess.run(
+        [sys.executable, "-m", "tailor_cli.main", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
 
 
 def test_no_stack_running(tmp_path):

@@ -10,8 +10,13 @@ def test_transitions_survive_a_restart(tmp_path):
     store = st.StateStore(db)
     now = time.time()
     p = st.PipelineRow("p1", "proj", "demo", "name: demo", st.PENDING, now, now, idempotency_key="k1")
-    store.create_pipeline(p, [st.StageRow("p1", "a", "quantize", 0, [], {"method": "nf4"}),
-                              st.StageRow("p1", "b", "benchmark", 1, ["a"], {})])
+    store.create_pipeline(
+        p,
+        [
+            st.StageRow("p1", "a", "quantize", 0, [], {"method": "nf4"}),
+            st.StageRow("p1", "b", "benchmark", 1, ["a"], {}),
+        ],
+    )
     store.set_stage("p1", "a", state=st.RUNNING, operation_id="op-1", worker="w:1", attempts=1)
     store.set_pipeline("p1", state=st.RUNNING)
     store.close()

@@ -36,7 +36,9 @@ async def _call(auth: bool, candidate_id: str, metadata=()):
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.SelectorServiceStub(channel)
-            return await stub.Select(pb.SelectRequest(candidates=[pb.Candidate(id=candidate_id)]), metadata=metadata)
+            return await stub.Select(
+                pb.SelectRequest(candidates=[pb.Candidate(id=candidate_id)]), metadata=metadata
+            )
     finally:
         await server.stop(0)
 

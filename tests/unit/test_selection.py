@@ -41,8 +41,13 @@ def test_no_feasible_candidate_recommends_none():
 
 
 def test_at_least_constraints_and_maximized_objectives():
-    cands = [Candidate(str(i), str(i), {"tokens_per_s": float(t), "size_mb": 1.0}) for i, t in enumerate([5, 50, 500])]
-    result = select(cands, [Constraint("tokens_per_s", "at_least", 40)], [Objective("tokens_per_s", maximize=True)])
+    cands = [
+        Candidate(str(i), str(i), {"tokens_per_s": float(t), "size_mb": 1.0})
+        for i, t in enumerate([5, 50, 500])
+    ]
+    result = select(
+        cands, [Constraint("tokens_per_s", "at_least", 40)], [Objective("tokens_per_s", maximize=True)]
+    )
     assert result.recommended.name == "2"
     assert not result.verdicts[0].feasible
 
@@ -71,8 +76,15 @@ def test_pareto_front_matches_brute_force():
 def test_ten_thousand_candidates_under_a_second():
     rng = random.Random(0)
     cands = [
-        Candidate(str(i), str(i), {"perplexity": rng.uniform(3, 6), "size_mb": rng.uniform(0.1, 2),
-                                   "latency_ms_per_token": rng.uniform(0.5, 3)})
+        Candidate(
+            str(i),
+            str(i),
+            {
+                "perplexity": rng.uniform(3, 6),
+                "size_mb": rng.uniform(0.1, 2),
+                "latency_ms_per_token": rng.uniform(0.5, 3),
+            },
+        )
         for i in range(10_000)
     ]
     start = time.perf_counter()

@@ -17,14 +17,21 @@ def _free_port() -> int:
 
 
 def _env(tmp_path, **extra):
-    return {**os.environ, "TAILOR_STORE_URL": str(tmp_path / "store"), "TAILOR_CACHE_DIR": str(tmp_path / "c"),
-            **extra}
+    return {
+        **os.environ,
+        "TAILOR_STORE_URL": str(tmp_path / "store"),
+        "TAILOR_CACHE_DIR": str(tmp_path / "c"),
+        **extra,
+    }
 
 
 def test_bad_settings_name_the_variable(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tailor_selector"], env=_env(tmp_path, TAILOR_PORT="not-a-port", TAILOR_LOG_LEVEL="LOUD"),
-        capture_output=True, text=True, timeout=60,
+        [sys.executable, "-m", "tailor_selector"],
+        env=_env(tmp_path, TAILOR_PORT="not-a-port", TAILOR_LOG_LEVEL="LOUD"),
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "TAILOR_PORT" in proc.stderr and "TAILOR_LOG_LEVEL" in proc.stderr
@@ -36,7 +43,9 @@ def test_sigterm_stops_within_the_grace_period(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "tailor_selector"],
         env=_env(tmp_path, TAILOR_PORT=str(port), TAILOR_GRACE_SECONDS="3"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
