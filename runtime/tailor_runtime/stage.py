@@ -22,17 +22,33 @@ from tailor_runtime.store.keys import check_artifact_id
 FORMAT_FILE = "tailor_format.json"
 
 
-def config_from_struct(config_cls: type[BaseModel], struct: struct_pb2.Struct, what: str) -> BaseModel:
-    """Struct -> typed config; every problem named with its field and the rule it broke."""
-    raw = json_format.MessageToDict(struct) if struct is not None else {}
+def validate_config(config_cls: type[BaseModel], raw: dict[str, Any] | None, what: str) -> BaseModel:
+    """A typed config from user input; every problem named with its field and the rule it broke."""
     try:
-        return config_cls.model_validate(raw)
+        return config_cls.model_validate(raw or {})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in exc.errors()
         )
-        fields = ", ".join(config_cls.model_fields)
-        raise InvalidArgument(f"invalid config for {what}: {problems} (fields: {fields})") from None
+        fields = ", ".join(sorted(config_cls.model_fields)) or "none"
+        raise InvalidArgument(f"invalid config for {what}: {problems} (its options: {fields})") from None
+
+
+def config_from_struct(config_cls: type[BaseModel], struct: struct_pb2.Struct | None, what: str) -> BaseModel:
+    return validate_config(config_cls, json_format.MessageToDict(struct) if struct is not None else {}, what)
+
+
+def config_parameters(config_cls: type[BaseModel]) -> list[common.Parameter]:
+    """A config's fields as capability-listing parameters (name, type, default, help)."""
+    return [
+        common.Parameter(
+            name=name,
+            type=str(field.annotation),
+            default_json=repr(field.default),
+            description=field.description or "",
+        )
+        for name, field in config_cls.model_fields.items()
+    ]
 
 
 def require_artifact(

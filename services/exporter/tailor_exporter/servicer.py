@@ -11,7 +11,14 @@ from tailor_exporter.onnx_export import OnnxExportConfig
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
-from tailor_runtime.stage import config_from_struct, read_format_name, recipe, require_artifact, workspace
+from tailor_runtime.stage import (
+    config_from_struct,
+    config_parameters,
+    read_format_name,
+    recipe,
+    require_artifact,
+    workspace,
+)
 
 FORMATS = {"onnx": OnnxExportConfig}
 LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
@@ -37,15 +44,7 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
                     output_format=name,
                     libraries=list(LIBRARIES),
                     devices=["cpu", "cuda"],
-                    parameters=[
-                        common.Parameter(
-                            name=n,
-                            type=str(f.annotation),
-                            default_json=repr(f.default),
-                            description=f.description or "",
-                        )
-                        for n, f in config.model_fields.items()
-                    ],
+                    parameters=config_parameters(config),
                 )
                 for name, config in FORMATS.items()
             ]

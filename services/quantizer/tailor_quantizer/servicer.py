@@ -10,7 +10,14 @@ from tailor_runtime.errors import FailedPrecondition
 from tailor_runtime.hardware import hardware_profile
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
-from tailor_runtime.stage import config_from_struct, read_format_name, recipe, require_artifact, workspace
+from tailor_runtime.stage import (
+    config_from_struct,
+    config_parameters,
+    read_format_name,
+    recipe,
+    require_artifact,
+    workspace,
+)
 
 MODEL_KINDS = ("model",)
 
@@ -28,15 +35,7 @@ def method_info(method) -> common.MethodInfo:
         devices=list(caps.devices),
         output_format=caps.output_format,
         libraries=list(caps.libraries),
-        parameters=[
-            common.Parameter(
-                name=name,
-                type=str(field.annotation),
-                default_json=repr(field.default),
-                description=field.description or "",
-            )
-            for name, field in method.Config.model_fields.items()
-        ],
+        parameters=config_parameters(method.Config),
     )
 
 

@@ -9,7 +9,14 @@ from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.hardware import hardware_profile
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
-from tailor_runtime.stage import config_from_struct, dataset_file, recipe, require_artifact, workspace
+from tailor_runtime.stage import (
+    config_from_struct,
+    config_parameters,
+    dataset_file,
+    recipe,
+    require_artifact,
+    workspace,
+)
 
 METHODS = ("lora",)
 LIBRARIES = ("torch", "transformers", "peft")
@@ -29,15 +36,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             devices=["cpu", "cuda"],
             output_format="hf-safetensors",
             libraries=list(LIBRARIES),
-            parameters=[
-                common.Parameter(
-                    name=n,
-                    type=str(f.annotation),
-                    default_json=repr(f.default),
-                    description=f.description or "",
-                )
-                for n, f in LoraTrainConfig.model_fields.items()
-            ],
+            parameters=config_parameters(LoraTrainConfig),
         )
         return pb.ListMethodsResponse(methods=[info], hardware=hardware_profile())
 

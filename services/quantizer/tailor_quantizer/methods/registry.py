@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from tailor_runtime.errors import InvalidArgument
 
@@ -79,16 +79,9 @@ def list_methods() -> list[type[Method]]:
 
 def parse_config(method: type[Method], raw: dict[str, Any] | None) -> BaseModel:
     """`method.Config` from user input; InvalidArgument naming each bad field otherwise."""
-    try:
-        return method.Config.model_validate(raw or {})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(config)'}: {err['msg']}" for err in exc.errors()
-        )
-        fields = ", ".join(sorted(method.Config.model_fields)) or "none"
-        raise InvalidArgument(
-            f"bad config for quantization method {method.name!r}: {problems} (its options: {fields})"
-        ) from None
+    from tailor_runtime.stage import validate_config
+
+    return validate_config(method.Config, raw, f"quantization method {method.name!r}")
 
 
 def require_full_precision(model_dir: Any) -> dict[str, Any]:

@@ -1,0 +1,29 @@
+"""Capability listings: what each worker can run here, with parameters, and why not for the rest."""
+
+import asyncio
+
+from tailor_exporter.servicer import ExporterServicer
+from tailor_quantizer.servicer import QuantizerServicer
+from tailor_trainer.servicer import TrainerServicer
+
+
+def _call(servicer, method):
+    return asyncio.run(getattr(servicer, method)(None, None))
+
+
+def test_quantizer_lists_every_method_with_parameters():
+    reply = _call(QuantizerServicer(None), "ListMethods")
+    by_name = {m.name: m for m in reply.methods}
+    assert {"bf16", "int8_dynamic", "nf4"} <= set(by_name)
+    for method in reply.methods:
+        assert method.description and method.output_format and method.bits
+        assert method.available or method.unavailable_reason
+    assert "double_quant" in {p.name for p in by_name["nf4"].parameters}
+    assert reply.hardware.cpu_cores > 0
+
+
+def test_trainer_and_exporter_list_their_options():
+    lora = _call(TrainerServicer(None), "ListMethods").methods[0]
+    assert lora.name == "lora" and {"r", "steps", "learning_rate"} <= {p.name for p in lora.parameters}
+    onnx = _call(ExporterServicer(None), "ListFormats").formats[0]
+    assert onnx.name == "onnx" and "opset" in {p.name for p in onnx.parameters}
