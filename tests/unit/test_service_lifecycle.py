@@ -7,6 +7,9 @@ import subprocess
 import sys
 import time
 
+import grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
 from tailor_cli.stack import health_status
 
 
@@ -53,6 +56,10 @@ def test_sigterm_stops_within_the_grace_period(tmp_path):
             assert proc.poll() is None, proc.stdout.read()
             assert time.monotonic() < deadline, "never became SERVING"
             time.sleep(0.2)
+        # Reflection lists the service, so grpcurl-style tools work without the protos.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            services = ProtoReflectionDescriptorDatabase(channel).get_services()
+        assert "tailor.selector.v1.SelectorService" in services and "grpc.health.v1.Health" in services
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
