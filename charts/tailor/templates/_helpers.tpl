@@ -38,3 +38,41 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- $c := index .root.Values .name -}}
 {{- printf "%s%s:%s" .root.Values.global.imageRegistry $c.image.repository ($c.image.tag | default .root.Chart.AppVersion) -}}
 {{- end -}}
+
+{{/* The gateway's ServiceAccount (it lists EndpointSlices when discovery.mode is kubernetes). */}}
+{{- define "tailor.gatewayServiceAccount" -}}
+{{- include "tailor.componentName" (dict "root" . "name" "gateway") -}}
+{{- end -}}
+
+{{/* Label selector of this release's Services; their EndpointSlices carry the same labels. */}}
+{{- define "tailor.discoverySelector" -}}
+{{- printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s" .Chart.Name .Release.Name -}}
+{{- end -}}
+
+{{/* Resources of one component, with the GPU added to requests and limits when gpu.count > 0. */}}
+{{- define "tailor.resources" -}}
+{{- $c := index .root.Values .name -}}
+{{- $resources := deepCopy ($c.resources | default dict) -}}
+{{- if gt (int $c.gpu.count) 0 -}}
+{{- $gpu := .root.Values.gpuNodes.resourceName -}}
+{{- $_ := set $resources "requests" (merge (dict $gpu (int $c.gpu.count)) ($resources.requests | default dict)) -}}
+{{- $_ := set $resources "limits" (merge (dict $gpu (int $c.gpu.count)) ($resources.limits | default dict)) -}}
+{{- end -}}
+{{- toYaml $resources -}}
+{{- end -}}
+
+{{/* Tolerations of one component: its own, plus the GPU nodes' when it asks for GPUs. */}}
+{{- define "tailor.tolerations" -}}
+{{- $c := index .root.Values .name -}}
+{{- $tolerations := $c.tolerations | default list -}}
+{{- if gt (int $c.gpu.count) 0 -}}
+{{- range .root.Values.gpuNodes.tolerations -}}
+{{- if not (has . $tolerations) -}}
+{{- $tolerations = append $tolerations . -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if $tolerations -}}
+{{- toYaml $tolerations -}}
+{{- end -}}
+{{- end -}}

@@ -1,7 +1,6 @@
-"""The deployment files, checked offline: no Kubernetes API, helm or skaffold runs in the tests.
+"""The chart's values and the Dockerfiles, consistent with each other and with the services.
 
-`helm lint`, `helm template` (helm 3.6.2 from npm) and `kubernetes-validate --strict` were run on the chart
-by hand; these tests keep the files consistent with each other and with the services.
+Rendering, validation and policy: test_chart.py; k8s/: test_k8s.py; skaffold.yaml: test_skaffold.py.
 """
 
 from __future__ import annotations
@@ -84,39 +83,3 @@ def test_dockerfile_is_slim_non_root_and_pinned(name):
     if name in WITHOUT_TORCH:
         assert "torch|transformers" in text, f"{name} must not install torch"
         assert "TORCH_INDEX" not in text
-
-
-def test_skaffold_builds_one_image_per_service_and_deploys_the_chart():
-    config = yaml.safe_load((REPO / "skaffold.yaml").read_text())
-    assert config["apiVersion"].startswith("skaffold/v4")
-    artifacts = {a["image"]: a for a in config["build"]["artifacts"]}
-    assert set(artifacts) == {f"tailor-{c}" for c in COMPONENTS}
-    for name in COMPONENTS:
-        dockerfile = artifacts[f"tailor-{name}"]["docker"]["dockerfile"]
-        assert REPO / dockerfile == DOCKERFILES[name]
-    release = config["manifests"]["helm"]["releases"][0]
-    assert (REPO / release["chartPath"] / "Chart.yaml").is_file()
-    for name in COMPONENTS:
-        assert f"IMAGE_REPO_tailor_{name}" in release["setValueTemplates"][f"{name}.image.repository"]
-    for profile in config["profiles"]:
-        for patch in profile.get("patches", []):
-            assert patch["op"] in ("add", "remove", "replace") and patch["path"].startswith("/")
-
-
-def test_plain_manifests_have_a_deployment_and_service_per_component():
-    base = REPO / "k8s" / "base"
-    kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
-    for resource in kustomization["resources"]:
-        assert (base / resource).is_file()
-    docs = [d for d in yaml.safe_load_all((base / "tailor.yaml").read_text()) if d]
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
-    values = _values()
-    for name in COMPONENTS:
-        assert ("Deployment", f"tailor-{name}") in kinds
-        assert ("Service", f"tailor-{name}") in kinds
-    for deployment in (d for d in docs if d["kind"] == "Deployment"):
-        name = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
-        container = deployment["spec"]["template"]["spec"]["containers"][0]
-        assert container["readinessProbe"]["grpc"]["port"] == values[name]["port"]
-        assert container["securityContext"]["readOnlyRootFilesystem"] is True
-        assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True

@@ -1,0 +1,264 @@
+"""charts/tailor: lint, render every value set, validate every object against Kubernetes 1.32 (strict),
+hold every pod to the same policy, and reject wrong values with a message that names the value."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from deploy_support import CHART, COMPONENTS, KUBE_VERSION, VALUE_SETS, rendered, value_set_id
+
+GPU = "nvidia.com/gpu"
+# Which Deployments must run on GPU nodes under each value set.
+GPU_POOLS = {
+    "defaults": {"trainer", "quantizer", "benchmarker"},
+    "gpu-values.yaml": {"trainer", "quantizer", "benchmarker"},
+    "cpu-values.yaml": set(),
+    "minimal-values.yaml": set(),
+}
+value_sets = pytest.mark.parametrize("values", VALUE_SETS, ids=value_set_id)
+
+
+def _template(helm: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [helm, "template", "tailor", str(CHART), "--namespace", "tailor", "--kube-version", KUBE_VERSION]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True)
+
+
+def _pod_specs(objects) -> list[tuple[str, dict]]:
+    specs = []
+    for obj in objects:
+        if obj["kind"] == "Deployment":
+            specs.append((obj["metadata"]["name"], obj["spec"]["template"]["spec"]))
+        elif obj["kind"] == "Pod":
+            specs.append((obj["metadata"]["name"], obj["spec"]))
+    return specs
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_every_value_set_is_checked():
+    assert {value_set_id(v) for v in VALUE_SETS} == set(GPU_POOLS)
+
+
+@value_sets
+def test_helm_lint_strict(helm, values):
+    args = ["--values", str(values)] if values else []
+    done = subprocess.run([helm, "lint", str(CHART), "--strict", *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@value_sets
+def test_every_object_is_valid_kubernetes_1_32(helm, values):
+    objects = rendered(values)
+    assert objects
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{obj['kind']}/{obj['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+@value_sets
+def test_every_container_is_hardened_and_sized(helm, values):
+    for name, spec in _pod_specs(rendered(values)):
+        pod_security = spec.get("securityContext", {})
+        assert spec.get("automountServiceAccountToken") is not None, f"{name}: say whether a token is mounted"
+        for container in spec["containers"]:
+            where = f"{name}/{container['name']}"
+            security = container.get("securityContext", {})
+            assert security.get("runAsNonRoot", pod_security.get("runAsNonRoot")) is True, where
+            assert security.get("readOnlyRootFilesystem") is True, where
+            assert security.get("allowPrivilegeEscalation") is False, where
+            assert security.get("capabilities", {}).get("drop") == ["ALL"], where
+            resources = container.get("resources", {})
+            assert {"cpu", "memory"} <= set(resources.get("requests", {})), f"{where}: requests"
+            assert "memory" in resources.get("limits", {}), f"{where}: memory limit"
+
+
+@value_sets
+def test_every_service_container_has_grpc_probes_and_a_grace_period(helm, values):
+    for obj in rendered(values):
+        if obj["kind"] != "Deployment":
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        for container in spec["containers"]:
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["port"] == ports["grpc"], f"{obj['metadata']['name']} {probe}"
+            grace = float(_env(container)["TAILOR_GRACE_SECONDS"])
+            assert spec["terminationGracePeriodSeconds"] > grace, "SIGKILL must come after the graceful stop"
+            assert _env(container)["TAILOR_METRICS_PORT"] == str(ports["metrics"])
+
+
+@value_sets
+def test_gpu_pools_request_gpus_and_tolerate_the_gpu_taint(helm, values):
+    gpu_pools = set()
+    for obj in rendered(values):
+        if obj["kind"] != "Deployment":
+            continue
+        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        spec = obj["spec"]["template"]["spec"]
+        resources = spec["containers"][0]["resources"]
+        requested = resources.get("requests", {}).get(GPU)
+        limited = resources.get("limits", {}).get(GPU)
+        tolerates = any(
+            t.get("key") == GPU and t.get("effect") == "NoSchedule" for t in spec.get("tolerations", [])
+        )
+        if requested or limited:
+            gpu_pools.add(component)
+            assert requested == limited and int(requested) >= 1, (
+                f"{component}: GPU requests must equal limits"
+            )
+            assert tolerates, f"{component}: GPU pods must tolerate the {GPU} taint"
+        else:
+            assert not tolerates, f"{component}: a CPU pod has no business on tainted GPU nodes"
+    assert gpu_pools == GPU_POOLS[value_set_id(values)]
+
+
+@value_sets
+def test_services_select_their_deployments_on_the_same_ports(helm, values):
+    objects = rendered(values)
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
+    assert set(services) == set(deployments)
+    for name, service in services.items():
+        pod = deployments[name]["spec"]["template"]
+        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+        container_ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+        assert {p["targetPort"] for p in service["spec"]["ports"]} == container_ports
+
+
+@value_sets
+def test_gateway_finds_the_enabled_pools(helm, values):
+    objects = rendered(values)
+    gateway = next(
+        o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "tailor-gateway"
+    )
+    spec = gateway["spec"]["template"]["spec"]
+    env = _env(spec["containers"][0])
+    enabled = {
+        o["metadata"]["labels"]["app.kubernetes.io/component"] for o in objects if o["kind"] == "Service"
+    }
+    enabled.discard("gateway")
+    if env["TAILOR_DISCOVERY"] == "static":
+        pools = dict(part.split("=") for part in env["TAILOR_WORKERS"].split(";"))
+        assert set(pools) == enabled
+        assert spec["automountServiceAccountToken"] is False
+        assert not [o for o in objects if o["kind"] in ("Role", "RoleBinding", "ServiceAccount")]
+        return
+    assert env["TAILOR_DISCOVERY"] == "kubernetes"
+    assert (
+        env["TAILOR_DISCOVERY_SELECTOR"] == "app.kubernetes.io/name=tailor,app.kubernetes.io/instance=tailor"
+    )
+    for service in (o for o in objects if o["kind"] == "Service"):
+        labels = service["metadata"]["labels"]  # copied onto the EndpointSlices by the controller
+        assert (
+            labels["app.kubernetes.io/name"] == "tailor" and labels["app.kubernetes.io/instance"] == "tailor"
+        )
+    role = next(o for o in objects if o["kind"] == "Role")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    binding = next(o for o in objects if o["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["name"] == spec["serviceAccountName"]
+    assert spec["automountServiceAccountToken"] is True
+    others = [o for o in objects if o["kind"] == "Deployment" and o is not gateway]
+    assert all(o["spec"]["template"]["spec"]["automountServiceAccountToken"] is False for o in others)
+
+
+@value_sets
+def test_autoscalers_scale_existing_deployments_on_their_own_queue(helm, values):
+    objects = rendered(values)
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
+        target = deployments[hpa["spec"]["scaleTargetRef"]["name"]]
+        assert "replicas" not in target["spec"], "the HPA owns the replica count"
+        component = target["metadata"]["labels"]["app.kubernetes.io/component"]
+        for metric in hpa["spec"]["metrics"]:
+            if metric["type"] == "External":
+                assert metric["external"]["metric"]["name"] == "tailor_gateway_queue_depth"
+                assert metric["external"]["metric"]["selector"]["matchLabels"] == {"pool": component}
+
+
+def test_gpu_profile_scales_gpu_pools_on_queue_depth(helm):
+    objects = rendered(CHART / "ci" / "gpu-values.yaml")
+    scaled = {o["spec"]["scaleTargetRef"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
+    assert scaled == {"tailor-quantizer", "tailor-benchmarker"}
+
+
+def test_gateway_state_survives_restarts_and_uninstall(helm):
+    objects = rendered(None)
+    claim = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    gateway = next(
+        o for o in objects if o["metadata"]["name"] == "tailor-gateway" and o["kind"] == "Deployment"
+    )
+    assert gateway["spec"]["replicas"] == 1 and gateway["spec"]["strategy"]["type"] == "Recreate"
+    volumes = {v["name"]: v for v in gateway["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["state"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert volumes["auth"]["secret"]["secretName"] == "tailor-tokens"
+
+
+def test_helm_test_hook_checks_every_enabled_component(helm):
+    pod = next(o for o in rendered(None) if o["kind"] == "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    targets = pod["spec"]["containers"][0]["args"][1:]
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert targets == [f"tailor-{c}:{values[c]['port']}" for c in COMPONENTS]
+
+
+BAD_VALUES = [
+    ("quantizer.gpu.count=two", "quantizer.gpu.count: Invalid type. Expected: integer, given: string"),
+    ("trainer.gpus.count=1", "trainer: Additional property gpus is not allowed"),
+    ("store.url=http://minio:9000/bucket", "store.url: Does not match pattern"),
+    ("discovery.mode=dns", 'discovery.mode must be one of the following: "kubernetes", "static"'),
+    ("gateway.port=70000", "gateway.port: Must be less than or equal to 65535"),
+    (
+        "quantizer.resources.requests.memory=lots",
+        "quantizer.resources.requests.memory: Does not match pattern",
+    ),
+    (
+        "securityContext.readOnlyRootFilesystem=false",
+        "securityContext.readOnlyRootFilesystem does not match: true",
+    ),
+    ("podSecurityContext.runAsNonRoot=false", "podSecurityContext.runAsNonRoot does not match: true"),
+    (
+        "gpuNodes.tolerations[0].effect=Sometimes",
+        "gpuNodes.tolerations.0.effect must be one of the following",
+    ),
+    (
+        "gateway.replicaCount=2",
+        "the durable state is one SQLite file with one writer; set gateway.replicaCount=1",
+    ),
+    ("gateway.enabled=false", "the gateway is the only entry point"),
+    (
+        "quantizer.autoscaling.enabled=true,quantizer.autoscaling.minReplicas=5,quantizer.autoscaling.maxReplicas=2",
+        "quantizer.autoscaling: minReplicas (5) is greater than maxReplicas (2)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("setting", "message"), BAD_VALUES, ids=[b[0].split("=")[0] for b in BAD_VALUES])
+def test_wrong_values_fail_with_a_message_naming_them(helm, setting, message):
+    done = _template(helm, "--set", setting)
+    assert done.returncode != 0, f"--set {setting} rendered"
+    assert message in done.stderr, done.stderr
+
+
+def test_values_file_with_a_typo_fails(helm, tmp_path: Path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("quantizer:\n  nodeSelecter: {gpu: l4}\n")
+    done = _template(helm, "--values", str(bad))
+    assert (
+        done.returncode != 0 and "quantizer: Additional property nodeSelecter is not allowed" in done.stderr
+    )
