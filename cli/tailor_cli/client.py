@@ -51,13 +51,27 @@ class Connection:
         return [("authorization", f"Bearer {self.token}")]
 
     def gateway_stub(self) -> pb_grpc.GatewayServiceStub:
-        return pb_grpc.GatewayServiceStub(grpc.insecure_channel(self.gateway, options=GRPC_OPTIONS))
+        return pb_grpc.GatewayServiceStub(open_channel(self.gateway))
 
     def service_channel(self, service: str) -> grpc.Channel:
         address = os.environ.get(f"TAILOR_{service.upper()}") or self.services.get(service)
         if not address:
             raise CliError(f"no address for the {service} service: set TAILOR_{service.upper()}=host:port")
         return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+def open_channel(address: str) -> grpc.Channel:
+    """TLS when TAILOR_TLS_CA is set (plus our certificate with TAILOR_TLS_CERT/KEY: mutual TLS)."""
+    ca = os.environ.get("TAILOR_TLS_CA")
+    if not ca:
+        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+    cert, key = os.environ.get("TAILOR_TLS_CERT"), os.environ.get("TAILOR_TLS_KEY")
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes(),
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
+    return grpc.secure_channel(address, credentials, options=GRPC_OPTIONS)
 
 
 def _upload_messages(path: Path, kind: str, fmt: str, name: str) -> Iterator[pb.UploadArtifactRequest]:

@@ -23,8 +23,12 @@ from tailor.common.v1 import common_pb2_grpc as common_grpc
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
 from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
+from tailor_cli.admin import add_parsers as add_admin_parsers
+from tailor_cli.admin import cmd_audit, cmd_tokens
 from tailor_cli.client import DEFAULT_STATE_DIR, CliError, Connection, download, upload
 from tailor_cli.render import pipeline_state, stages_table, summary_view
+from tailor_cli.select import add_parser as add_select_parser
+from tailor_cli.select import cmd_select
 from tailor_cli.stack import Stack
 from tailor_gateway.spec import parse_spec
 from tailor_runtime.errors import TailorError
@@ -327,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--out", type=Path, default=None, help="download the result here")
     sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
+    add_admin_parsers(sub)
+    add_select_parser(sub)
     return parser
 
 
@@ -337,6 +343,9 @@ COMMANDS = {
     "artifacts": cmd_artifacts,
     "quantize": cmd_quantize,
     "methods": cmd_methods,
+    "tokens": cmd_tokens,
+    "audit": cmd_audit,
+    "select": lambda args: cmd_select(args, console),
 }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tailor_cli.client import open_channel
 from tailor_gateway.tokens import issue_token
 
 SERVICES = ("quantizer", "trainer", "benchmarker", "exporter", "selector")
@@ -37,12 +38,22 @@ class Stack:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     token: str = ""
     envs: dict[str, dict[str, str]] = field(default_factory=dict)
+    # Extra workers per pool, e.g. {"quantizer": 2}: named quantizer-2, quantizer-3 (ports from base+10).
+    replicas: dict[str, int] = field(default_factory=dict)
+
+    def instances(self) -> dict[str, int]:
+        """Every process of the stack -> its port offset."""
+        found = dict(OFFSETS)
+        for service in SERVICES:
+            for i in range(2, self.replicas.get(service, 1) + 1):
+                found[f"{service}-{i}"] = 10 + len(found) - len(OFFSETS)
+        return found
 
     def address(self, service: str) -> str:
-        return f"127.0.0.1:{self.base_port + OFFSETS[service]}"
+        return f"127.0.0.1:{self.base_port + self.instances()[service]}"
 
     def metrics_port(self, service: str) -> int:
-        return self.base_port + 1000 + OFFSETS[service]
+        return self.base_port + 1000 + self.instances()[service]
 
     @property
     def info_file(self) -> Path:
@@ -57,11 +68,14 @@ class Stack:
         token_file = self.state_dir / "token"
         token_file.write_text(self.token + "\n")
         os.chmod(token_file, 0o600)
-        workers = ";".join(f"{s}={self.address(s)}" for s in SERVICES)
-        for service in MODULES:
+        instances = self.instances()
+        workers = ";".join(
+            f"{s}=" + ",".join(self.address(i) for i in instances if i.split("-")[0] == s) for s in SERVICES
+        )
+        for service in instances:
             env = {
                 **os.environ,
-                "TAILOR_PORT": str(self.base_port + OFFSETS[service]),
+                "TAILOR_PORT": str(self.base_port + instances[service]),
                 "TAILOR_METRICS_PORT": str(self.metrics_port(service)),
                 "TAILOR_STORE_URL": store,
                 "TAILOR_CACHE_DIR": str(self.state_dir / "cache" / service),
@@ -79,6 +93,7 @@ class Stack:
                 {
                     "gateway": self.address("gateway"),
                     "services": {s: self.address(s) for s in SERVICES},
+                    "replicas": {s: self.address(s) for s in instances if "-" in s},
                     "pids": {s: p.pid for s, p in self.processes.items()},
                     "store": store,
                 },
@@ -87,9 +102,9 @@ class Stack:
         )
         self.wait_healthy(timeout)
 
-    def wait_healthy(self, timeout: float) -> None:
+    def wait_healthy(self, timeout: float, services: set[str] | None = None) -> None:
         deadline = time.monotonic() + timeout
-        pending = set(MODULES)
+        pending = set(services or self.instances())
         while pending:
             for service in sorted(pending):
                 proc = self.processes.get(service)
@@ -122,7 +137,7 @@ class Stack:
     def _spawn(self, service: str) -> None:
         with open(self.state_dir / "logs" / f"{service}.log", "ab") as log:
             self.processes[service] = subprocess.Popen(
-                [sys.executable, "-m", MODULES[service]],
+                [sys.executable, "-m", MODULES[service.split("-")[0]]],
                 env=self.envs[service],
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -138,12 +153,12 @@ class Stack:
     def restart(self, service: str) -> None:
         """Start a killed service again with the same settings and wait until it serves."""
         self._spawn(service)
-        self.wait_healthy(120)
+        self.wait_healthy(120, {service})
 
 
 def health_status(address: str, timeout: float = 1.0) -> str:
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address) as channel:  # TLS when TAILOR_TLS_CA is set
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout
             )

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from tailor_gateway.access import Access
+from tailor_gateway.auth import gateway_auth_check
 from tailor_gateway.engine import Engine
+from tailor_gateway.ratelimit import RateLimiter
 from tailor_gateway.servicer import GatewayServicer
 from tailor_gateway.state import StateStore
 from tailor_gateway.tokens import TokenFile
 from tailor_gateway.workers import WorkerPools, parse_workers
-from tailor_runtime.interceptors import bearer_token_check
-from tailor_runtime.server import open_service_store, serve
+from tailor_runtime.server import channel_credentials, open_service_store, serve
 from tailor_runtime.settings import ServiceSettings, load_settings
 
 
@@ -25,6 +28,18 @@ class GatewaySettings(ServiceSettings):
     workers: str = Field("", description="Static worker pools: 'quantizer=host:port,...;trainer=...'.")
     max_upload_mb: int = Field(4096, gt=0)
     wait_for_worker_s: float = Field(600.0, gt=0)
+    discovery: Literal["static", "kubernetes"] = Field(
+        "static", description="static: TAILOR_WORKERS; kubernetes: the pools' EndpointSlices."
+    )
+    discovery_namespace: str | None = Field(None, description="Default: the pod's own namespace.")
+    discovery_selector: str = Field(
+        "app.kubernetes.io/name=tailor", description="Labels of the pool Services."
+    )
+    discovery_refresh_s: float = Field(5.0, gt=0, description="Seconds between two EndpointSlice lists.")
+    state_url: str = Field("", description="postgresql://... for clusters; empty: SQLite at state_db.")
+    rate_limit_rps: float = Field(50.0, ge=0, description="Requests/s per API token; 0: unlimited.")
+    rate_limit_burst: float = Field(100.0, ge=1, description="Requests a token may make at once.")
+    worker_lost_after_s: float = Field(30.0, gt=0, description="Unreachable this long: re-dispatch.")
 
 
 ENV = {
@@ -33,16 +48,37 @@ ENV = {
     "workers": "TAILOR_WORKERS",
     "max_upload_mb": "TAILOR_MAX_UPLOAD_MB",
     "wait_for_worker_s": "TAILOR_WAIT_FOR_WORKER_S",
+    "discovery": "TAILOR_DISCOVERY",
+    "discovery_namespace": "TAILOR_DISCOVERY_NAMESPACE",
+    "discovery_selector": "TAILOR_DISCOVERY_SELECTOR",
+    "discovery_refresh_s": "TAILOR_DISCOVERY_REFRESH_S",
+    "state_url": "TAILOR_STATE_URL",
+    "rate_limit_rps": "TAILOR_RATE_LIMIT_RPS",
+    "rate_limit_burst": "TAILOR_RATE_LIMIT_BURST",
+    "worker_lost_after_s": "TAILOR_WORKER_LOST_AFTER_S",
 }
+
+
+def worker_addresses(settings: GatewaySettings):
+    """TAILOR_DISCOVERY: the static TAILOR_WORKERS list, or the pools' EndpointSlices, followed live."""
+    if settings.discovery == "static":
+        return parse_workers(settings.workers)
+    from tailor_gateway.discovery import EndpointSliceDiscovery, default_namespace  # noqa: PLC0415
+
+    namespace = settings.discovery_namespace or default_namespace()
+    return EndpointSliceDiscovery(
+        namespace, settings.discovery_selector, settings.discovery_refresh_s
+    ).start()
 
 
 def main() -> None:
     settings = load_settings(GatewaySettings, "gateway", ENV, port=50051)
-    pools = WorkerPools(parse_workers(settings.workers), settings.wait_for_worker_s)
+    pools = WorkerPools(worker_addresses(settings), settings.wait_for_worker_s, channel_credentials(settings))
     tokens = TokenFile(settings.tokens_file)
     store = open_service_store(settings)
-    state = StateStore(settings.state_db)
-    engine = Engine(state, pools, store)
+    state = StateStore(settings.state_url or settings.state_db)
+    access = Access(state.db, tokens.hashes)
+    engine = Engine(state, pools, store, access, settings.worker_lost_after_s)
 
     def register(server, ctx):
         servicer = GatewayServicer(
@@ -55,7 +91,9 @@ def main() -> None:
         serve(
             settings,
             register,
-            auth_check=bearer_token_check(tokens.hashes),
+            auth_check=gateway_auth_check(
+                access, RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+            ),
             store=store,
             serve_operations=False,
             on_started=engine.resume,

@@ -34,10 +34,11 @@ from tailor.selector.v1 import selector_service_pb2_grpc as select_grpc
 from tailor.trainer.v1 import trainer_service_pb2 as train_pb
 from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
 from tailor_gateway import state as st
+from tailor_gateway.access import Access
 from tailor_gateway.reporting import publish_report
 from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec, parse_spec, plan
-from tailor_gateway.workers import STAGE_POOL, WorkerPools
-from tailor_runtime.errors import FailedPrecondition, NotFound, TailorError
+from tailor_gateway.workers import STAGE_POOL, Backoff, WorkerPools
+from tailor_runtime.errors import FailedPrecondition, NotFound, TailorError, Unavailable
 from tailor_runtime.logs import bind
 from tailor_runtime.operations import to_struct
 from tailor_runtime.store import ArtifactStore
@@ -46,6 +47,8 @@ from tailor_runtime.telemetry import tracer
 log = logging.getLogger("tailor.gateway.engine")
 OS = common.OperationState
 MAX_ATTEMPTS = 3
+# A stage whose store or worker is away (UNAVAILABLE) is retried this long, with backoff, then fails.
+UNAVAILABLE_RETRY_S = 300.0
 _OP_STATE = {
     OS.OPERATION_STATE_SUCCEEDED: st.SUCCEEDED,
     OS.OPERATION_STATE_FAILED: st.FAILED,
@@ -60,10 +63,21 @@ class StageFailed(Exception):
 
 
 class Engine:
-    def __init__(self, state: st.StateStore, pools: WorkerPools, store: ArtifactStore):
+    def __init__(
+        self,
+        state: st.StateStore,
+        pools: WorkerPools,
+        store: ArtifactStore,
+        access: Access | None = None,
+        worker_lost_after_s: float = 30.0,
+        unavailable_retry_s: float = UNAVAILABLE_RETRY_S,
+    ):
         self.state = state
         self.pools = pools
         self.store = store
+        self.access = access or Access(state.db)
+        self.worker_lost_after_s = worker_lost_after_s
+        self.unavailable_retry_s = unavailable_retry_s
         self._drivers: dict[str, asyncio.Task] = {}
         self._progress: dict[tuple[str, str], common.Progress] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -76,7 +90,8 @@ class Engine:
                 return existing
         spec = parse_spec(spec_yaml)
         for field, ref in spec.inputs().items():
-            if not self.store.exists(ref.artifact):
+            # Another project's artifact is as absent as a missing one.
+            if not self.access.owns(project, ref.artifact) or not self.store.exists(ref.artifact):
                 raise NotFound(f"{field}: artifact {ref.artifact} not found in the store; upload it first")
         pipeline_id = uuid.uuid4().hex
         # One trace per pipeline: a short root span whose context every stage continues, across restarts.
@@ -103,7 +118,9 @@ class Engine:
             st.StageRow(pipeline_id, s.name, s.kind, i, s.depends_on, s.params)
             for i, s in enumerate(plan(spec))
         ]
-        self.state.create_pipeline(row, stages)
+        stored = self.state.create_pipeline(row, stages)
+        if stored.id != pipeline_id:
+            return stored  # a concurrent retry with the same idempotency key won the race
         log.info("pipeline created", extra={"fields": {"pipeline_id": pipeline_id, "pipeline": spec.name}})
         self._start_driver(pipeline_id)
         return row
@@ -219,6 +236,9 @@ class Engine:
                 error_message=f"internal error in the gateway ({type(exc).__name__})",
             )
         finally:
+            # Live progress is only kept while the pipeline runs: a long-lived gateway must not grow.
+            for key in [k for k in self._progress if k[0] == pipeline_id]:
+                del self._progress[key]
             self._notify(pipeline_id)
 
     async def _run_stage(self, p: st.PipelineRow, spec: PipelineSpec, s: st.StageRow, stages) -> None:
@@ -248,6 +268,9 @@ class Engine:
         self.state.set_stage(pipeline_id, s.name, state=st.FAILED, error_code=code, error_message=message)
 
     def _succeed_stage(self, pipeline_id: str, s: st.StageRow, results, metrics, cached=False) -> None:
+        # Ownership first: once the stage reads SUCCEEDED its results must be visible to the project.
+        project = self.state.get_pipeline(pipeline_id).project
+        self.access.own(project, [(r.get("id", ""), r.get("kind", "")) for r in results])
         self.state.set_stage(
             pipeline_id, s.name, state=st.SUCCEEDED, results=results, metrics=metrics, cached=cached
         )
@@ -257,6 +280,7 @@ class Engine:
         pool = STAGE_POOL[s.kind]
         attempts = s.attempts
         operation_id, worker = s.operation_id, s.worker
+        backoff, unavailable_since = Backoff(base=1.0, cap=30.0), None
         while True:
             if not operation_id:
                 if attempts >= MAX_ATTEMPTS:
@@ -292,6 +316,19 @@ class Engine:
                 )
                 operation_id = ""
                 continue
+            if op.error.code == grpc.StatusCode.UNAVAILABLE.value[0]:
+                # The store (or something the worker needs) is away: wait and retry, within a bound.
+                unavailable_since = unavailable_since or time.monotonic()
+                if time.monotonic() - unavailable_since < self.unavailable_retry_s:
+                    delay = backoff.next_delay()
+                    log.warning("stage %s: %s; retrying in %.1fs", s.name, op.error.message, delay)
+                    await asyncio.sleep(delay)
+                    operation_id, attempts = "", max(0, attempts - 1)  # not the worker's fault
+                    continue
+                raise StageFailed(
+                    op.error.code,
+                    f"still unavailable after {self.unavailable_retry_s:.0f}s of retries: {op.error.message}",
+                )
             raise StageFailed(op.error.code or grpc.StatusCode.UNKNOWN.value[0], op.error.message or "failed")
 
     async def _follow(self, pipeline_id: str, stage: str, worker: str, operation_id: str):
@@ -316,7 +353,7 @@ class Engine:
                     raise
                 # Unreachable: wait a little for it to come back, then treat the operation as lost.
                 lost_since = lost_since or time.monotonic()
-                if time.monotonic() - lost_since > 30:
+                if time.monotonic() - lost_since > self.worker_lost_after_s:
                     return None
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
@@ -431,7 +468,21 @@ class Engine:
         self._succeed_stage(p.id, s, [], result)
 
     async def _run_report(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
-        summary, ref = await asyncio.to_thread(publish_report, self.store, p, spec, stages)
+        backoff, started = Backoff(base=1.0, cap=30.0), time.monotonic()
+        while True:
+            try:
+                summary, ref = await asyncio.to_thread(publish_report, self.store, p, spec, stages)
+                break
+            except Unavailable as exc:
+                # The store is away: nothing was published (the manifest goes last); try again later.
+                if time.monotonic() - started > self.unavailable_retry_s:
+                    raise Unavailable(
+                        f"the artifact store stayed unavailable for {self.unavailable_retry_s:.0f}s: "
+                        f"{exc.message}"
+                    ) from None
+                delay = backoff.next_delay()
+                log.warning("report: store unavailable (%s); retrying in %.1fs", exc.message, delay)
+                await asyncio.sleep(delay)
         self.state.set_pipeline(p.id, summary=summary, report=ref)
         self._succeed_stage(p.id, s, [ref], {})
 

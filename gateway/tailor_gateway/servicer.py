@@ -11,7 +11,9 @@ from tailor.common.v1 import common_pb2 as common
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from tailor_gateway import state as st
+from tailor_gateway.access import Access
 from tailor_gateway.artifacts import iter_download, receive_upload
+from tailor_gateway.auth import current_caller
 from tailor_gateway.engine import Engine
 from tailor_runtime.errors import NotFound
 from tailor_runtime.interceptors import current_principal
@@ -46,8 +48,17 @@ def _ref(d: dict) -> common.ArtifactRef:
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
-    def __init__(self, engine: Engine, store: ArtifactStore, staging: Path, max_upload_bytes: int):
+    def __init__(
+        self,
+        engine: Engine,
+        store: ArtifactStore,
+        staging: Path,
+        max_upload_bytes: int,
+        list_limit: int = 1000,
+    ):
         self.engine = engine
+        self.access: Access = engine.access
+        self.list_limit = list_limit
         self.store = store
         self.staging = staging
         self.max_upload_bytes = max_upload_bytes
@@ -99,13 +110,16 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def CreatePipeline(self, request, context):
         row = self.engine.create(request.spec_yaml, current_principal.get(), request.idempotency_key)
+        self.access.audit(current_caller.get(), "pipeline.create", row.id, name=row.name)
         return self._to_proto(self.engine.state.get_pipeline(row.id))
 
     async def GetPipeline(self, request, context):
         return self._to_proto(self._owned(request.pipeline_id))
 
     async def ListPipelines(self, request, context):
-        rows = self.engine.state.list_pipelines(current_principal.get())
+        # The newest first, bounded: a project with thousands of pipelines must not stall the gateway.
+        limit = min(request.page_size or self.list_limit, self.list_limit)
+        rows = self.engine.state.list_pipelines(current_principal.get(), limit)[::-1]
         return pb.ListPipelinesResponse(pipelines=[self._to_proto(p) for p in rows])
 
     async def WatchPipeline(self, request, context):
@@ -126,18 +140,27 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     async def CancelPipeline(self, request, context):
         self._owned(request.pipeline_id)
         await self.engine.cancel(request.pipeline_id)
+        self.access.audit(current_caller.get(), "pipeline.cancel", request.pipeline_id)
         return self._to_proto(self._owned(request.pipeline_id))
 
     # --- artifacts ------------------------------------------------------------------------------
     async def UploadArtifact(self, request_iterator, context):
         manifest = await receive_upload(request_iterator, self.store, self.max_upload_bytes, self.staging)
+        self.access.own(current_principal.get(), [(manifest.id, manifest.kind)])
+        size = sum(f.size for f in manifest.files)
+        self.access.audit(
+            current_caller.get(), "artifact.upload", manifest.id, kind=manifest.kind, bytes=size
+        )
         ref = common.ArtifactRef(
             id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
         )
         return pb.UploadArtifactResponse(artifact=ref, manifest_json=manifest.canonical_bytes().decode())
 
     async def DownloadArtifact(self, request, context):
-        iterator = iter_download(self.store, check_artifact_id(request.artifact_id))
+        artifact_id = check_artifact_id(request.artifact_id)
+        self.access.require_owned(current_principal.get(), artifact_id)
+        self.access.audit(current_caller.get(), "artifact.download", artifact_id)
+        iterator = iter_download(self.store, artifact_id)
         while True:
             # The store may be remote (S3): read off the event loop.
             message = await asyncio.to_thread(next, iterator, None)
@@ -146,15 +169,18 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             yield message
 
     async def ListArtifacts(self, request, context):
-        found = await asyncio.to_thread(self.store.list_manifests, request.kind)
+        # Only what this project owns; the ownership table answers without reading the store.
+        found = self.access.owned(current_principal.get(), request.kind)
         return pb.ListArtifactsResponse(
             artifacts=[
-                common.ArtifactRef(id=i, kind=m.kind, uri=self.store.uri_for(i), sha256=i) for i, m in found
+                common.ArtifactRef(id=i, kind=kind, uri=self.store.uri_for(i), sha256=i) for i, kind in found
             ]
         )
 
     async def GetArtifact(self, request, context):
-        manifest = await asyncio.to_thread(self.store.get_manifest, check_artifact_id(request.artifact_id))
+        artifact_id = check_artifact_id(request.artifact_id)
+        self.access.require_owned(current_principal.get(), artifact_id)
+        manifest = await asyncio.to_thread(self.store.get_manifest, artifact_id)
         ref = common.ArtifactRef(
             id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
         )

@@ -1,18 +1,18 @@
 """Durable pipeline state. Every transition is committed before the gateway acts on it.
 
-SQLite by default (one file, WAL). The SQL is kept to the common subset so the same statements can run
-on PostgreSQL in clusters (see docs/architecture.md for what is not done yet).
+SQLite by default (one file, WAL), PostgreSQL in clusters (`postgresql://...`): the same statements run
+on both (see db.py). The tokens, artifact-ownership and audit tables live in the same database.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tailor_gateway.db import Conflict, Database, open_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -27,8 +27,8 @@ CREATE TABLE IF NOT EXISTS pipelines (
   summary_json TEXT NOT NULL DEFAULT '{}',
   report_json TEXT NOT NULL DEFAULT '{}',
   trace_parent TEXT NOT NULL DEFAULT '',
-  created REAL NOT NULL,
-  updated REAL NOT NULL,
+  created DOUBLE PRECISION NOT NULL,
+  updated DOUBLE PRECISION NOT NULL,
   UNIQUE (project, idempotency_key)
 );
 CREATE TABLE IF NOT EXISTS stages (
@@ -49,6 +49,32 @@ CREATE TABLE IF NOT EXISTS stages (
   cached INTEGER NOT NULL DEFAULT 0,
   PRIMARY KEY (pipeline_id, name)
 );
+CREATE TABLE IF NOT EXISTS tokens (
+  id TEXT PRIMARY KEY,
+  token_hash TEXT NOT NULL UNIQUE,
+  project TEXT NOT NULL,
+  name TEXT NOT NULL DEFAULT '',
+  created DOUBLE PRECISION NOT NULL,
+  revoked DOUBLE PRECISION
+);
+CREATE TABLE IF NOT EXISTS artifact_owners (
+  artifact_id TEXT NOT NULL,
+  project TEXT NOT NULL,
+  kind TEXT NOT NULL DEFAULT '',
+  created DOUBLE PRECISION NOT NULL,
+  PRIMARY KEY (project, artifact_id)
+);
+CREATE TABLE IF NOT EXISTS audit (
+  id TEXT PRIMARY KEY,
+  time DOUBLE PRECISION NOT NULL,
+  project TEXT NOT NULL,
+  actor TEXT NOT NULL,
+  action TEXT NOT NULL,
+  target TEXT NOT NULL DEFAULT '',
+  detail_json TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS audit_by_project ON audit (project, time);
+CREATE INDEX IF NOT EXISTS pipelines_by_state ON pipelines (state);
 """
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
@@ -92,36 +118,21 @@ class PipelineRow:
 
 
 class StateStore:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-        self._lock = threading.Lock()
+    def __init__(self, url: str | Path):
+        self.db: Database = open_database(str(url), SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        self.db.close()
 
     def _tx(self, statements: list[tuple[str, tuple]]) -> None:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, args in statements:
-                    self._db.execute(sql, args)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self.db.execute(statements)
 
-    def _query(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cursor = self._db.execute(sql, args)
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    def _query(self, sql: str, args: tuple = ()) -> list[dict]:
+        return self.db.query(sql, args)
 
     # --- pipelines ------------------------------------------------------------------------------
-    def create_pipeline(self, p: PipelineRow, stages: list[StageRow]) -> None:
+    def create_pipeline(self, p: PipelineRow, stages: list[StageRow]) -> PipelineRow:
+        """Insert p and its stages; with a racing twin of the same idempotency key, return the twin."""
         statements = [
             (
                 "INSERT INTO pipelines (id, project, name, spec_yaml, state, idempotency_key, trace_parent,"
@@ -155,7 +166,14 @@ class StateStore:
                     ),
                 )
             )
-        self._tx(statements)
+        try:
+            self._tx(statements)
+        except Conflict:
+            twin = self.find_by_idempotency_key(p.project, p.idempotency_key) if p.idempotency_key else None
+            if twin is None:
+                raise
+            return twin
+        return p
 
     def find_by_idempotency_key(self, project: str, key: str) -> PipelineRow | None:
         rows = self._query(
@@ -167,11 +185,15 @@ class StateStore:
         rows = self._query("SELECT * FROM pipelines WHERE id = ?", (pipeline_id,))
         return self._pipeline(rows[0]) if rows else None
 
-    def list_pipelines(self, project: str | None = None) -> list[PipelineRow]:
-        if project is None:
-            rows = self._query("SELECT * FROM pipelines ORDER BY created")
+    def list_pipelines(self, project: str | None = None, limit: int | None = None) -> list[PipelineRow]:
+        """Oldest first; with a limit, the newest `limit` of them (still oldest first)."""
+        where, args = ("WHERE project = ?", (project,)) if project is not None else ("", ())
+        if limit is None:
+            rows = self._query(f"SELECT * FROM pipelines {where} ORDER BY created", args)
         else:
-            rows = self._query("SELECT * FROM pipelines WHERE project = ? ORDER BY created", (project,))
+            rows = self._query(
+                f"SELECT * FROM pipelines {where} ORDER BY created DESC LIMIT ?", (*args, int(limit))
+            )[::-1]
         return [self._pipeline(r) for r in rows]
 
     def unfinished_pipelines(self) -> list[PipelineRow]:

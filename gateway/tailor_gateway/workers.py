@@ -1,7 +1,7 @@
 """Worker pools and dispatch: an idle worker of the right pool gets the stage.
 
 Locally the pools are a static list (TAILOR_WORKERS); in a cluster they come from Kubernetes
-EndpointSlices (not built yet: see docs/architecture.md). A busy worker answers RESOURCE_EXHAUSTED
+EndpointSlices (discovery.py, TAILOR_DISCOVERY=kubernetes). A busy worker answers RESOURCE_EXHAUSTED
 and a dead one UNAVAILABLE: either way the next worker is tried, then the pool is retried with
 exponential backoff and jitter, capped.
 """
@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 import grpc
@@ -65,15 +65,25 @@ class Backoff:
 
 
 class WorkerPools:
-    def __init__(self, pools: dict[str, list[str]], wait_for_worker_s: float = 600.0):
+    def __init__(
+        self,
+        pools: Mapping[str, list[str]],
+        wait_for_worker_s: float = 600.0,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
         self.pools = pools
         self.wait_for_worker_s = wait_for_worker_s
+        self.credentials = credentials  # mutual TLS to the workers when TAILOR_TLS_* are set
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cursor = {p: itertools.count() for p in POOLS}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            if self.credentials is not None:
+                channel = grpc.aio.secure_channel(address, self.credentials, options=GRPC_OPTIONS)
+            else:
+                channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels[address] = channel
         return self._channels[address]
 
     async def close(self) -> None:
@@ -82,8 +92,10 @@ class WorkerPools:
 
     async def dispatch(self, pool: str, call: Callable[[grpc.aio.Channel], Awaitable[T]]) -> tuple[str, T]:
         """Run `call` on the first worker of `pool` that accepts it; wait and retry while all are busy."""
-        addresses = self.pools.get(pool) or []
-        if not addresses:
+        # Discovered pools (discovery.py) change under us and are empty while a pool scales up from
+        # nothing: there a stage waits, counted in the queue depth, instead of failing at once.
+        dynamic = getattr(self.pools, "dynamic", False)
+        if not self.pools.get(pool) and not dynamic:
             raise Unavailable(f"no {pool} workers are configured (TAILOR_WORKERS)")
         backoff = Backoff()
         loop = asyncio.get_running_loop()
@@ -91,6 +103,7 @@ class WorkerPools:
         QUEUE_DEPTH.labels(pool).inc()
         try:
             while True:
+                addresses = self.pools.get(pool) or []
                 start = next(self._cursor[pool])
                 last_error: grpc.aio.AioRpcError | None = None
                 for k in range(len(addresses)):
@@ -102,7 +115,7 @@ class WorkerPools:
                             raise
                         last_error = exc
                 if loop.time() > deadline:
-                    detail = last_error.details() if last_error else "no answer"
+                    detail = last_error.details() if last_error else "no ready worker"
                     raise Unavailable(
                         f"no {pool} worker accepted the stage within {self.wait_for_worker_s:.0f}s "
                         f"(last answer: {detail})"

@@ -28,7 +28,8 @@ current_principal: contextvars.ContextVar[str] = contextvars.ContextVar("current
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
     if isinstance(exc, TailorError):
-        await context.abort(exc.code, exc.message)
+        # An error may carry hints for the client (e.g. retry-after-ms on a rate limit).
+        await context.abort(exc.code, exc.message, trailing_metadata=tuple(getattr(exc, "trailers", ())))
     incident = uuid.uuid4().hex[:12]
     log.error("unexpected error in %s (incident %s)", method, incident, exc_info=exc)
     # No stack trace to clients: the incident id finds it in the server's logs.

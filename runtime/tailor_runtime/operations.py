@@ -77,8 +77,17 @@ class _Record:
 
 
 class OperationRunner:
-    def __init__(self, service: str, store: ArtifactStore, max_operations: int = 1):
+    def __init__(
+        self,
+        service: str,
+        store: ArtifactStore,
+        max_operations: int = 1,
+        fake_work: str = "",
+        fake_work_seconds: float = 0.0,
+    ):
         self.service = service
+        # TEST MODE only (TAILOR_FAKE_WORK): see fake_work.py.
+        self.fake_work, self.fake_work_seconds = fake_work, fake_work_seconds
         self.store = store
         self.max_operations = max_operations
         self._records: dict[str, _Record] = {}
@@ -98,6 +107,11 @@ class OperationRunner:
     ) -> common.Operation:
         """Begin work in a thread; a recipe already in the store's cache finishes at once, cached."""
         self._loop = asyncio.get_running_loop()
+        if self.fake_work:
+            from tailor_runtime import fake_work
+
+            recipe = fake_work.fake_recipe(recipe)
+            work = fake_work.fake_work(kind, labels or {}, recipe, self.store, self.fake_work_seconds)
         if self._changed is None:
             self._changed = asyncio.Event()
         op = common.Operation(

@@ -30,6 +30,9 @@ MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A restarted peer is reached again within seconds (gRPC's default reconnect backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
@@ -64,6 +67,29 @@ class ServiceContext:
 Register = Callable[[grpc.aio.Server, ServiceContext], list[str]]
 
 
+def server_credentials(settings: ServiceSettings) -> grpc.ServerCredentials | None:
+    """TLS when TAILOR_TLS_CERT/KEY are set; with TAILOR_TLS_CA, clients must present a certificate it signed."""
+    if not settings.tls:
+        return None
+    ca = settings.tls_ca.read_bytes() if settings.tls_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
+
+
+def channel_credentials(settings: ServiceSettings) -> grpc.ChannelCredentials | None:
+    """For calls to other services: verify them against TAILOR_TLS_CA and present our own certificate."""
+    if not settings.tls:
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_ca.read_bytes() if settings.tls_ca else None,
+        private_key=settings.tls_key.read_bytes(),
+        certificate_chain=settings.tls_cert.read_bytes(),
+    )
+
+
 def open_service_store(settings: ServiceSettings) -> ArtifactStore:
     return open_store(settings.store_url, **settings.store_options())
 
@@ -81,7 +107,13 @@ async def serve(
     setup_tracing(settings.service, settings.trace_file, settings.otlp_endpoint)
     start_metrics_server(settings.metrics_port, settings.host)
     store = store or open_service_store(settings)
-    runner = OperationRunner(settings.service, store, settings.max_operations)
+    runner = OperationRunner(
+        settings.service, store, settings.max_operations, settings.fake_work, settings.fake_work_seconds
+    )
+    if settings.fake_work:
+        from tailor_runtime.fake_work import WARNING
+
+        log.warning(WARNING)
     ctx = ServiceContext(settings=settings, store=store, runner=runner)
 
     server = grpc.aio.server(
@@ -101,7 +133,9 @@ async def serve(
 
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
     address = f"{settings.host}:{settings.port}"
-    if server.add_insecure_port(address) == 0:
+    credentials = server_credentials(settings)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
         raise SystemExit(f"tailor-{settings.service}: cannot listen on {address} (port in use?)")
     await server.start()
 

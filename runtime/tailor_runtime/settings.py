@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class SettingsError(SystemExit):
@@ -32,6 +32,37 @@ class ServiceSettings(BaseModel):
     max_operations: int = Field(1, ge=1, description="Operations run at once; more are refused as busy.")
     trace_file: Path | None = Field(None, description="Write finished spans as JSON lines here.")
     otlp_endpoint: str | None = Field(None, description="Export spans over OTLP/gRPC to this endpoint.")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate: serve (and call other services) over TLS."
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert.")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle: peers must present a certificate it signed (mutual TLS)."
+    )
+    fake_work: str = Field(
+        "",
+        pattern="^(|instant)$",
+        description="TEST MODE ONLY: 'instant' replaces every stage's work with a fake that publishes a "
+        "small marker artifact. Refused with a real (s3://) store; logged loudly at start.",
+    )
+    fake_work_seconds: float = Field(0.0, ge=0, le=3600, description="How long each fake operation takes.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TAILOR_TLS_CERT and TAILOR_TLS_KEY go together: set both or neither")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("TAILOR_TLS_CA (mutual TLS) needs TAILOR_TLS_CERT and TAILOR_TLS_KEY too")
+        for path in (self.tls_cert, self.tls_key, self.tls_ca):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        if self.fake_work and self.store_url.startswith("s3://"):
+            raise ValueError("TAILOR_FAKE_WORK is a test mode: it is refused with an s3:// store")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     def store_options(self) -> dict:
         return {
@@ -57,6 +88,11 @@ _FIELD_ENV = {
     "max_operations": "TAILOR_MAX_OPERATIONS",
     "trace_file": "TAILOR_TRACE_FILE",
     "otlp_endpoint": "TAILOR_OTLP_ENDPOINT",
+    "tls_cert": "TAILOR_TLS_CERT",
+    "tls_key": "TAILOR_TLS_KEY",
+    "tls_ca": "TAILOR_TLS_CA",
+    "fake_work": "TAILOR_FAKE_WORK",
+    "fake_work_seconds": "TAILOR_FAKE_WORK_SECONDS",
 }
 
 
@@ -73,6 +109,6 @@ def load_settings(model: type[BaseModel], service: str, env_names: dict[str, str
         lines = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
-            env = names.get(field, field)
+            env = names.get(field, field) if err["loc"] else "settings"
             lines.append(f"  {env}: {err['msg']}")
         raise SettingsError(f"tailor-{service}: invalid settings:\n" + "\n".join(lines)) from None

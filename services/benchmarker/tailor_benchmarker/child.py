@@ -8,7 +8,8 @@ survive it crashing. Progress goes to stdout as lines `@progress {"percent": ..,
 atomically; the exit status is 0 only with a result.
 
 Memory: `baseline_rss_mb` is the process after importing torch and transformers (and onnxruntime for
-an ONNX folder), before the model; `peak_rss_mb` is ru_maxrss, the most the process ever held;
+an ONNX folder), before the model; `peak_rss_mb` is ru_maxrss, the most the process held before it
+loaded the reference model (with --reference, for agreement, which is measured last);
 `model_memory_mb` counts weight bytes (parameters, buffers, packed int8 weights, 4-bit block scales; for
 ONNX the graph's initializers). All sizes are MiB (2**20 bytes).
 """
@@ -93,7 +94,13 @@ def _load(model_dir: Path, threads: int | None) -> tuple[Any, Any, dict[str, Any
     return model, tokenizer, {**info, "weight_bytes": torch_weight_bytes(model)}
 
 
-def measure(model_dir: Path, eval_file: Path, cfg: BenchmarkConfig) -> dict[str, Any]:
+def measure(
+    model_dir: Path,
+    eval_file: Path,
+    cfg: BenchmarkConfig,
+    reference_dir: Path | None = None,
+    choice_file: Path | None = None,
+) -> dict[str, Any]:
     import torch
 
     from tailor_benchmarker.latency import decode_latency
@@ -117,9 +124,9 @@ def measure(model_dir: Path, eval_file: Path, cfg: BenchmarkConfig) -> dict[str,
         stride=cfg.stride,
         max_tokens=cfg.max_eval_tokens,
         split_documents=cfg.split_documents,
-        on_window=lambda done, total: report(10 + 60 * done / total, "perplexity", f"window {done}/{total}"),
+        on_window=lambda done, total: report(10 + 40 * done / total, "perplexity", f"window {done}/{total}"),
     )
-    report(70, "latency", f"perplexity {ppl['perplexity']:.3f}")
+    report(50, "latency", f"perplexity {ppl['perplexity']:.3f}")
     lat = decode_latency(
         model,
         tokenizer,
@@ -127,9 +134,16 @@ def measure(model_dir: Path, eval_file: Path, cfg: BenchmarkConfig) -> dict[str,
         new_tokens=cfg.latency_new_tokens,
         warmup=cfg.warmup,
         repetitions=cfg.repetitions,
-        on_run=lambda done, total: report(70 + 29 * done / total, "latency", f"run {done}/{total}"),
+        batch_sizes=cfg.batch_sizes,
+        on_run=lambda done, total: report(50 + 25 * done / total, "latency", f"run {done}/{total}"),
     )
+    result: dict[str, Any] = {"perplexity": ppl, "latency": lat}
+    result.update(_tasks(model, tokenizer, text, cfg, choice_file))
+    # Memory is read before the reference model is loaded: the figures are the measured model's alone.
     peak = peak_rss_mb()
+    if reference_dir is not None:
+        report(90, "agreement", f"loading the reference {reference_dir.name}")
+        result["agreement"] = _agreement(model, tokenizer, reference_dir, text, cfg)
     return {
         "model": info,
         "model_memory_mb": info.pop("weight_bytes") / 2**20,
@@ -139,13 +153,58 @@ def measure(model_dir: Path, eval_file: Path, cfg: BenchmarkConfig) -> dict[str,
             "peak_rss_mb": peak,
             "peak_rss_over_baseline_mb": peak - baseline,
         },
-        "perplexity": ppl,
-        "latency": lat,
+        **result,
         "threads": {
             "torch_intra_op": torch.get_num_threads(),
             "torch_inter_op": torch.get_num_interop_threads(),
         },
     }
+
+
+def _tasks(
+    model: Any, tokenizer: Any, text: str, cfg: BenchmarkConfig, choice_file: Path | None
+) -> dict[str, Any]:
+    """The optional task metrics: multiple choice (with choice data) and generation (when asked for)."""
+    from tailor_benchmarker import tasks
+
+    result: dict[str, Any] = {}
+    if choice_file is not None:
+        examples = tasks.read_sst2(choice_file, cfg.choice_max_examples)
+        result["multiple_choice"] = tasks.multiple_choice(
+            model,
+            tokenizer,
+            examples,
+            on_example=lambda d, t: report(75 + 8 * d / t, "multiple choice", f"example {d}/{t}"),
+        )
+    if cfg.generation_examples:
+        result["generation"] = tasks.generation(
+            model,
+            tokenizer,
+            text,
+            cfg.generation_examples,
+            cfg.generation_prompt_tokens,
+            cfg.generation_new_tokens,
+            on_example=lambda d, t: report(83 + 7 * d / t, "generation", f"example {d}/{t}"),
+        )
+    return result
+
+
+def _agreement(model: Any, tokenizer: Any, reference_dir: Path, text: str, cfg: BenchmarkConfig) -> dict:
+    from tailor_benchmarker.agreement import agreement
+
+    reference, _, ref_info = _load(reference_dir, cfg.threads)
+    result = agreement(
+        model,
+        reference,
+        tokenizer,
+        text,
+        context_length=cfg.context_length,
+        stride=cfg.stride,
+        max_tokens=cfg.agreement_max_tokens,
+        split_documents=cfg.split_documents,
+        on_window=lambda done, total: report(90 + 9 * done / total, "agreement", f"window {done}/{total}"),
+    )
+    return {**result, "reference": {"folder": reference_dir.name, **ref_info}}
 
 
 def _write_atomically(path: Path, data: dict[str, Any]) -> None:
@@ -171,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", type=Path, required=True, help="UTF-8 evaluation text")
     parser.add_argument("--config", required=True, help="BenchmarkConfig as JSON")
     parser.add_argument("--out", type=Path, required=True, help="where to write the result JSON")
+    parser.add_argument("--reference", type=Path, default=None, help="parent model folder (agreement)")
+    parser.add_argument("--choices", type=Path, default=None, help="multiple-choice TSV (SST-2 format)")
     args = parser.parse_args(argv)
     _die_with_parent()
 
@@ -178,12 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    if _declared_format(args.model) == ONNX_FORMAT:
+    if ONNX_FORMAT in (_declared_format(args.model), args.reference and _declared_format(args.reference)):
         import onnxruntime  # noqa: F401
 
     try:
         cfg = BenchmarkConfig.model_validate_json(args.config)
-        result = measure(args.model, args.eval, cfg)
+        result = measure(args.model, args.eval, cfg, args.reference, args.choices)
     except Exception as exc:  # reported to the parent as data; the traceback goes to stderr for logs
         traceback.print_exc()
         from tailor_runtime.errors import TailorError

@@ -23,9 +23,37 @@ class BenchmarkConfig(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch / ONNX Runtime; None: default."
     )
+    batch_sizes: tuple[int, ...] = Field(
+        (1, 4),
+        min_length=1,
+        description="Batch sizes of the decode-throughput runs (the same prompt repeated in each row).",
+    )
+    agreement_max_tokens: int = Field(
+        2048,
+        ge=2,
+        description="With a reference model: top-1 agreement and KL(reference || model) over the first this "
+        "many eval tokens, in the perplexity windows.",
+    )
+    choice_max_examples: int = Field(
+        64, ge=1, description="With choice data (SST-2 TSV): examples scored by log-likelihood."
+    )
+    generation_examples: int = Field(
+        0,
+        ge=0,
+        description="Eval documents continued greedily and scored against their own text (exact match, "
+        "BLEU, ROUGE-L); 0: off.",
+    )
+    generation_prompt_tokens: int = Field(
+        32, ge=1, description="Tokens of each document given as the prompt."
+    )
+    generation_new_tokens: int = Field(
+        16, ge=1, description="Tokens generated and compared with the document's next tokens."
+    )
 
     @model_validator(mode="after")
     def _stride_within_context(self) -> BenchmarkConfig:
         if self.stride > self.context_length:
             raise ValueError(f"stride ({self.stride}) must not exceed context_length ({self.context_length})")
+        if any(b < 1 for b in self.batch_sizes):
+            raise ValueError(f"batch_sizes must be positive, got {list(self.batch_sizes)}")
         return self

@@ -7,14 +7,16 @@ with its KV cache; a plain logits callable (ONNX Runtime without cache inputs) r
 sequence per token, and the result says so with `kv_cache: false`.
 
 Warmup runs are discarded (first-call allocations, lazy kernels); the figures are taken over
-`repetitions` timed runs: TTFT per run, and every decode step of every run for per-token latency.
+`repetitions` timed runs: TTFT per run, and every decode step of every run for inter-token latency
+(median, p50/p95/p99, stdev, interquartile range). Throughput at larger batches decodes `b` copies of
+the prompt together (same length, no padding) and counts the tokens of every row.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tailor_runtime.errors import InvalidArgument
@@ -57,17 +59,28 @@ class _RecomputeDecoder:
         return self.logits_fn(self.ids)[:, -1].argmax(-1, keepdim=True)
 
 
+def greedy_decoder(model: Any) -> _KVCacheDecoder | _RecomputeDecoder:
+    """A fresh greedy decoder: with the KV cache for an HF model, by recomputation for a logits callable."""
+    import torch
+
+    return (
+        _KVCacheDecoder(model)
+        if isinstance(model, torch.nn.Module)
+        else _RecomputeDecoder(logits_fn_for(model))
+    )
+
+
 def _one_run(decoder: Any, prompt_ids: Any, new_tokens: int) -> tuple[float, list[float], list[int]]:
-    """(ttft seconds, per-step seconds, generated ids) of one greedy run."""
+    """(ttft seconds, per-step seconds, generated ids of the first row) of one greedy run."""
     start = time.perf_counter()
     token = decoder.prefill(prompt_ids)
     ttft = time.perf_counter() - start
-    generated = [int(token)]
+    generated = [int(token[0, 0])]
     steps = []
     for _ in range(new_tokens - 1):
         t0 = time.perf_counter()
         token = decoder.step(token)
-        generated.append(int(token))  # int() forces the result, so the step is fully timed
+        generated.append(int(token[0, 0]))  # int() forces the result, so the step is fully timed
         steps.append(time.perf_counter() - t0)
     return ttft, steps, generated
 
@@ -82,15 +95,41 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _ms_stats(seconds: list[float]) -> dict[str, float]:
+    """Median, percentiles and spread (stdev, interquartile range) in milliseconds."""
     ms = [s * 1000 for s in seconds]
     return {
         "median": statistics.median(ms),
         "p50": _percentile(ms, 50),
         "p95": _percentile(ms, 95),
+        "p99": _percentile(ms, 99),
         "mean": statistics.fmean(ms),
+        "stdev": statistics.stdev(ms) if len(ms) > 1 else 0.0,
+        "iqr": _percentile(ms, 75) - _percentile(ms, 25),
         "min": min(ms),
         "max": max(ms),
+        "count": len(ms),
     }
+
+
+def _timed_runs(
+    model: Any, prompt_ids: Any, new_tokens: int, warmup: int, repetitions: int, on_run: Callable[[], None]
+) -> dict[str, list]:
+    """Seconds of every timed run (warm-up runs discarded) and the last run's tokens."""
+    import torch
+
+    runs: dict[str, list] = {"ttft": [], "steps": [], "totals": [], "decode_rates": [], "generated": []}
+    with torch.inference_mode():
+        for run in range(warmup + repetitions):
+            ttft, run_steps, generated = _one_run(greedy_decoder(model), prompt_ids, new_tokens)
+            on_run()
+            if run < warmup:
+                continue
+            runs["ttft"].append(ttft)
+            runs["steps"].extend(run_steps)
+            runs["totals"].append(ttft + sum(run_steps))
+            runs["decode_rates"].append(len(run_steps) / sum(run_steps))
+            runs["generated"] = generated
+    return runs
 
 
 def decode_latency(
@@ -101,10 +140,13 @@ def decode_latency(
     warmup: int = 1,
     repetitions: int = 3,
     on_run: Callable[[int, int], None] | None = None,
+    batch_sizes: Sequence[int] = (1,),
 ) -> dict[str, Any]:
     """Greedy-decoding latency of `model` (HF causal LM, or a logits callable without KV cache).
 
-    `on_run(done, total)` is called after each run, warmup included (progress reporting).
+    The latency figures are those of batch 1. `throughput` holds, per batch size, the decode rate of
+    `b` copies of the prompt decoded together (tokens of all rows per second). `on_run(done, total)`
+    is called after each run, warmup included (progress reporting).
     """
     import torch
 
@@ -114,6 +156,8 @@ def decode_latency(
         )
     if repetitions < 1 or warmup < 0:
         raise InvalidArgument(f"need repetitions >= 1 and warmup >= 0, got {repetitions} and {warmup}")
+    if any(b < 1 for b in batch_sizes):
+        raise InvalidArgument(f"batch sizes must be positive, got {list(batch_sizes)}")
     prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=True)["input_ids"]], dtype=torch.long)
     if prompt_ids.shape[1] == 0:
         raise InvalidArgument("latency_prompt is empty")
@@ -124,41 +168,44 @@ def decode_latency(
             f"model's context of {limit} tokens"
         )
 
-    kv_cache = isinstance(model, torch.nn.Module)
-    ttfts: list[float] = []
-    steps: list[float] = []
-    totals: list[float] = []
-    decode_rates: list[float] = []
-    generated: list[int] = []
-    with torch.inference_mode():
-        for run in range(warmup + repetitions):
-            decoder = _KVCacheDecoder(model) if kv_cache else _RecomputeDecoder(logits_fn_for(model))
-            ttft, run_steps, generated = _one_run(decoder, prompt_ids, new_tokens)
-            if on_run is not None:
-                on_run(run + 1, warmup + repetitions)
-            if run < warmup:
-                continue
-            ttfts.append(ttft)
-            steps.extend(run_steps)
-            totals.append(ttft + sum(run_steps))
-            decode_rates.append(len(run_steps) / sum(run_steps))
+    sizes = sorted({1, *batch_sizes})
+    done = [0]
+    total_runs = (warmup + repetitions) * len(sizes)
 
-    per_token = _ms_stats(steps)
+    def count_run() -> None:
+        done[0] += 1
+        if on_run is not None:
+            on_run(done[0], total_runs)
+
+    by_batch = {b: _timed_runs(model, prompt_ids.repeat(b, 1), new_tokens, warmup, repetitions, count_run)
+                for b in sizes}  # fmt: skip
+    one = by_batch[1]
+    per_token = _ms_stats(one["steps"])
     return {
         "prompt_tokens": int(prompt_ids.shape[1]),
         "new_tokens": new_tokens,
         "warmup": warmup,
         "repetitions": repetitions,
-        "kv_cache": kv_cache,
-        "ttft_ms": _ms_stats(ttfts),
+        "kv_cache": isinstance(model, torch.nn.Module),
+        "ttft_ms": _ms_stats(one["ttft"]),
+        # Inter-token latency: every decode step after the first token, of every timed run.
         "per_token_ms": per_token,
         "ms_per_token": per_token["median"],
         # Decode throughput (tokens after the first, per second of decoding), median over runs.
-        "tokens_per_s": statistics.median(decode_rates),
+        "tokens_per_s": statistics.median(one["decode_rates"]),
         # Whole request: new_tokens over prefill + decode time, median over runs.
-        "end_to_end_tokens_per_s": statistics.median(new_tokens / t for t in totals),
-        "total_ms": _ms_stats(totals),
+        "end_to_end_tokens_per_s": statistics.median(new_tokens / t for t in one["totals"]),
+        "total_ms": _ms_stats(one["totals"]),
+        "throughput": {
+            str(b): {
+                "batch_size": b,
+                "tokens_per_s": b * statistics.median(runs["decode_rates"]),
+                "ms_per_step": _ms_stats(runs["steps"])["median"],
+                "ttft_ms": _ms_stats(runs["ttft"])["median"],
+            }
+            for b, runs in by_batch.items()
+        },
         "torch_threads": torch.get_num_threads(),
         # The prompt and its greedy continuation: a quick check that the model is the model it claims.
-        "sample": tokenizer.decode(prompt_ids[0].tolist() + generated, skip_special_tokens=True),
+        "sample": tokenizer.decode(prompt_ids[0].tolist() + one["generated"], skip_special_tokens=True),
     }

@@ -36,9 +36,18 @@ _VERSIONED = ("torch", "transformers", "onnxruntime", "tokenizers", "bitsandbyte
 
 
 def run_benchmark(
-    model_dir: Path, eval_text: Path, cfg: BenchmarkConfig, progress: ProgressFn
+    model_dir: Path,
+    eval_text: Path,
+    cfg: BenchmarkConfig,
+    progress: ProgressFn,
+    reference_dir: Path | None = None,
+    choice_file: Path | None = None,
 ) -> dict[str, Any]:
-    """Perplexity, latency and memory of the model in `model_dir`, measured in a child process."""
+    """Perplexity, latency and memory of the model in `model_dir`, measured in a child process.
+
+    With `reference_dir` (the parent model), also its agreement with the parent; with `choice_file`
+    (an SST-2 TSV), multiple-choice accuracy.
+    """
     from tailor_runtime.ml.model_io import folder_size_bytes
 
     model_dir, eval_text = Path(model_dir), Path(eval_text)
@@ -47,6 +56,15 @@ def run_benchmark(
     if not eval_text.is_file():
         raise NotFound(f"evaluation text {eval_text} does not exist")
     _check_format(model_dir)
+    if reference_dir is not None:
+        reference_dir = Path(reference_dir)
+        if not reference_dir.is_dir():
+            raise NotFound(f"reference model folder {reference_dir} does not exist")
+        _check_format(reference_dir)
+    if choice_file is not None and not Path(choice_file).is_file():
+        raise NotFound(f"multiple-choice data {choice_file} does not exist")
+    extra = [] if reference_dir is None else ["--reference", str(reference_dir)]
+    extra += [] if choice_file is None else ["--choices", str(choice_file)]
 
     progress(0.0, "starting", f"benchmarking {model_dir.name}")
     started = time.monotonic()
@@ -54,7 +72,7 @@ def run_benchmark(
         out = Path(tmp) / "result.json"
         stderr_path = Path(tmp) / "stderr.txt"
         with stderr_path.open("wb") as stderr:
-            returncode = _follow(_child_command(model_dir, eval_text, cfg, out), stderr, progress)
+            returncode = _follow(_child_command(model_dir, eval_text, cfg, out) + extra, stderr, progress)
         result = _read_result(out, returncode, stderr_path, model_dir)
 
     result["size_on_disk_mb"] = folder_size_bytes(model_dir) / 2**20

@@ -8,23 +8,21 @@ from typing import Any
 from tailor.benchmarker.v1 import benchmarker_service_pb2 as pb
 from tailor.benchmarker.v1 import benchmarker_service_pb2_grpc as pb_grpc
 from tailor_benchmarker.config import BenchmarkConfig
+from tailor_benchmarker.metrics import headline_metrics
+from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import config_from_struct, dataset_file, require_artifact, workspace
 
 
-def headline_metrics(result: dict[str, Any]) -> dict[str, Any]:
-    """The numbers the selector and the report compare, under the names the whole platform uses."""
-    return {
-        "perplexity": result["perplexity"]["perplexity"],
-        "latency_ms_per_token": result["latency"]["ms_per_token"],
-        "tokens_per_s": result["latency"]["tokens_per_s"],
-        "peak_memory_mb": result["memory"]["peak_rss_mb"],
-        "model_memory_mb": result["model_memory_mb"],
-        "size_mb": result["size_on_disk_mb"],
-        "eval_tokens": result["perplexity"].get("tokens_scored", 0),
-        "environment": result.get("environment", {}),
-    }
+def choice_file(manifest: Any) -> str:
+    """The one .tsv file of a multiple-choice dataset artifact."""
+    tables = [f.path for f in manifest.files if f.path.endswith(".tsv")]
+    if len(tables) != 1:
+        raise InvalidArgument(
+            f"choice_data must hold exactly one .tsv file (sentence, label); it holds {[f.path for f in manifest.files]}"
+        )
+    return tables[0]
 
 
 class BenchmarkerServicer(pb_grpc.BenchmarkerServiceServicer):
@@ -39,27 +37,39 @@ class BenchmarkerServicer(pb_grpc.BenchmarkerServiceServicer):
         model_manifest = require_artifact(store, request.model, "model", ("model", "export"))
         eval_manifest = require_artifact(store, request.eval_data, "eval_data", ("dataset",))
         eval_path = dataset_file(eval_manifest)
+        inputs = [request.model.id, request.eval_data.id]
+        reference_id = request.reference_model.id
+        if reference_id:
+            require_artifact(store, request.reference_model, "reference_model", ("model", "export"))
+            inputs.append(reference_id)
+        choice_id = request.choice_data.id
+        if choice_id:
+            choice_path = choice_file(
+                require_artifact(store, request.choice_data, "choice_data", ("dataset",))
+            )
+            inputs.append(choice_id)
 
         def work(progress) -> WorkResult:
             progress(1.0, "fetching", "model and evaluation text")
             model_dir = store.materialize(request.model.id, cache_dir)
             eval_dir = store.materialize(request.eval_data.id, cache_dir)
-            result = run_benchmark(model_dir, eval_dir / eval_path, cfg, progress)
+            reference_dir = store.materialize(reference_id, cache_dir) if reference_id else None
+            choices = store.materialize(choice_id, cache_dir) / choice_path if choice_id else None
+            result = run_benchmark(model_dir, eval_dir / eval_path, cfg, progress, reference_dir, choices)
             metrics = headline_metrics(result)
             with workspace(cache_dir) as out:
-                (out / "report.json").write_text(json.dumps({"model": request.model.id, **result}, indent=2))
+                report = {"model": request.model.id, **result}
+                if reference_id:
+                    report["reference_model"] = reference_id
+                (out / "report.json").write_text(json.dumps(report, indent=2))
                 # A measurement is not deterministic (timings), so it is never served from the recipe cache.
                 manifest = store.publish_directory(
                     out,
                     kind="report",
                     format="tailor-benchmark",
                     name=f"benchmark-{model_manifest.name}",
-                    parents=[request.model.id, request.eval_data.id],
-                    recipe={
-                        "stage": "benchmark",
-                        "config": cfg.model_dump(mode="json"),
-                        "inputs": [request.model.id, request.eval_data.id],
-                    },
+                    parents=inputs,
+                    recipe={"stage": "benchmark", "config": cfg.model_dump(mode="json"), "inputs": inputs},
                 )
             return WorkResult(results=[manifest], metrics=metrics)
 

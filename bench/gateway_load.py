@@ -1,0 +1,277 @@
+"""Load on the gateway: many concurrent clients submitting, watching and listing pipelines.
+
+The stage services run in the test mode TAILOR_FAKE_WORK=instant (each operation publishes a small marker
+artifact at once), so what is measured is the gateway: its RPCs, its durable state, its dispatch.
+Each client has its own API token (10 projects); each loop: CreatePipeline (a unique idempotency key,
+retried with the same key on error), WatchPipeline to the end, ListPipelines, GetPipeline.
+With --kill-every S a random stage worker is SIGKILLed every S seconds and restarted a second later;
+at the end every submitted pipeline must have completed exactly once.
+
+    .venv/bin/python bench/gateway_load.py --clients 100 --seconds 120 [--kill-every 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import multiprocessing as mp
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import yaml
+
+from tailor.gateway.v1 import gateway_service_pb2 as gw
+from tailor.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
+from tailor_cli.client import Connection, upload
+from tailor_cli.stack import Stack
+from tailor_gateway.access import Access
+from tailor_gateway.state import StateStore
+from tailor_runtime.server import GRPC_OPTIONS
+from tailor_runtime.store import open_store
+from tailor_runtime.store.manifest import recipe_key
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECTS = 10
+TERMINAL = (gw.PIPELINE_STATE_SUCCEEDED, gw.PIPELINE_STATE_FAILED, gw.PIPELINE_STATE_CANCELLED)
+KILLABLE = ("quantizer", "quantizer-2", "benchmarker", "benchmarker-2")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def spec_for(inputs: dict, i: int) -> str:
+    method = ("bf16", "int8_dynamic", "nf4")[i % 3]
+    return yaml.safe_dump({"name": f"load-{i % 50}", **inputs, "quantize": [{"method": method}]})
+
+
+async def client_loop(address, token, spec, stop_at, out, submitted):
+    channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+    stub = gw_grpc.GatewayServiceStub(channel)
+    meta = (("authorization", f"Bearer {token}"),)
+
+    async def timed(name, coro):
+        start = time.perf_counter()
+        try:
+            result = await coro
+            out["lat"][name].append(time.perf_counter() - start)
+            return result
+        except grpc.aio.AioRpcError as exc:
+            out["errors"][f"{name}:{exc.code().name}"] += 1
+            raise
+
+    while time.monotonic() < stop_at:
+        key = uuid.uuid4().hex
+        submitted.append(key)
+        request = gw.CreatePipelineRequest(spec_yaml=spec, idempotency_key=key)
+        for attempt in range(20):
+            try:
+                p = await timed("CreatePipeline", stub.CreatePipeline(request, metadata=meta, timeout=30))
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(min(5.0, 0.1 * 2**attempt) * random.random())
+        else:
+            continue
+        start, first = time.perf_counter(), None
+        try:
+            async for event in stub.WatchPipeline(
+                gw.WatchPipelineRequest(pipeline_id=p.id), metadata=meta, timeout=600
+            ):
+                if first is None:
+                    first = time.perf_counter() - start
+                    out["lat"]["WatchPipeline(first event)"].append(first)
+                if event.pipeline.state in TERMINAL:
+                    out["states"][gw.PipelineState.Name(event.pipeline.state)] += 1
+                    out["lat"]["pipeline end-to-end"].append(time.perf_counter() - start)
+        except grpc.aio.AioRpcError as exc:
+            out["errors"][f"WatchPipeline:{exc.code().name}"] += 1
+        try:
+            await timed(
+                "ListPipelines", stub.ListPipelines(gw.ListPipelinesRequest(page_size=20), metadata=meta)
+            )
+            await timed(
+                "GetPipeline", stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=p.id), metadata=meta)
+            )
+        except grpc.aio.AioRpcError:
+            pass
+    await channel.close()
+
+
+def client_process(address, tokens, inputs_by_token, seconds, queue):
+    out = {
+        "lat": collections.defaultdict(list),
+        "errors": collections.Counter(),
+        "states": collections.Counter(),
+    }
+    submitted: list[str] = []
+
+    async def main():
+        stop_at = time.monotonic() + seconds
+        await asyncio.gather(
+            *(
+                client_loop(address, t, spec_for(inputs_by_token[t], i), stop_at, out, submitted)
+                for i, t in enumerate(tokens)
+            )
+        )
+
+    asyncio.run(main())
+    queue.put(
+        {
+            "lat": dict(out["lat"]),
+            "errors": dict(out["errors"]),
+            "states": dict(out["states"]),
+            "submitted": submitted,
+        }
+    )
+
+
+def killer(stack: Stack, every: float, stop: threading.Event, log: list) -> None:
+    while not stop.wait(every):
+        victim = random.choice(KILLABLE)
+        stack.kill(victim)
+        log.append((time.time(), victim))
+        time.sleep(1.0)
+        stack.restart(victim)
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--processes", type=int, default=4, help="client processes (the clients are split)")
+    parser.add_argument("--kill-every", type=float, default=0, help="SIGKILL a random worker every S seconds")
+    parser.add_argument("--port", type=int, default=47100)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    state = Path(tempfile.mkdtemp(prefix="tailor-load-"))
+    stack = Stack(
+        state,
+        base_port=args.port,
+        replicas={"quantizer": 2, "benchmarker": 2},
+        extra_env={
+            "TAILOR_FAKE_WORK": "instant",
+            "TAILOR_WORKER_LOST_AFTER_S": "2",
+            "TAILOR_GRACE_SECONDS": "2",
+            "TAILOR_LOG_LEVEL": "WARNING",
+            "TAILOR_MAX_OPERATIONS": "8",  # instant fake stages: worker capacity is not what is measured
+        },
+    )
+    stack.start()
+    gateway_pid = stack.processes["gateway"].pid
+    try:
+        access = Access(StateStore(state / "gateway.db").db)
+        tokens, inputs_by_token, project_inputs = [], {}, {}
+        for i in range(args.clients):
+            project = f"load-{i % PROJECTS}"
+            token, _ = access.create_token(project, f"client-{i}")
+            if project not in project_inputs:
+                conn = Connection(stack.address("gateway"), token, {})
+                model = upload(conn, ROOT / "examples" / "models" / "stories260K").artifact.id
+                data = upload(conn, ROOT / "examples" / "data" / "tinystories_eval.txt").artifact.id
+                project_inputs[project] = {"model": {"artifact": model}, "data": {"eval": {"artifact": data}}}
+            tokens.append(token)
+            inputs_by_token[token] = project_inputs[project]
+        rss_before = rss_mb(gateway_pid)
+
+        stop, kills = threading.Event(), []
+        if args.kill_every:
+            threading.Thread(target=killer, args=(stack, args.kill_every, stop, kills), daemon=True).start()
+        queue = mp.Queue()
+        shares = [tokens[k :: args.processes] for k in range(args.processes)]
+        procs = [
+            mp.Process(
+                target=client_process,
+                args=(stack.address("gateway"), share, inputs_by_token, args.seconds, queue),
+            )
+            for share in shares
+        ]
+        started = time.monotonic()
+        for p in procs:
+            p.start()
+        results = [queue.get() for _ in procs]
+        for p in procs:
+            p.join()
+        wall = time.monotonic() - started
+        stop.set()
+        rss_after = rss_mb(gateway_pid)
+
+        lat, errors, states, submitted = (
+            collections.defaultdict(list),
+            collections.Counter(),
+            collections.Counter(),
+            [],
+        )
+        for r in results:
+            for k, v in r["lat"].items():
+                lat[k].extend(v)
+            errors.update(r["errors"])
+            states.update(r["states"])
+            submitted.extend(r["submitted"])
+
+        # Exactly once: one pipeline per idempotency key, each finished, and one artifact per recipe.
+        rows = StateStore(state / "gateway.db").db.query("SELECT idempotency_key, state FROM pipelines")
+        per_key = collections.Counter(r["idempotency_key"] for r in rows)
+        final_states = collections.Counter(r["state"] for r in rows)
+        store = open_store(str(state / "store"))
+        per_recipe = collections.Counter(
+            recipe_key(m.recipe) for _, m in store.list_manifests() if m.recipe.get("stage") != "upload"
+        )
+        report = {
+            "command": " ".join(sys.argv),
+            "clients": args.clients,
+            "seconds": round(wall, 1),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "cpus": mp.cpu_count(),
+            "pipelines_finished": sum(states.values()),
+            "pipelines_per_s": round(sum(states.values()) / wall, 2),
+            "client_states": dict(states),
+            "rpcs": {
+                name: {
+                    "count": len(v),
+                    "per_s": round(len(v) / wall, 1),
+                    "p50_ms": round(1000 * statistics.median(v), 1),
+                    "p99_ms": round(1000 * percentile(v, 0.99), 1),
+                }
+                for name, v in sorted(lat.items())
+            },
+            "errors": dict(errors),
+            "gateway_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1)},
+            "kills": len(kills),
+            "pipelines_in_db": len(rows),
+            "submissions": len(set(submitted)),
+            "duplicate_pipelines_per_key": sum(c - 1 for c in per_key.values()),
+            "db_states": dict(final_states),
+            "duplicate_artifacts_per_recipe": sum(c - 1 for c in per_recipe.values()),
+        }
+        print(json.dumps(report, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+    finally:
+        stack.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Who may do what: API tokens, artifact ownership and the audit log, in the gateway's database.
+
+Tokens are stored as sha256 hashes only, each scoped to one project and revocable; every request
+looks its token up, so a revoked token is refused at the next call. Every artifact a project
+uploads or a pipeline of it produces is recorded as owned by that project: the gateway shows a
+project only what it owns (content addressing means two projects may own the same id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from tailor_gateway.db import Database
+from tailor_runtime.errors import InvalidArgument, NotFound, Unauthenticated
+
+log = logging.getLogger("tailor.audit")
+PROJECT = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+TOKEN_PREFIX = "tlr_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    project: str
+    token_id: str  # the token's public id (never the token): what the audit log and rate limits key on
+
+
+@dataclass
+class TokenInfo:
+    id: str
+    project: str
+    name: str
+    created: float
+    revoked: float | None
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_project(project: str) -> str:
+    if not PROJECT.match(project):
+        raise InvalidArgument("project must be 1-63 lowercase letters, digits, '.', '_' or '-'")
+    return project
+
+
+class Access:
+    def __init__(self, db: Database, file_tokens: Callable[[], dict[str, str]] | None = None):
+        self.db = db
+        # Bootstrap tokens from TAILOR_TOKENS_FILE ('<sha256> <project>' lines), e.g. a mounted secret.
+        self.file_tokens = file_tokens or dict
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def create_token(self, project: str, name: str = "") -> tuple[str, TokenInfo]:
+        """A new token for project: returns (the token, shown once; its record). Only the hash is kept."""
+        check_project(project)
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        info = TokenInfo(uuid.uuid4().hex[:16], project, name, time.time(), None)
+        self.db.execute(
+            [
+                (
+                    "INSERT INTO tokens (id, token_hash, project, name, created) VALUES (?, ?, ?, ?, ?)",
+                    (info.id, token_hash(token), project, name, info.created),
+                )
+            ]
+        )
+        return token, info
+
+    def revoke_token(self, token_id: str) -> TokenInfo:
+        rows = self.db.query("SELECT * FROM tokens WHERE id = ?", (token_id,))
+        if not rows:
+            raise NotFound(f"token {token_id!r} not found")
+        if rows[0]["revoked"] is None:
+            self.db.execute([("UPDATE tokens SET revoked = ? WHERE id = ?", (time.time(), token_id))])
+        return self._info(self.db.query("SELECT * FROM tokens WHERE id = ?", (token_id,))[0])
+
+    def list_tokens(self, project: str | None = None) -> list[TokenInfo]:
+        if project is None:
+            rows = self.db.query("SELECT * FROM tokens ORDER BY created")
+        else:
+            rows = self.db.query("SELECT * FROM tokens WHERE project = ? ORDER BY created", (project,))
+        return [self._info(r) for r in rows]
+
+    def authenticate(self, header: str) -> Principal:
+        """`Bearer <token>` -> the principal; Unauthenticated for a missing, unknown or revoked token."""
+        if not header.lower().startswith("bearer "):
+            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
+        digest = token_hash(header[7:].strip())
+        rows = self.db.query("SELECT id, project, revoked FROM tokens WHERE token_hash = ?", (digest,))
+        if rows:
+            if rows[0]["revoked"] is not None:
+                raise Unauthenticated("token revoked: ask for a new one (tailor tokens create)")
+            return Principal(rows[0]["project"], rows[0]["id"])
+        for known, project in self.file_tokens().items():
+            if hmac.compare_digest(known, digest):
+                return Principal(project, "file:" + known[:12])
+        raise Unauthenticated("invalid token")
+
+    @staticmethod
+    def _info(r: dict) -> TokenInfo:
+        return TokenInfo(r["id"], r["project"], r["name"], r["created"], r["revoked"])
+
+    # --- artifact ownership ---------------------------------------------------------------------
+    def own(self, project: str, artifacts: Iterable[tuple[str, str]]) -> None:
+        """Record (artifact id, kind) pairs as the project's; recording twice is harmless."""
+        now = time.time()
+        statements = [
+            (
+                "INSERT INTO artifact_owners (artifact_id, project, kind, created) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (project, artifact_id) DO NOTHING",
+                (artifact_id, project, kind, now),
+            )
+            for artifact_id, kind in artifacts
+            if artifact_id
+        ]
+        if statements:
+            self.db.execute(statements)
+
+    def owns(self, project: str, artifact_id: str) -> bool:
+        return bool(
+            self.db.query(
+                "SELECT 1 AS x FROM artifact_owners WHERE project = ? AND artifact_id = ?",
+                (project, artifact_id),
+            )
+        )
+
+    def require_owned(self, project: str, artifact_id: str) -> None:
+        # Another project's artifact reads as absent: its existence is not disclosed.
+        if not self.owns(project, artifact_id):
+            raise NotFound(f"artifact {artifact_id} not found")
+
+    def owned(self, project: str, kind: str = "") -> list[tuple[str, str]]:
+        sql, args = "SELECT artifact_id, kind FROM artifact_owners WHERE project = ?", (project,)
+        if kind:
+            sql, args = sql + " AND kind = ?", (project, kind)
+        return [(r["artifact_id"], r["kind"]) for r in self.db.query(sql + " ORDER BY created", args)]
+
+    # --- audit ----------------------------------------------------------------------------------
+    def audit(self, who: Principal | None, action: str, target: str = "", **detail) -> None:
+        """One row in the audit table and one JSON log line: who did what to which object."""
+        who = who or Principal("-", "-")
+        now = time.time()
+        self.db.execute(
+            [
+                (
+                    "INSERT INTO audit (id, time, project, actor, action, target, detail_json)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (uuid.uuid4().hex, now, who.project, who.token_id, action, target, json.dumps(detail)),
+                )
+            ]
+        )
+        log.info(
+            "audit %s",
+            action,
+            extra={
+                "fields": {
+                    "audit": True,
+                    "action": action,
+                    "project": who.project,
+                    "actor": who.token_id,
+                    "target": target,
+                    **detail,
+                }
+            },
+        )
+
+    def audit_log(self, project: str | None = None, limit: int = 100) -> list[dict]:
+        where, args = ("WHERE project = ?", (project,)) if project else ("", ())
+        rows = self.db.query(f"SELECT * FROM audit {where} ORDER BY time DESC LIMIT {int(limit)}", args)
+        for r in rows:
+            r["detail"] = json.loads(r.pop("detail_json"))
+        return rows

@@ -1,0 +1,114 @@
+"""Batch-1 greedy decoding with a static KV cache and a compiled, CUDA-graphed decode step.
+
+Hugging Face `generate` with its dynamic cache spends most of a decode step in Python and in launching
+many small kernels; at batch 1 on a large GPU that leaves the memory bus idle most of the time. Here the
+KV cache is preallocated (static shapes), the one-token step is compiled with
+`torch.compile(mode="reduce-overhead")` so it replays as a CUDA graph, and the loop around it is kept
+minimal. This is the path the platform uses to measure GPU decode speed (bench/gpu_decode.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class DecodeTiming:
+    new_tokens: int
+    prefill_ms: float
+    per_token_ms: list[float]
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = sum(self.per_token_ms) / 1000.0
+        return len(self.per_token_ms) / total if total else 0.0
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_static_cache(model: Any, max_len: int):
+    """A StaticCache across the transformers versions we meet (the constructor changed in 4.5x/5.x)."""
+    from transformers import StaticCache
+
+    config, device, dtype = model.config, model.device, model.dtype
+    attempts = (
+        {"config": config, "max_cache_len": max_len, "device": device, "dtype": dtype, "max_batch_size": 1},
+        {"config": config, "max_cache_len": max_len},
+        {"config": config, "max_batch_size": 1, "max_cache_len": max_len, "device": device, "dtype": dtype},
+    )
+    errors = []
+    for kwargs in attempts:
+        try:
+            return StaticCache(**kwargs)
+        except TypeError as exc:
+            errors.append(str(exc))
+    raise RuntimeError(f"cannot build a StaticCache with this transformers: {errors}")
+
+
+class StaticDecoder:
+    """Greedy batch-1 decoding of an HF causal LM with a static cache; `compile` turns on CUDA graphs."""
+
+    def __init__(self, model: Any, max_len: int, compile: bool = True, mode: str = "reduce-overhead"):
+        import torch
+
+        self.model = model
+        self.max_len = max_len
+        self.device = model.device
+        self.cache = make_static_cache(model, max_len)
+
+        def step(input_ids, cache_position):
+            logits = self.model(
+                input_ids=input_ids,
+                position_ids=cache_position.unsqueeze(0),
+                cache_position=cache_position,
+                past_key_values=self.cache,
+                use_cache=True,
+                return_dict=False,
+            )[0]
+            return logits[:, -1].argmax(dim=-1, keepdim=True)
+
+        self._prefill = step
+        self._step = torch.compile(step, mode=mode, fullgraph=True) if compile else step
+        # One position tensor per step, made once: fresh tensors or slices at other storage offsets each
+        # step would cost a host-to-device copy or a recompilation.
+        self._positions = [torch.tensor([i], device=self.device) for i in range(max_len)]
+
+    def _reset(self) -> None:
+        self.cache.reset()
+
+    def generate(self, prompt_ids, new_tokens: int) -> tuple[list[int], DecodeTiming]:
+        """Greedy tokens and timing. The loop never waits for the GPU between tokens (no host sync):
+        the per-token time is the decode phase's wall time divided by its tokens."""
+        import torch
+
+        if prompt_ids.shape[1] + new_tokens > self.max_len:
+            raise ValueError("prompt + new tokens exceed the static cache length")
+        # no_grad, not inference_mode: the cache is allocated lazily on the first call, and inference
+        # tensors could not be reset (written in place) afterwards.
+        with torch.no_grad():
+            self._reset()
+            start = prompt_ids.shape[1]
+            positions = torch.arange(self.max_len, device=self.device)
+            out = torch.empty(new_tokens, dtype=torch.long, device=self.device)
+            _sync(self.device)
+            t0 = time.perf_counter()
+            token = self._prefill(prompt_ids, positions[:start])
+            out[0] = token[0, 0]
+            _sync(self.device)
+            t1 = time.perf_counter()
+            for i in range(1, new_tokens):
+                # Clone: a CUDA-graphed output buffer is overwritten by the next replay.
+                token = self._step(token, self._positions[start + i - 1]).clone()
+                out[i] = token[0, 0]
+            _sync(self.device)
+            t2 = time.perf_counter()
+        steps = new_tokens - 1
+        per_token = (t2 - t1) * 1000 / steps if steps else 0.0
+        return out.tolist(), DecodeTiming(new_tokens, (t1 - t0) * 1000, [per_token] * steps)

@@ -1,0 +1,42 @@
+"""A benchmark result's headline numbers, under the names the whole platform uses. Pure: no torch, no protos.
+
+The servicer reports them as the operation's metrics; the selector and the CLI read them from report files.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def headline_metrics(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers the selector and the report compare, under the names the whole platform uses."""
+    return {
+        "perplexity": result["perplexity"]["perplexity"],
+        "latency_ms_per_token": result["latency"]["ms_per_token"],
+        "tokens_per_s": result["latency"]["tokens_per_s"],
+        "peak_memory_mb": result["memory"]["peak_rss_mb"],
+        "model_memory_mb": result["model_memory_mb"],
+        "size_mb": result["size_on_disk_mb"],
+        "eval_tokens": result["perplexity"].get("tokens_scored", 0),
+        "environment": result.get("environment", {}),
+        **optional_metrics(result),
+    }
+
+
+def optional_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Headline numbers of the measurements a request asked for (reference model, tasks, batches)."""
+    lat = result["latency"]
+    found = {"ttft_ms": lat["ttft_ms"]["median"], "latency_p95_ms": lat["per_token_ms"]["p95"]}
+    if "p99" in lat["per_token_ms"]:  # reports written before p99 was measured have none
+        found["latency_p99_ms"] = lat["per_token_ms"]["p99"]
+    for b, row in (lat.get("throughput") or {}).items():
+        found[f"tokens_per_s_batch_{b}"] = row["tokens_per_s"]
+    if "agreement" in result:
+        found["top1_agreement"] = result["agreement"]["top1_agreement"]
+        found["kl_divergence"] = result["agreement"]["kl_divergence"]
+    if "multiple_choice" in result:
+        found["choice_accuracy"] = result["multiple_choice"]["accuracy"]
+    if "generation" in result:
+        gen = result["generation"]
+        found.update(exact_match=gen["exact_match"], bleu=gen["bleu"], rouge_l=gen["rouge_l"])
+    return found
