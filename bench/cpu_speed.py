@@ -6,8 +6,7 @@ Builds a Llama-architecture model of about 110M parameters with RANDOM weights (
 an architecture do not depend on its weights; no real model of this size is available here), saves it as
 an hf-safetensors folder, then makes the CPU artifacts the platform produces from it:
 
-- int8_dynamic (the quantizer's method, run through its registry): torch dynamic-int8 Linear layers,
-  with the output projection kept float32 (default) or in int8 too (`quantize_lm_head: true`);
+- int8_dynamic (the quantizer's method, run through its registry): torch dynamic-int8 Linear layers;
 - ONNX FP32 and ONNX INT8 (the exporter's `export_onnx`, from the FP32 and the int8_dynamic folders).
 
 Each is timed with the benchmarker's own decode-latency code (greedy, batch 1, EOS ignored, warm-up
@@ -78,14 +77,6 @@ def make_artifacts(root: Path, arch: dict) -> dict[str, Path]:
     build(folders["pytorch-fp32"], arch)
     method = get_method("int8_dynamic")
     method.run(folders["pytorch-fp32"], folders["pytorch-int8_dynamic"], method.Config(), no_progress)
-    # The same method with its quantize_lm_head option: the output projection in int8 too.
-    folders["pytorch-int8_dynamic-lm_head"] = root / "int8-lm-head"
-    method.run(
-        folders["pytorch-fp32"],
-        folders["pytorch-int8_dynamic-lm_head"],
-        method.Config(quantize_lm_head=True),
-        no_progress,
-    )
     relaxed = OnnxExportConfig(min_top1_agreement=0.0, int8_min_top1_agreement=0.0, int8_atol=1e9, atol=1e-2)
     for name, source in (("onnx-fp32", "pytorch-fp32"), ("onnx-int8", "pytorch-int8_dynamic")):
         folders[name] = root / name

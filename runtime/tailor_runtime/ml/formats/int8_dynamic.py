@@ -62,18 +62,8 @@ def quantize_weight(weight: Any) -> tuple[Any, Any]:
     return q, scale
 
 
-def save_quantized(
-    model: Any,
-    tokenizer: Any,
-    out_dir: Path,
-    progress: ProgressFn = no_progress,
-    quantize_lm_head: bool = False,
-) -> dict:
-    """Quantize `model`'s Linear layers and write an int8-dynamic folder. Returns metrics.
-
-    With `quantize_lm_head`, the output projection is quantized too and stored untied from the input
-    embedding (config.tie_word_embeddings becomes False), so the loader builds it as its own int8 layer.
-    """
+def save_quantized(model: Any, tokenizer: Any, out_dir: Path, progress: ProgressFn = no_progress) -> dict:
+    """Quantize `model`'s Linear layers and write an int8-dynamic folder. Returns metrics."""
     import torch
     from safetensors.torch import save_file
 
@@ -82,10 +72,6 @@ def save_quantized(
 
     out_dir = Path(out_dir)
     linears = quantizable_linears(model)
-    if quantize_lm_head:
-        out_emb = model.get_output_embeddings()
-        linears.append(next((n, m) for n, m in model.named_modules() if m is out_emb))
-        model.config.tie_word_embeddings = False
     linear_names = {name for name, _ in linears}
     tensors: dict[str, Any] = {}
     for i, (name, mod) in enumerate(linears):
@@ -111,12 +97,7 @@ def save_quantized(
         tokenizer.save_pretrained(out_dir)
     int8_bytes = sum(t.numel() for k, t in tensors.items() if t.dtype == torch.int8)
     write_format(
-        out_dir,
-        INT8_DYNAMIC,
-        dtype="float32",
-        quantized_layers=len(linears),
-        scheme="symmetric-per-channel",
-        lm_head_quantized=quantize_lm_head,
+        out_dir, INT8_DYNAMIC, dtype="float32", quantized_layers=len(linears), scheme="symmetric-per-channel"
     )
     return {
         "quantized_layers": len(linears),

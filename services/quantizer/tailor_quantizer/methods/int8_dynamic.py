@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from tailor_quantizer.methods.registry import Caps, register, require_full_precision
 from tailor_runtime.progress import ProgressFn
@@ -32,15 +32,9 @@ from tailor_runtime.progress import ProgressFn
 )
 class Int8Dynamic:
     class Config(BaseModel):
-        """Symmetric per-channel scales computed from the weights themselves."""
+        """No options: symmetric per-channel scales computed from the weights themselves."""
 
         model_config = ConfigDict(extra="forbid", frozen=True)
-        quantize_lm_head: bool = Field(
-            False,
-            description="Also quantize the output projection (lm_head) to int8, untied from the input "
-            "embedding. On small models it is a large share of the weights read per token (faster decode, "
-            "a little more quality loss); the input embedding stays float32 (one row is read per token).",
-        )
 
     @staticmethod
     def availability() -> tuple[bool, str]:
@@ -61,4 +55,4 @@ class Int8Dynamic:
         progress(0.0, "loading", f"loading {Path(model_dir).name}")
         model, tokenizer = load_causal_lm(model_dir)
         model = model.to(torch.float32)  # scales are computed from the float32 values
-        return save_quantized(model, tokenizer, out_dir, progress, quantize_lm_head=cfg.quantize_lm_head)
+        return save_quantized(model, tokenizer, out_dir, progress)
