@@ -12,13 +12,24 @@ import yaml
 from deploy_support import CHART, COMPONENTS, KUBE_VERSION, VALUE_SETS, rendered, value_set_id
 
 GPU = "nvidia.com/gpu"
-# Which Deployments must run on GPU nodes under each value set.
+# Which Deployments (one per pool) must run on GPU nodes under each value set.
 GPU_POOLS = {
-    "defaults": {"trainer", "quantizer", "benchmarker"},
-    "gpu-values.yaml": {"trainer", "quantizer", "benchmarker"},
+    "defaults": {"tailor-trainer", "tailor-quantizer", "tailor-benchmarker"},
+    "gpu-values.yaml": {
+        "tailor-trainer",
+        "tailor-quantizer-gpu",
+        "tailor-benchmarker-l4",
+        "tailor-benchmarker-h100",
+        "tailor-triton",
+    },
     "cpu-values.yaml": set(),
     "minimal-values.yaml": set(),
+    "external-values.yaml": set(),
 }
+# Kinds of the Prometheus Operator: kubernetes-validate has no schema for CRDs, so only these are skipped
+# there and checked by test_service_monitor_scrapes_every_metrics_port instead.
+CRD_KINDS = {"ServiceMonitor"}
+TAILOR_SERVICES = COMPONENTS  # Tailor's own images (gRPC health); Triton, MinIO, PostgreSQL are not
 value_sets = pytest.mark.parametrize("values", VALUE_SETS, ids=value_set_id)
 
 
@@ -30,7 +41,7 @@ def _template(helm: str, *args: str) -> subprocess.CompletedProcess:
 def _pod_specs(objects) -> list[tuple[str, dict]]:
     specs = []
     for obj in objects:
-        if obj["kind"] == "Deployment":
+        if obj["kind"] in ("Deployment", "StatefulSet"):
             specs.append((obj["metadata"]["name"], obj["spec"]["template"]["spec"]))
         elif obj["kind"] == "Pod":
             specs.append((obj["metadata"]["name"], obj["spec"]))
@@ -39,6 +50,25 @@ def _pod_specs(objects) -> list[tuple[str, dict]]:
 
 def _env(container: dict) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def _component(obj: dict) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def _kind(objects, kind: str) -> list[dict]:
+    return [o for o in objects if o["kind"] == kind]
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions with In) against a label set."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
 
 
 def test_every_value_set_is_checked():
@@ -57,6 +87,8 @@ def test_every_object_is_valid_kubernetes_1_32(helm, values):
     objects = rendered(values)
     assert objects
     for obj in objects:
+        if obj["kind"] in CRD_KINDS:
+            continue
         try:
             kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
         except kubernetes_validate.ValidationError as exc:
@@ -83,7 +115,7 @@ def test_every_container_is_hardened_and_sized(helm, values):
 @value_sets
 def test_every_service_container_has_grpc_probes_and_a_grace_period(helm, values):
     for obj in rendered(values):
-        if obj["kind"] != "Deployment":
+        if obj["kind"] != "Deployment" or _component(obj) not in TAILOR_SERVICES:
             continue
         spec = obj["spec"]["template"]["spec"]
         for container in spec["containers"]:
@@ -101,7 +133,7 @@ def test_gpu_pools_request_gpus_and_tolerate_the_gpu_taint(helm, values):
     for obj in rendered(values):
         if obj["kind"] != "Deployment":
             continue
-        component = obj["metadata"]["labels"]["app.kubernetes.io/component"]
+        component = obj["metadata"]["name"]
         spec = obj["spec"]["template"]["spec"]
         resources = spec["containers"][0]["resources"]
         requested = resources.get("requests", {}).get(GPU)
@@ -121,16 +153,57 @@ def test_gpu_pools_request_gpus_and_tolerate_the_gpu_taint(helm, values):
 
 
 @value_sets
-def test_services_select_their_deployments_on_the_same_ports(helm, values):
+def test_services_select_every_pool_of_their_component_on_the_same_ports(helm, values):
     objects = rendered(values)
-    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
-    services = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Service"}
-    assert set(services) == set(deployments)
-    for name, service in services.items():
-        pod = deployments[name]["spec"]["template"]
-        assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-        container_ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
-        assert {p["targetPort"] for p in service["spec"]["ports"]} == container_ports
+    workloads = _kind(objects, "Deployment") + _kind(objects, "StatefulSet")
+    services = _kind(objects, "Service")
+    assert {_component(s) for s in services} == {_component(w) for w in workloads}
+    for service in services:
+        selected = [
+            w
+            for w in workloads
+            if service["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        # every pool (Deployment) of the component, and nothing else
+        assert selected == [w for w in workloads if _component(w) == _component(service)], service[
+            "metadata"
+        ]["name"]
+        assert "tailor.dev/pool" not in service["spec"]["selector"]
+        for workload in selected:
+            pod = workload["spec"]["template"]
+            container_ports = {p["name"] for p in pod["spec"]["containers"][0]["ports"]}
+            assert {p["targetPort"] for p in service["spec"]["ports"]} == container_ports
+
+
+@value_sets
+def test_pool_deployments_do_not_overlap(helm, values):
+    deployments = _kind(rendered(values), "Deployment")
+    for a in deployments:
+        selector = a["spec"]["selector"]
+        assert _selects(selector, a["spec"]["template"]["metadata"]["labels"])
+        for b in deployments:
+            if b is not a:
+                assert not _selects(selector, b["spec"]["template"]["metadata"]["labels"]), (
+                    f"{a['metadata']['name']} would adopt the pods of {b['metadata']['name']}"
+                )
+
+
+def test_separate_pools_come_from_values_alone(helm):
+    objects = rendered(CHART / "ci" / "gpu-values.yaml")
+    quantizers = {
+        d["metadata"]["name"]: d for d in _kind(objects, "Deployment") if _component(d) == "quantizer"
+    }
+    assert set(quantizers) == {"tailor-quantizer-cpu", "tailor-quantizer-gpu"}
+    cpu = quantizers["tailor-quantizer-cpu"]
+    assert cpu["spec"]["replicas"] == 2 and "nodeSelector" not in cpu["spec"]["template"]["spec"]
+    assert GPU not in cpu["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    gpu = quantizers["tailor-quantizer-gpu"]["spec"]["template"]["spec"]
+    assert gpu["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+    h100 = next(d for d in _kind(objects, "Deployment") if d["metadata"]["name"] == "tailor-benchmarker-h100")
+    env = _env(h100["spec"]["template"]["spec"]["containers"][0])
+    assert (
+        env["TAILOR_LOG_LEVEL"] == "INFO" and env["TAILOR_MAX_OPERATIONS"] == "1"
+    )  # pool env over component env
 
 
 @value_sets
@@ -141,10 +214,8 @@ def test_gateway_finds_the_enabled_pools(helm, values):
     )
     spec = gateway["spec"]["template"]["spec"]
     env = _env(spec["containers"][0])
-    enabled = {
-        o["metadata"]["labels"]["app.kubernetes.io/component"] for o in objects if o["kind"] == "Service"
-    }
-    enabled.discard("gateway")
+    enabled = {_component(o) for o in objects if o["kind"] == "Service"}
+    enabled -= {"gateway", "triton", "minio", "postgresql"}
     if env["TAILOR_DISCOVERY"] == "static":
         pools = dict(part.split("=") for part in env["TAILOR_WORKERS"].split(";"))
         assert set(pools) == enabled
@@ -183,7 +254,7 @@ def test_autoscalers_scale_existing_deployments_on_their_own_queue(helm, values)
     for hpa in (o for o in objects if o["kind"] == "HorizontalPodAutoscaler"):
         target = deployments[hpa["spec"]["scaleTargetRef"]["name"]]
         assert "replicas" not in target["spec"], "the HPA owns the replica count"
-        component = target["metadata"]["labels"]["app.kubernetes.io/component"]
+        component = _component(target)
         for metric in hpa["spec"]["metrics"]:
             if metric["type"] == "External":
                 assert metric["external"]["metric"]["name"] == "tailor_gateway_queue_depth"
@@ -193,7 +264,9 @@ def test_autoscalers_scale_existing_deployments_on_their_own_queue(helm, values)
 def test_gpu_profile_scales_gpu_pools_on_queue_depth(helm):
     objects = rendered(CHART / "ci" / "gpu-values.yaml")
     scaled = {o["spec"]["scaleTargetRef"]["name"] for o in objects if o["kind"] == "HorizontalPodAutoscaler"}
-    assert scaled == {"tailor-quantizer", "tailor-benchmarker"}
+    assert scaled == {"tailor-quantizer-gpu", "tailor-benchmarker-l4", "tailor-benchmarker-h100"}
+    for hpa in _kind(objects, "HorizontalPodAutoscaler"):
+        assert any(m["type"] == "External" for m in hpa["spec"]["metrics"]), hpa["metadata"]["name"]
 
 
 def test_gateway_state_survives_restarts_and_uninstall(helm):
@@ -214,7 +287,13 @@ def test_helm_test_hook_checks_every_enabled_component(helm):
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     targets = pod["spec"]["containers"][0]["args"][1:]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert targets == [f"tailor-{c}:{values[c]['port']}" for c in COMPONENTS]
+    assert targets == [
+        *(f"grpc=tailor-{c}:{values[c]['port']}" for c in COMPONENTS),
+        "http=http://tailor-triton:8000/v2/health/ready",
+        "http=http://tailor-minio:9000/minio/health/ready",
+    ]
+    gpu = next(o for o in rendered(CHART / "ci" / "gpu-values.yaml") if o["kind"] == "Pod")
+    assert "tcp=tailor-postgresql:5432" in gpu["spec"]["containers"][0]["args"]
 
 
 BAD_VALUES = [
@@ -241,6 +320,25 @@ BAD_VALUES = [
         "the durable state is one SQLite file with one writer; set gateway.replicaCount=1",
     ),
     ("gateway.enabled=false", "the gateway is the only entry point"),
+    ("gateway.pools[0].name=a", "gateway.pools: the gateway is one pod"),
+    ("quantizer.pools[0].name=GPU", "quantizer.pools.0.name: Does not match pattern"),
+    (
+        "quantizer.pools[0].name=a,quantizer.pools[1].name=a",
+        'quantizer.pools: the pool name "a" is used twice',
+    ),
+    ("quantizer.pools[0].gpus=1", "quantizer.pools.0: Additional property gpus is not allowed"),
+    ("store.minio.enabled=false", "store.minio.enabled=false: set store.external.existingSecret"),
+    ("store.external.endpoint=s3.example.com", "store.external.endpoint: Does not match pattern"),
+    (
+        "gatewayState.postgresql.enabled=true,gatewayState.external.urlSecret=db",
+        "choose the bundled PostgreSQL or the external database",
+    ),
+    ("networkPolicy.enabled=yes", "networkPolicy.enabled: Invalid type. Expected: boolean"),
+    (
+        "podDisruptionBudget.maxUnavailable=0",
+        "podDisruptionBudget.maxUnavailable: Must be greater than or equal to 1",
+    ),
+    ("tritonServer.extraArgs[0]=log-verbose", "tritonServer.extraArgs.0: Does not match pattern"),
     (
         "quantizer.autoscaling.enabled=true,quantizer.autoscaling.minReplicas=5,quantizer.autoscaling.maxReplicas=2",
         "quantizer.autoscaling: minReplicas (5) is greater than maxReplicas (2)",

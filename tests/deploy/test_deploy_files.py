@@ -20,6 +20,7 @@ DOCKERFILES = {
     **{c: REPO / "services" / c / "Dockerfile" for c in COMPONENTS if c != "gateway"},
 }
 WITHOUT_TORCH = ("gateway", "selector")
+WITH_VALUES_BLOCK = (*COMPONENTS, "triton")  # Triton runs NVIDIA's image but has the same values block
 
 
 def _values() -> dict:
@@ -35,10 +36,10 @@ def _shape(value) -> object:
 
 def test_every_component_has_the_same_values_block():
     values = _values()
-    shapes = {c: _shape(values[c]) for c in COMPONENTS}
+    shapes = {c: _shape(values[c]) for c in WITH_VALUES_BLOCK}
     assert all(shape == shapes["gateway"] for shape in shapes.values()), shapes
     expected = {"enabled", "replicaCount", "image", "port", "resources", "gpu", "nodeSelector"}
-    expected |= {"tolerations", "affinity", "env", "autoscaling"}
+    expected |= {"tolerations", "affinity", "env", "autoscaling", "pools"}
     assert set(values["gateway"]) == expected
 
 
@@ -47,8 +48,14 @@ def test_schema_requires_exactly_the_block_and_names_every_component():
     component = schema["definitions"]["component"]
     assert set(component["required"]) == set(_values()["gateway"])
     assert component["additionalProperties"] is False
-    for name in COMPONENTS:
+    for name in WITH_VALUES_BLOCK:
         assert schema["properties"][name] == {"$ref": "#/definitions/component"}
+    # a pool may set every per-pod setting of the block, and nothing else
+    pool = schema["definitions"]["pool"]
+    assert set(pool["properties"]) == set(component["properties"]) - {"enabled", "image", "port", "pools"} | {
+        "name"
+    }
+    assert pool["additionalProperties"] is False and pool["required"] == ["name"]
 
 
 @pytest.mark.parametrize("values_file", sorted((CHART / "ci").glob("*.yaml")), ids=lambda p: p.name)

@@ -1,5 +1,10 @@
 {{/* The components, in one place: every template ranges over this list. */}}
 {{- define "tailor.components" -}}
+gateway quantizer trainer benchmarker exporter selector triton
+{{- end -}}
+
+{{/* The components that run Tailor's own images (gRPC health, TAILOR_* settings). */}}
+{{- define "tailor.services" -}}
 gateway quantizer trainer benchmarker exporter selector
 {{- end -}}
 
@@ -49,9 +54,40 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- printf "app.kubernetes.io/name=%s,app.kubernetes.io/instance=%s" .Chart.Name .Release.Name -}}
 {{- end -}}
 
-{{/* Resources of one component, with the GPU added to requests and limits when gpu.count > 0. */}}
-{{- define "tailor.resources" -}}
+{{/* The label that tells a component's pools apart (Deployment selectors); Services select every pool. */}}
+{{- define "tailor.poolLabel" -}}tailor.dev/pool{{- end -}}
+
+{{/*
+The pools of one component as YAML {pools: [...]}: each pool is the component's settings with the pool's
+own replacing them (env merged), plus name and fullName. No `pools`: one pool named "default" whose
+Deployment has the component's name. Use: (include "tailor.pools" $ctx | fromYaml).pools
+*/}}
+{{- define "tailor.pools" -}}
 {{- $c := index .root.Values .name -}}
+{{- $base := dict "replicaCount" $c.replicaCount "resources" $c.resources "gpu" $c.gpu "nodeSelector" $c.nodeSelector "tolerations" $c.tolerations "affinity" $c.affinity "env" $c.env "autoscaling" $c.autoscaling -}}
+{{- $pools := list -}}
+{{- if $c.pools -}}
+{{- range $p := $c.pools -}}
+{{- $m := deepCopy $base -}}
+{{- range $k, $v := $p -}}
+{{- if ne $k "env" -}}{{- $_ := set $m $k $v -}}{{- end -}}
+{{- end -}}
+{{- $_ := set $m "env" (merge (deepCopy ($p.env | default dict)) (deepCopy ($c.env | default dict))) -}}
+{{- $_ := set $m "fullName" (printf "%s-%s" (include "tailor.componentName" $) $p.name | trunc 63 | trimSuffix "-") -}}
+{{- $pools = append $pools $m -}}
+{{- end -}}
+{{- else -}}
+{{- $m := deepCopy $base -}}
+{{- $_ := set $m "name" "default" -}}
+{{- $_ := set $m "fullName" (include "tailor.componentName" .) -}}
+{{- $pools = append $pools $m -}}
+{{- end -}}
+{{- toYaml (dict "pools" $pools) -}}
+{{- end -}}
+
+{{/* Resources of one pool (dict "root" $ "pool" $p), with the GPU added to requests and limits when gpu.count > 0. */}}
+{{- define "tailor.resources" -}}
+{{- $c := .pool -}}
 {{- $resources := deepCopy ($c.resources | default dict) -}}
 {{- if gt (int $c.gpu.count) 0 -}}
 {{- $gpu := .root.Values.gpuNodes.resourceName -}}
@@ -61,9 +97,9 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- toYaml $resources -}}
 {{- end -}}
 
-{{/* Tolerations of one component: its own, plus the GPU nodes' when it asks for GPUs. */}}
+{{/* Tolerations of one pool (dict "root" $ "pool" $p): its own, plus the GPU nodes' when it asks for GPUs. */}}
 {{- define "tailor.tolerations" -}}
-{{- $c := index .root.Values .name -}}
+{{- $c := .pool -}}
 {{- $tolerations := $c.tolerations | default list -}}
 {{- if gt (int $c.gpu.count) 0 -}}
 {{- range .root.Values.gpuNodes.tolerations -}}
@@ -74,5 +110,56 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version }}
 {{- end -}}
 {{- if $tolerations -}}
 {{- toYaml $tolerations -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The S3 endpoint every pod uses: the bundled MinIO's Service, or store.external.endpoint. */}}
+{{- define "tailor.s3Endpoint" -}}
+{{- if .Values.store.minio.enabled -}}
+{{- printf "http://%s:9000" (include "tailor.componentName" (dict "root" . "name" "minio")) -}}
+{{- else -}}
+{{- .Values.store.external.endpoint -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The Secret with keys access-key and secret-key. */}}
+{{- define "tailor.s3Secret" -}}
+{{- if .Values.store.minio.enabled -}}
+{{- .Values.store.minio.existingSecret | default (include "tailor.componentName" (dict "root" . "name" "minio")) -}}
+{{- else -}}
+{{- .Values.store.external.existingSecret -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "tailor.s3Region" -}}
+{{- if .Values.store.minio.enabled -}}us-east-1{{- else -}}{{- .Values.store.external.region | default "us-east-1" -}}{{- end -}}
+{{- end -}}
+
+{{/* Triton's --model-repository: s3://[https://]host:port/bucket/prefix/path (Triton needs the port; no endpoint: AWS S3). */}}
+{{- define "tailor.tritonRepository" -}}
+{{- $endpoint := include "tailor.s3Endpoint" . -}}
+{{- $where := trimSuffix "/" (trimPrefix "s3://" .Values.store.url) -}}
+{{- $host := "" -}}
+{{- if $endpoint -}}
+{{- $u := urlParse $endpoint -}}
+{{- $https := eq $u.scheme "https" -}}
+{{- $hostport := $u.host -}}
+{{- if not (regexMatch ":[0-9]+$" $hostport) -}}{{- $hostport = printf "%s:%s" $hostport (ternary "443" "80" $https) -}}{{- end -}}
+{{- $host = printf "%s%s/" (ternary "https://" "" $https) $hostport -}}
+{{- end -}}
+{{- printf "s3://%s%s/%s" $host $where .Values.tritonServer.modelRepositoryPath -}}
+{{- end -}}
+
+{{- define "tailor.postgresqlSecret" -}}
+{{- .Values.gatewayState.postgresql.existingSecret | default (include "tailor.componentName" (dict "root" . "name" "postgresql")) -}}
+{{- end -}}
+
+{{/* A generated credential, kept across upgrades: (dict "root" $ "secret" NAME "key" KEY "length" N) */}}
+{{- define "tailor.generatedSecretValue" -}}
+{{- $existing := lookup "v1" "Secret" .root.Release.Namespace .secret -}}
+{{- if and $existing (hasKey ($existing.data | default dict) .key) -}}
+{{- index $existing.data .key -}}
+{{- else -}}
+{{- randAlphaNum (int .length) | b64enc -}}
 {{- end -}}
 {{- end -}}
