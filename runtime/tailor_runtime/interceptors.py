@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
@@ -81,44 +82,37 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         for token in reversed(tokens):
             otel_context.detach(token)
 
+    @contextlib.asynccontextmanager
+    async def _rpc_scope(self, method, metadata, guarded, context):
+        """Auth, a server span, metrics, and the mapping of any exception to a status code, around one RPC."""
+        start, code = time.perf_counter(), grpc.StatusCode.OK
+        span, tokens = None, ()
+        try:
+            span, tokens = self._enter(method, metadata, guarded, context)
+            yield
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code
+            code = exc.code if isinstance(exc, TailorError) else _code_of(context, exc)
+            if _is_abort(exc):
+                raise
+            await _abort_for(exc, context, method)
+        finally:
+            if span is not None:
+                self._exit(method, start, span, tokens, code)
+            else:
+                RPC_REQUESTS.labels(self.service, method, code.name).inc()
+
     def _wrap_unary(self, behavior, method, metadata, guarded):
         async def wrapper(request, context):
-            start, code = time.perf_counter(), grpc.StatusCode.OK
-            span, tokens = None, ()
-            try:
-                span, tokens = self._enter(method, metadata, guarded, context)
+            async with self._rpc_scope(method, metadata, guarded, context):
                 return await behavior(request, context)
-            except Exception as exc:  # noqa: BLE001 - mapped to a status code
-                code = exc.code if isinstance(exc, TailorError) else _code_of(context, exc)
-                if _is_abort(exc):
-                    raise
-                await _abort_for(exc, context, method)
-            finally:
-                if span is not None:
-                    self._exit(method, start, span, tokens, code)
-                else:
-                    RPC_REQUESTS.labels(self.service, method, code.name).inc()
 
         return wrapper
 
     def _wrap_stream(self, behavior, method, metadata, guarded):
         async def wrapper(request, context):
-            start, code = time.perf_counter(), grpc.StatusCode.OK
-            span, tokens = None, ()
-            try:
-                span, tokens = self._enter(method, metadata, guarded, context)
+            async with self._rpc_scope(method, metadata, guarded, context):
                 async for item in behavior(request, context):
                     yield item
-            except Exception as exc:  # noqa: BLE001
-                code = exc.code if isinstance(exc, TailorError) else _code_of(context, exc)
-                if _is_abort(exc):
-                    raise
-                await _abort_for(exc, context, method)
-            finally:
-                if span is not None:
-                    self._exit(method, start, span, tokens, code)
-                else:
-                    RPC_REQUESTS.labels(self.service, method, code.name).inc()
 
         return wrapper
 
