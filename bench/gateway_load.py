@@ -17,6 +17,7 @@ import asyncio
 import collections
 import json
 import multiprocessing as mp
+import os
 import platform
 import random
 import statistics
@@ -147,6 +148,21 @@ def killer(stack: Stack, every: float, stop: threading.Event, log: list) -> None
         stack.restart(victim)
 
 
+def sampler(pid: int, every: float, stop: threading.Event, series: list) -> None:
+    """Gateway RSS and the machine's 1-minute load average every `every` seconds."""
+    started = time.monotonic()
+    while True:
+        series.append(
+            {
+                "t_s": round(time.monotonic() - started, 1),
+                "rss_mb": round(rss_mb(pid), 1),
+                "load1": round(os.getloadavg()[0], 2),
+            }
+        )
+        if stop.wait(every):
+            return
+
+
 def percentile(values, q):
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -162,6 +178,7 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=0, help="SIGKILL a random worker every S seconds")
     parser.add_argument("--port", type=int, default=47100)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--sample-every", type=float, default=10, help="seconds between RSS samples")
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="tailor-load-"))
@@ -194,7 +211,11 @@ def main() -> int:
             inputs_by_token[token] = project_inputs[project]
         rss_before = rss_mb(gateway_pid)
 
-        stop, kills = threading.Event(), []
+        stop, kills, series = threading.Event(), [], []
+        load_before = os.getloadavg()
+        threading.Thread(
+            target=sampler, args=(gateway_pid, args.sample_every, stop, series), daemon=True
+        ).start()
         if args.kill_every:
             threading.Thread(target=killer, args=(stack, args.kill_every, stop, kills), daemon=True).start()
         queue = mp.Queue()
@@ -213,8 +234,9 @@ def main() -> int:
         for p in procs:
             p.join()
         wall = time.monotonic() - started
-        stop.set()
         rss_after = rss_mb(gateway_pid)
+        stop.set()
+        load_after = os.getloadavg()
 
         lat, errors, states, submitted = (
             collections.defaultdict(list),
@@ -258,6 +280,11 @@ def main() -> int:
             },
             "errors": dict(errors),
             "gateway_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1)},
+            "gateway_rss_series": series,
+            "load_average": {
+                "before": [round(x, 2) for x in load_before],
+                "after": [round(x, 2) for x in load_after],
+            },
             "kills": len(kills),
             "pipelines_in_db": len(rows),
             "submissions": len(set(submitted)),

@@ -40,6 +40,9 @@ class GatewaySettings(ServiceSettings):
     rate_limit_rps: float = Field(50.0, ge=0, description="Requests/s per API token; 0: unlimited.")
     rate_limit_burst: float = Field(100.0, ge=1, description="Requests a token may make at once.")
     worker_lost_after_s: float = Field(30.0, gt=0, description="Unreachable this long: re-dispatch.")
+    worker_stall_s: float = Field(
+        120.0, gt=0, description="No progress this long and no health answer: hung, re-dispatch."
+    )
 
 
 ENV = {
@@ -56,6 +59,7 @@ ENV = {
     "rate_limit_rps": "TAILOR_RATE_LIMIT_RPS",
     "rate_limit_burst": "TAILOR_RATE_LIMIT_BURST",
     "worker_lost_after_s": "TAILOR_WORKER_LOST_AFTER_S",
+    "worker_stall_s": "TAILOR_WORKER_STALL_S",
 }
 
 
@@ -78,7 +82,14 @@ def main() -> None:
     store = open_service_store(settings)
     state = StateStore(settings.state_url or settings.state_db)
     access = Access(state.db, tokens.hashes)
-    engine = Engine(state, pools, store, access, settings.worker_lost_after_s)
+    engine = Engine(
+        state,
+        pools,
+        store,
+        access,
+        settings.worker_lost_after_s,
+        worker_stall_s=settings.worker_stall_s,
+    )
 
     def register(server, ctx):
         servicer = GatewayServicer(

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
@@ -35,6 +36,7 @@ from tailor.trainer.v1 import trainer_service_pb2 as train_pb
 from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
+from tailor_gateway.capabilities import Capabilities
 from tailor_gateway.reporting import publish_report
 from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec, parse_spec, plan
 from tailor_gateway.workers import STAGE_POOL, Backoff, WorkerPools
@@ -49,6 +51,10 @@ OS = common.OperationState
 MAX_ATTEMPTS = 3
 # A stage whose store or worker is away (UNAVAILABLE) is retried this long, with backoff, then fails.
 UNAVAILABLE_RETRY_S = 300.0
+# No progress event from a worker for this long: ask its health service; no answer means it hangs.
+WORKER_STALL_S = 120.0
+HEALTH_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 30.0
 _OP_STATE = {
     OS.OPERATION_STATE_SUCCEEDED: st.SUCCEEDED,
     OS.OPERATION_STATE_FAILED: st.FAILED,
@@ -71,6 +77,7 @@ class Engine:
         access: Access | None = None,
         worker_lost_after_s: float = 30.0,
         unavailable_retry_s: float = UNAVAILABLE_RETRY_S,
+        worker_stall_s: float = WORKER_STALL_S,
     ):
         self.state = state
         self.pools = pools
@@ -78,11 +85,26 @@ class Engine:
         self.access = access or Access(state.db)
         self.worker_lost_after_s = worker_lost_after_s
         self.unavailable_retry_s = unavailable_retry_s
+        self.worker_stall_s = worker_stall_s
+        # Starting an operation answers within seconds on a live worker (its first call imports the
+        # method's libraries); past this deadline dispatch tries the next worker of the pool.
+        self.start_timeout_s = START_TIMEOUT_S
+        self.capabilities = Capabilities(pools)
         self._drivers: dict[str, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()
         self._progress: dict[tuple[str, str], common.Progress] = {}
         self._changed: dict[str, asyncio.Event] = {}
 
     # --- public API -----------------------------------------------------------------------------
+    async def submit(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
+        """create(), after checking the spec's method and format names against the worker pools."""
+        if idempotency_key:
+            existing = self.state.find_by_idempotency_key(project, idempotency_key)
+            if existing is not None:
+                return existing  # a retry: already accepted, not checked again
+        await self.capabilities.check(parse_spec(spec_yaml))
+        return self.create(spec_yaml, project, idempotency_key)
+
     def create(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
         if idempotency_key:
             existing = self.state.find_by_idempotency_key(project, idempotency_key)
@@ -171,9 +193,10 @@ class Engine:
             pass
 
     async def shutdown(self) -> None:
-        for task in self._drivers.values():
+        tasks = [*self._drivers.values(), *self._background]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._drivers.values(), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- driving --------------------------------------------------------------------------------
     def _notify(self, pipeline_id: str) -> None:
@@ -332,14 +355,42 @@ class Engine:
             raise StageFailed(op.error.code or grpc.StatusCode.UNKNOWN.value[0], op.error.message or "failed")
 
     async def _follow(self, pipeline_id: str, stage: str, worker: str, operation_id: str):
-        """Stream the operation's progress until it ends; None when the worker no longer knows it."""
-        stub = common_grpc.OperationsServiceStub(self.pools.channel(worker))
+        """Stream the operation's progress until it ends; None when the worker no longer knows it, is
+        unreachable for worker_lost_after_s, or hangs (no event for worker_stall_s, and its health
+        check fails or times out: a stopped process keeps its connections, so only a deadline sees it)."""
+        channel = self.pools.channel(worker)
+        stub = common_grpc.OperationsServiceStub(channel)
         backoff_s = 0.5
         lost_since: float | None = None
         while True:
+            stream = stub.WatchOperation(common.WatchOperationRequest(operation_id=operation_id))
+            events = stream.__aiter__()
             try:
-                stream = stub.WatchOperation(common.WatchOperationRequest(operation_id=operation_id))
-                async for event in stream:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(anext(events), self.worker_stall_s)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError:
+                        stream.cancel()
+                        if await self._worker_alive(channel):
+                            log.info(
+                                "stage %s: no progress from %s for %.0fs; it is alive, still waiting",
+                                stage,
+                                worker,
+                                self.worker_stall_s,
+                            )
+                            break  # watch again
+                        log.warning(
+                            "stage %s: %s made no progress for %.0fs and fails its health "
+                            "check: treated as lost",
+                            stage,
+                            worker,
+                            self.worker_stall_s,
+                        )
+                        self.pools.suspect(worker, self.worker_stall_s)
+                        self._cancel_in_background(worker, operation_id)
+                        return None
                     op = event.operation
                     lost_since = None
                     self._progress[(pipeline_id, stage)] = op.progress
@@ -358,6 +409,30 @@ class Engine:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 5.0)
 
+    async def _worker_alive(self, channel: grpc.aio.Channel) -> bool:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=min(HEALTH_TIMEOUT_S, self.worker_stall_s)
+            )
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def _cancel_in_background(self, worker: str, operation_id: str) -> None:
+        """A hung worker that wakes up must not finish (and publish) what was dispatched elsewhere."""
+
+        async def cancel() -> None:
+            try:
+                await common_grpc.OperationsServiceStub(self.pools.channel(worker)).CancelOperation(
+                    common.CancelOperationRequest(operation_id=operation_id), timeout=600
+                )
+            except grpc.aio.AioRpcError:
+                pass  # dead for good, or restarted and forgot it: nothing to stop
+
+        task = asyncio.get_running_loop().create_task(cancel())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def _start_call(self, p, spec: PipelineSpec, s: st.StageRow, stages):
         labels = {"pipeline_id": p.id, "stage": s.name, "method": s.params.get("method", "")}
         metadata = _trace_metadata()
@@ -371,7 +446,7 @@ class Engine:
                 labels=labels,
             )
             return lambda ch: train_grpc.TrainerServiceStub(ch).FineTune(
-                request, metadata=metadata, timeout=30
+                request, metadata=metadata, timeout=self.start_timeout_s
             )
         if s.kind == "quantize":
             request = quant_pb.QuantizeRequest(
@@ -382,23 +457,24 @@ class Engine:
                 labels=labels,
             )
             return lambda ch: quant_grpc.QuantizerServiceStub(ch).Quantize(
-                request, metadata=metadata, timeout=30
+                request, metadata=metadata, timeout=self.start_timeout_s
             )
         if s.kind == "benchmark":
             candidate = s.params["candidate"]
-            model = (
-                self._source_model(spec, stages)
-                if candidate == "original"
-                else _ref_dict(stages[f"quantize/{candidate}"].results[0])
-            )
+            source = self._source_model(spec, stages)
             request = bench_pb.BenchmarkRequest(
-                model=model,
+                model=source
+                if candidate == "original"
+                else _ref_dict(stages[f"quantize/{candidate}"].results[0]),
                 eval_data=_ref(spec.data.eval.artifact),
                 config=to_struct(spec.benchmark.config),
                 labels=labels,
             )
+            if candidate != "original":
+                # The model it was quantized from: the report then holds top1_agreement and KL with it.
+                request.reference_model.CopyFrom(source)
             return lambda ch: bench_grpc.BenchmarkerServiceStub(ch).Benchmark(
-                request, metadata=metadata, timeout=30
+                request, metadata=metadata, timeout=self.start_timeout_s
             )
         if s.kind == "export":
             chosen = stages["select"].metrics.get("recommended_model")
@@ -411,7 +487,7 @@ class Engine:
                 labels=labels,
             )
             return lambda ch: export_grpc.ExporterServiceStub(ch).Export(
-                request, metadata=metadata, timeout=30
+                request, metadata=metadata, timeout=self.start_timeout_s
             )
         raise AssertionError(f"not a remote stage: {s.kind}")
 

@@ -23,6 +23,8 @@ METRICS = {
     "tokens_per_s": ("Throughput", "tokens/s"),
     "peak_memory_mb": ("Peak memory", "MB"),
     "model_memory_mb": ("Model memory", "MB"),
+    "top1_agreement": ("Top-1 agreement", ""),
+    "kl_divergence": ("KL divergence", "nats"),
 }
 _OPS = {"at_most": "≤", "at_least": "≥"}
 # A constraint line further than this many data spans from the points would squash them: say so instead.
@@ -109,7 +111,9 @@ def _table(summary: dict) -> str:
     header = (
         "<tr><th>Candidate</th><th>Method</th><th class=n>Size (MB)</th><th class=n>Perplexity (Δ)</th>"
         "<th class=n>Latency<br>(ms/token)</th><th class=n>Throughput<br>(tokens/s)</th>"
-        "<th class=n>Peak memory<br>(MB)</th><th>Verdict</th></tr>"
+        "<th class=n>Peak memory<br>(MB)</th>"
+        "<th class=n title='with the model it was quantized from'>Top-1 agreement<br>(KL, nats)</th>"
+        "<th>Verdict</th></tr>"
     )
     rows = []
     for cand in summary.get("candidates", []):
@@ -142,12 +146,21 @@ def _table(summary: dict) -> str:
             f"<td class=n>{_num(_metric(cand, 'latency_ms_per_token'))}</td>"
             f"<td class=n>{_num(_metric(cand, 'tokens_per_s'))}</td>"
             f"<td class=n>{_num(_metric(cand, 'peak_memory_mb'))}</td>"
+            f"<td class=n>{_agreement(cand)}</td>"
             f"<td>{_verdict(cand, summary)}</td></tr>"
         )
     return (
         "<section><h2>Candidates</h2><div class=scroll><table>"
         f"<thead>{header}</thead><tbody>{''.join(rows)}</tbody></table></div></section>"
     )
+
+
+def _agreement(cand: dict) -> str:
+    top1 = _metric(cand, "top1_agreement")
+    if top1 is None:
+        return "—"
+    kl = _metric(cand, "kl_divergence")
+    return f"{top1:.3f}" + (f" <small>({kl:.4f})</small>" if kl is not None else "")
 
 
 def _verdict(cand: dict, summary: dict) -> str:

@@ -19,6 +19,8 @@ SUMMARY_METRICS = (
     "tokens_per_s",
     "peak_memory_mb",
     "model_memory_mb",
+    "top1_agreement",  # with the source model (the fine-tuned one, else the spec's); not for 'original'
+    "kl_divergence",
 )
 
 

@@ -109,7 +109,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return message
 
     async def CreatePipeline(self, request, context):
-        row = self.engine.create(request.spec_yaml, current_principal.get(), request.idempotency_key)
+        row = await self.engine.submit(request.spec_yaml, current_principal.get(), request.idempotency_key)
         self.access.audit(current_caller.get(), "pipeline.create", row.id, name=row.name)
         return self._to_proto(self.engine.state.get_pipeline(row.id))
 

@@ -75,6 +75,7 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 CREATE INDEX IF NOT EXISTS audit_by_project ON audit (project, time);
 CREATE INDEX IF NOT EXISTS pipelines_by_state ON pipelines (state);
+CREATE INDEX IF NOT EXISTS pipelines_by_project ON pipelines (project, created);
 """
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"

@@ -32,7 +32,13 @@ STAGE_POOL = {
     "export": "exporter",
     "select": "selector",
 }
-RETRYABLE = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+# DEADLINE_EXCEEDED: a hung worker (alive socket, no answer). Should it have started the operation after
+# all, that operation is orphaned; the recipe cache keeps a deterministic result from being redone.
+RETRYABLE = (
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 
 # What an autoscaler scales worker pools on.
 QUEUE_DEPTH = Gauge("tailor_gateway_queue_depth", "Stages waiting for a worker, per pool", ["pool"])
@@ -76,6 +82,11 @@ class WorkerPools:
         self.credentials = credentials  # mutual TLS to the workers when TAILOR_TLS_* are set
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cursor = {p: itertools.count() for p in POOLS}
+        self._suspect_until: dict[str, float] = {}
+
+    def suspect(self, address: str, for_s: float) -> None:
+        """A worker that hung: tried after every other worker of its pool for the next for_s seconds."""
+        self._suspect_until[address] = asyncio.get_running_loop().time() + for_s
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -103,11 +114,13 @@ class WorkerPools:
         QUEUE_DEPTH.labels(pool).inc()
         try:
             while True:
-                addresses = self.pools.get(pool) or []
+                addresses = list(self.pools.get(pool) or [])
                 start = next(self._cursor[pool])
+                now = loop.time()
+                ordered = [addresses[(start + k) % len(addresses)] for k in range(len(addresses))]
+                ordered.sort(key=lambda a: self._suspect_until.get(a, 0.0) > now)  # stable: suspects last
                 last_error: grpc.aio.AioRpcError | None = None
-                for k in range(len(addresses)):
-                    address = addresses[(start + k) % len(addresses)]
+                for address in ordered:
                     try:
                         return address, await call(self.channel(address))
                     except grpc.aio.AioRpcError as exc:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -51,6 +53,8 @@ def stack(tmp_path_factory):
             "TAILOR_FAKE_WORK": "instant",
             "TAILOR_FAKE_WORK_SECONDS": str(OP_SECONDS),
             "TAILOR_WORKER_LOST_AFTER_S": "2",
+            # A worker silent this long whose health check also fails (or times out) counts as hung.
+            "TAILOR_WORKER_STALL_S": "3",
             "TAILOR_GRACE_SECONDS": "2",
         },
     )
@@ -156,6 +160,61 @@ def test_pipeline_survives_a_killed_worker_and_a_killed_gateway(stack, conn, inp
     assert max(per_recipe.values()) == 1, per_recipe
     artifacts_dir = stack.state_dir / "store" / "artifacts"
     assert all((d / "manifest.json").exists() for d in artifacts_dir.iterdir())
+
+
+def test_a_hung_worker_is_noticed_and_its_stage_moves(stack, conn, inputs):
+    """SIGSTOP: the worker keeps its connections open but answers nothing. The gateway's per-event
+    deadline and a failed health check see it; the stage goes to the other quantizer, and the stopped
+    worker, once it runs again, is told to cancel, so it publishes nothing of its own."""
+    for name in ("quantizer", "quantizer-2"):  # the first test SIGKILLed one of them
+        if stack.processes[name].poll() is not None:
+            stack.restart(name)
+    spec = yaml.safe_load(_spec(inputs, "hung"))
+    spec.pop("export")  # one candidate, no export: short
+    spec["quantize"] = [{"method": "int8_dynamic", "seed": 7}]
+    p = conn.gateway_stub().CreatePipeline(
+        gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(spec)), metadata=conn.metadata()
+    )
+    p = _wait_for(conn, p.id, lambda p: _running(p, "quantize/"))
+    stalled = _running(p, "quantize/")[0]
+    victim = next(n for n in ("quantizer", "quantizer-2") if stack.address(n) == stalled.worker)
+    pid = stack.processes[victim].pid
+    os.kill(pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    try:
+        _wait_for(conn, p.id, lambda p: {s.name: s for s in p.stages}[stalled.name].attempts == 2, timeout=30)
+        # Stall 3 s + health check 3 s, with room for a loaded machine.
+        noticed_in = time.monotonic() - stopped_at
+        assert noticed_in < 15, noticed_in
+        final = _wait_for(conn, p.id, lambda p: p.state in TERMINAL, timeout=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert final.state == gw.PIPELINE_STATE_SUCCEEDED, final.error.message
+    moved = {s.name: s for s in final.stages}[stalled.name]
+    assert moved.attempts == 2 and moved.worker != stalled.worker
+
+    # Woken up, the stopped worker gets the cancel that waited for it: its copy ends CANCELLED.
+    worker_ops = common_grpc.OperationsServiceStub(grpc.insecure_channel(stalled.worker))
+    request = common.GetOperationRequest(operation_id=stalled.operation_id)
+    deadline = time.monotonic() + 10
+    op = worker_ops.GetOperation(request, timeout=5)
+    while (
+        op.state
+        not in (
+            common.OPERATION_STATE_SUCCEEDED,
+            common.OPERATION_STATE_FAILED,
+            common.OPERATION_STATE_CANCELLED,
+        )
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+        op = worker_ops.GetOperation(request, timeout=5)
+    assert op.state == common.OPERATION_STATE_CANCELLED and not op.results
+    store = open_store(str(stack.state_dir / "store"))
+    per_recipe = collections.Counter(
+        recipe_key(m.recipe) for _, m in store.list_manifests() if m.recipe.get("stage") != "upload"
+    )
+    assert max(per_recipe.values()) == 1, per_recipe
 
 
 def test_cancel_reaches_the_workers_and_publishes_no_report(stack, conn, inputs):

@@ -131,6 +131,11 @@ def test_summary_has_every_candidate_measured(finished):
     assert by["nf4"]["size_mb"] < by["original"]["size_mb"]
     assert by["bf16"]["size_mb"] < by["original"]["size_mb"]
     assert 2.0 < by["original"]["perplexity"] < 8.0  # stories260K on TinyStories: about 4
+    # Quantized candidates are compared with the model they came from (the fine-tuned one).
+    for name in ("bf16", "int8_dynamic", "nf4"):
+        assert 0 < by[name]["top1_agreement"] <= 1, name
+        assert by[name]["kl_divergence"] >= 0, name
+    assert "top1_agreement" not in by["original"]
     assert summary["recommended"] in names
     assert summary["rationale"]
 

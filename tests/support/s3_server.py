@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -34,6 +35,7 @@ class S3Server:
     secret_key: str
     region: str = "us-east-1"
     started_in_s: float = 0.0  # how long the server took to start (0 for an external one)
+    state_dir: Path | None = None  # the Ceph cluster's folder (None for an external server)
 
     def client(self, secret_key: str | None = None):
         """A plain boto3 client, for tests that reach past the store (corrupting a blob, say)."""
@@ -97,11 +99,62 @@ def start_ceph_rgw(state_dir: Path, access_key: str, secret_key: str) -> S3Serve
         access_key=access_key,
         secret_key=secret_key,
         started_in_s=round(time.monotonic() - started, 1),
+        state_dir=state_dir,
     )
 
 
 def stop_ceph_rgw(state_dir: Path) -> None:
     subprocess.run(["bash", str(CEPH_SCRIPT), "stop", str(state_dir)], capture_output=True, timeout=60)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return True
+    return state in ("Z", "X")  # a zombie no longer serves (RGW is not our child: nobody may reap it)
+
+
+def stop_rgw(server: S3Server, timeout: float = 10.0) -> None:
+    """An S3 outage: stop only the RADOS Gateway. The monitor and the OSD (which holds the data, in
+    memory) keep running, so start_rgw() brings back the same objects."""
+    if server.state_dir is None:
+        pytest.skip("an external S3 server (TAILOR_TEST_S3_ENDPOINT) cannot be stopped by the tests")
+    pid = int((server.state_dir / "run" / "rgw.pid").read_text().strip())
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline += timeout
+        time.sleep(0.1)
+
+
+def start_rgw(server: S3Server, timeout: float = 60.0) -> None:
+    """Start the RADOS Gateway stopped by stop_rgw() again; return once S3 answers."""
+    if server.state_dir is None:
+        pytest.skip("an external S3 server (TAILOR_TEST_S3_ENDPOINT) cannot be started by the tests")
+    pid_file = server.state_dir / "run" / "rgw.pid"
+    if pid_file.exists() and not _gone(int(pid_file.read_text().strip() or 0)):
+        return  # already running
+    env = {**os.environ, "CEPH_CONF": str(server.state_dir / "ceph.conf")}
+    subprocess.run(
+        ["radosgw", "-n", "client.rgw", "--pid-file", str(pid_file)],
+        cwd=server.state_dir,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            server.client().list_buckets()
+            return
+        except Exception:  # noqa: BLE001 - not up yet
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
 
 
 def s3_server_session() -> Iterator[S3Server]:

@@ -1,0 +1,169 @@
+"""Method and format names are checked at submit against what the pools' workers list: an unknown one is
+INVALID_ARGUMENT with the field path and the valid choices; a pool where no worker answers is not
+a reason to refuse; one round of calls serves a burst of submissions."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import yaml
+
+from tailor.common.v1 import common_pb2 as common
+from tailor.exporter.v1 import exporter_service_pb2 as export_pb
+from tailor.exporter.v1 import exporter_service_pb2_grpc as export_grpc
+from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
+from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
+from tailor.trainer.v1 import trainer_service_pb2 as train_pb
+from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
+from tailor_gateway.capabilities import Capabilities
+from tailor_gateway.engine import Engine
+from tailor_gateway.spec import parse_spec
+from tailor_gateway.state import StateStore
+from tailor_gateway.workers import WorkerPools
+from tailor_runtime.errors import InvalidArgument, NotFound
+from tailor_runtime.store import open_store
+
+A, B = "a" * 64, "b" * 64
+
+
+class Quantizer(quant_grpc.QuantizerServiceServicer):
+    def __init__(self, names, hang=False):
+        self.names, self.hang, self.calls = names, hang, 0
+
+    async def ListMethods(self, request, context):
+        self.calls += 1
+        if self.hang:
+            await asyncio.sleep(30)
+        return quant_pb.ListMethodsResponse(methods=[common.MethodInfo(name=n) for n in self.names])
+
+
+class Trainer(train_grpc.TrainerServiceServicer):
+    async def ListMethods(self, request, context):
+        return train_pb.ListMethodsResponse(methods=[common.MethodInfo(name="lora")])
+
+
+class Exporter(export_grpc.ExporterServiceServicer):
+    async def ListFormats(self, request, context):
+        return export_pb.ListFormatsResponse(formats=[common.MethodInfo(name="onnx")])
+
+
+async def _serve(*servicers):
+    server = grpc.aio.server()
+    for s in servicers:
+        {
+            Quantizer: quant_grpc.add_QuantizerServiceServicer_to_server,
+            Trainer: train_grpc.add_TrainerServiceServicer_to_server,
+            Exporter: export_grpc.add_ExporterServiceServicer_to_server,
+        }[type(s)](s, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def _spec(methods=("bf16",), finetune=None, export=None) -> str:
+    spec = {
+        "name": "caps",
+        "model": {"artifact": A},
+        "data": {"eval": {"artifact": B}, "train": {"artifact": B}},
+        "quantize": [{"method": m} for m in methods],
+    }
+    if finetune:
+        spec["finetune"] = {"method": finetune}
+    if export:
+        spec["export"] = {"format": export}
+    return yaml.safe_dump(spec)
+
+
+def test_unknown_names_are_refused_with_the_field_path_and_choices():
+    async def main():
+        q1, q2 = Quantizer(["bf16", "nf4"]), Quantizer(["int8_dynamic"])
+        s1, a1 = await _serve(q1, Trainer(), Exporter())
+        s2, a2 = await _serve(q2)
+        pools = WorkerPools({"quantizer": [a1, a2], "trainer": [a1], "exporter": [a1]})
+        caps = Capabilities(pools, timeout_s=2, ttl_s=60)
+        try:
+            # Every name some worker lists is fine (the union of a mixed pool).
+            await caps.check(parse_spec(_spec(("bf16", "int8_dynamic", "nf4"), "lora", "onnx")))
+            with pytest.raises(InvalidArgument) as err:
+                await caps.check(parse_spec(_spec(("bf16", "bogus"))))
+            assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.message.startswith("quantize.1.method: unknown quantization method 'bogus'")
+            assert err.value.message.endswith("valid choices: bf16, int8_dynamic, nf4")
+            with pytest.raises(InvalidArgument, match=r"^finetune\.method: .*'qlora'.*valid choices: lora"):
+                await caps.check(parse_spec(_spec(finetune="qlora")))
+            with pytest.raises(InvalidArgument, match=r"^export\.format: .*'gguf'.*valid choices: onnx"):
+                await caps.check(parse_spec(_spec(export="gguf")))
+            # One round of calls answered all of that (cached).
+            assert (q1.calls, q2.calls) == (1, 1)
+        finally:
+            await pools.close()
+            await s1.stop(None)
+            await s2.stop(None)
+
+    asyncio.run(main())
+
+
+def test_cache_expires_and_concurrent_submits_share_one_call():
+    async def main():
+        q = Quantizer(["bf16"])
+        server, address = await _serve(q)
+        pools = WorkerPools({"quantizer": [address]})
+        caps = Capabilities(pools, timeout_s=2, ttl_s=0.2)
+        try:
+            await asyncio.gather(*(caps.check(parse_spec(_spec())) for _ in range(20)))
+            assert q.calls == 1
+            await asyncio.sleep(0.3)
+            await caps.check(parse_spec(_spec()))
+            assert q.calls == 2
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_no_answer_from_a_pool_means_accept():
+    async def main():
+        hung = Quantizer(["bf16"], hang=True)
+        server, address = await _serve(hung)
+        with __import__("socket").socket() as sock:  # a port where nothing listens
+            sock.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        pools = WorkerPools({"quantizer": [address, dead], "exporter": []})
+        caps = Capabilities(pools, timeout_s=0.3, ttl_s=60)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            # A hung worker and a dead one: nobody answered, so even 'bogus' is accepted here (the
+            # worker refuses it at dispatch); an empty pool likewise.
+            await caps.check(parse_spec(_spec(("bogus",), export="onnx")))
+            assert loop.time() - started < 2.0
+            assert await caps.offered("quantizer") is None
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_submit_checks_before_creating_anything(tmp_path):
+    async def main():
+        q = Quantizer(["bf16", "nf4"])
+        server, address = await _serve(q)
+        pools = WorkerPools({"quantizer": [address]})
+        state = StateStore(tmp_path / "gw.db")
+        engine = Engine(state, pools, open_store(str(tmp_path / "store")))
+        try:
+            with pytest.raises(InvalidArgument, match=r"quantize\.0\.method: .*'nf3'"):
+                await engine.submit(_spec(("nf3",)), "proj", "key-1")
+            assert state.list_pipelines("proj", 10) == []
+            # A known method goes on to the next check (here: the inputs are not in the store).
+            with pytest.raises(NotFound, match="model: artifact"):
+                await engine.submit(_spec(("nf4",)), "proj", "key-1")
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
