@@ -14,7 +14,6 @@ import json
 import logging
 import time
 import uuid
-from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -22,27 +21,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from tailor.benchmarker.v1 import benchmarker_service_pb2 as bench_pb
-from tailor.benchmarker.v1 import benchmarker_service_pb2_grpc as bench_grpc
 from tailor.common.v1 import common_pb2 as common
 from tailor.common.v1 import common_pb2_grpc as common_grpc
-from tailor.exporter.v1 import exporter_service_pb2 as export_pb
-from tailor.exporter.v1 import exporter_service_pb2_grpc as export_grpc
-from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
-from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
-from tailor.selector.v1 import selector_service_pb2 as select_pb
 from tailor.selector.v1 import selector_service_pb2_grpc as select_grpc
-from tailor.trainer.v1 import trainer_service_pb2 as train_pb
-from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
 from tailor_gateway.capabilities import Capabilities
 from tailor_gateway.reporting import publish_report
-from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec, parse_spec, plan
+from tailor_gateway.spec import PipelineSpec, parse_spec, plan
+from tailor_gateway.stage_requests import select_request, start_call, trace_metadata
 from tailor_gateway.workers import STAGE_POOL, Backoff, WorkerPools
-from tailor_runtime.errors import FailedPrecondition, NotFound, TailorError, Unavailable
+from tailor_runtime.errors import NotFound, TailorError, Unavailable
 from tailor_runtime.logs import bind
-from tailor_runtime.operations import to_struct
 from tailor_runtime.store import ArtifactStore
 from tailor_runtime.telemetry import tracer
 
@@ -312,7 +302,7 @@ class Engine:
                         f"gave up after {attempts} attempts: the {pool} workers kept losing it",
                     )
                 attempts += 1
-                request_call = self._start_call(p, spec, s, stages)
+                request_call = start_call(p, spec, s, stages, self.start_timeout_s)
                 worker, op = await self.pools.dispatch(pool, request_call)
                 operation_id = op.id
                 # Durable before we wait on it: a restarted gateway re-attaches to this operation.
@@ -433,107 +423,10 @@ class Engine:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _start_call(self, p, spec: PipelineSpec, s: st.StageRow, stages):
-        labels = {"pipeline_id": p.id, "stage": s.name, "method": s.params.get("method", "")}
-        metadata = _trace_metadata()
-        if s.kind == "finetune":
-            request = train_pb.FineTuneRequest(
-                base_model=_ref(spec.model.artifact),
-                dataset=_ref(spec.data.train.artifact),
-                method=s.params["method"],
-                config=to_struct(s.params["config"]),
-                seed=s.params["seed"],
-                labels=labels,
-            )
-            return lambda ch: train_grpc.TrainerServiceStub(ch).FineTune(
-                request, metadata=metadata, timeout=self.start_timeout_s
-            )
-        if s.kind == "quantize":
-            request = quant_pb.QuantizeRequest(
-                model=self._source_model(spec, stages),
-                method=s.params["method"],
-                config=to_struct(s.params["config"]),
-                seed=s.params["seed"],
-                labels=labels,
-            )
-            return lambda ch: quant_grpc.QuantizerServiceStub(ch).Quantize(
-                request, metadata=metadata, timeout=self.start_timeout_s
-            )
-        if s.kind == "benchmark":
-            candidate = s.params["candidate"]
-            source = self._source_model(spec, stages)
-            request = bench_pb.BenchmarkRequest(
-                model=source
-                if candidate == "original"
-                else _ref_dict(stages[f"quantize/{candidate}"].results[0]),
-                eval_data=_ref(spec.data.eval.artifact),
-                config=to_struct(spec.benchmark.config),
-                labels=labels,
-            )
-            if candidate != "original":
-                # The model it was quantized from: the report then holds top1_agreement and KL with it.
-                request.reference_model.CopyFrom(source)
-            return lambda ch: bench_grpc.BenchmarkerServiceStub(ch).Benchmark(
-                request, metadata=metadata, timeout=self.start_timeout_s
-            )
-        if s.kind == "export":
-            chosen = stages["select"].metrics.get("recommended_model")
-            if not chosen:
-                raise FailedPrecondition("nothing to export: no candidate met the constraints")
-            request = export_pb.ExportRequest(
-                model=_ref_dict(chosen),
-                format=s.params["format"],
-                config=to_struct(s.params["config"]),
-                labels=labels,
-            )
-            return lambda ch: export_grpc.ExporterServiceStub(ch).Export(
-                request, metadata=metadata, timeout=self.start_timeout_s
-            )
-        raise AssertionError(f"not a remote stage: {s.kind}")
-
-    @staticmethod
-    def _source_model(spec: PipelineSpec, stages) -> common.ArtifactRef:
-        """The model quantized and benchmarked as 'original': the fine-tuned one if there is a finetune."""
-        if "finetune" in stages:
-            return _ref_dict(stages["finetune"].results[0])
-        return _ref(spec.model.artifact)
-
     # --- local stages ---------------------------------------------------------------------------
     async def _run_select(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
-        candidates, models = [], {}
-        for stage in stages.values():
-            if stage.kind != "benchmark":
-                continue
-            candidate = stage.params["candidate"]
-            metrics = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, int | float)}
-            candidates.append(
-                select_pb.Candidate(
-                    id=candidate, name=candidate, metrics=metrics, is_baseline=candidate == "original"
-                )
-            )
-            models[candidate] = (
-                _ref_to_dict(self._source_model(spec, stages))
-                if candidate == "original"
-                else stages[f"quantize/{candidate}"].results[0]
-            )
-        constraints = []
-        for key, value in spec.select.constraints.model_dump().items():
-            if value is not None:
-                metric, comparison = CONSTRAINT_METRICS[key]
-                constraints.append(
-                    common.Constraint(
-                        metric=metric,
-                        value=value,
-                        comparison=common.COMPARISON_AT_MOST
-                        if comparison == "at_most"
-                        else common.COMPARISON_AT_LEAST,
-                    )
-                )
-        objectives = [select_pb.Objective(**o.model_dump()) for o in spec.select.objectives]
-        request = select_pb.SelectRequest(
-            candidates=candidates, constraints=constraints, objectives=objectives
-        )
-        metadata = _trace_metadata()
+        request, models = select_request(spec, stages)
+        metadata = trace_metadata()
         worker, response = await self.pools.dispatch(
             "selector",
             lambda ch: select_grpc.SelectorServiceStub(ch).Select(request, metadata=metadata, timeout=30),
@@ -561,23 +454,3 @@ class Engine:
                 await asyncio.sleep(delay)
         self.state.set_pipeline(p.id, summary=summary, report=ref)
         self._succeed_stage(p.id, s, [ref], {})
-
-
-def _trace_metadata() -> list[tuple[str, str]]:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return list(carrier.items())
-
-
-def _ref(artifact_id: str) -> common.ArtifactRef:
-    return common.ArtifactRef(id=artifact_id, sha256=artifact_id)
-
-
-def _ref_dict(d: dict[str, Any]) -> common.ArtifactRef:
-    return common.ArtifactRef(
-        id=d["id"], kind=d.get("kind", ""), uri=d.get("uri", ""), sha256=d.get("sha256", "")
-    )
-
-
-def _ref_to_dict(ref: common.ArtifactRef) -> dict[str, str]:
-    return {"id": ref.id, "kind": ref.kind, "uri": ref.uri, "sha256": ref.sha256}

@@ -1,0 +1,150 @@
+"""What the gateway sends each stage: the request built from the spec and the results so far.
+
+Pure functions of (pipeline, spec, stages): no I/O here; the engine dispatches what they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from opentelemetry import propagate
+
+from tailor.benchmarker.v1 import benchmarker_service_pb2 as bench_pb
+from tailor.benchmarker.v1 import benchmarker_service_pb2_grpc as bench_grpc
+from tailor.common.v1 import common_pb2 as common
+from tailor.exporter.v1 import exporter_service_pb2 as export_pb
+from tailor.exporter.v1 import exporter_service_pb2_grpc as export_grpc
+from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
+from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
+from tailor.selector.v1 import selector_service_pb2 as select_pb
+from tailor.trainer.v1 import trainer_service_pb2 as train_pb
+from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
+from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec
+from tailor_runtime.errors import FailedPrecondition
+from tailor_runtime.operations import to_struct
+
+StartCall = Callable[[grpc.aio.Channel], Awaitable[common.Operation]]
+
+
+def trace_metadata() -> list[tuple[str, str]]:
+    """The current trace context as gRPC metadata (W3C traceparent)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return list(carrier.items())
+
+
+def ref(artifact_id: str) -> common.ArtifactRef:
+    return common.ArtifactRef(id=artifact_id, sha256=artifact_id)
+
+
+def ref_dict(d: dict[str, Any]) -> common.ArtifactRef:
+    return common.ArtifactRef(
+        id=d["id"], kind=d.get("kind", ""), uri=d.get("uri", ""), sha256=d.get("sha256", "")
+    )
+
+
+def ref_to_dict(r: common.ArtifactRef) -> dict[str, str]:
+    return {"id": r.id, "kind": r.kind, "uri": r.uri, "sha256": r.sha256}
+
+
+def source_model(spec: PipelineSpec, stages) -> common.ArtifactRef:
+    """The model quantized and benchmarked as 'original': the fine-tuned one if there is a finetune."""
+    if "finetune" in stages:
+        return ref_dict(stages["finetune"].results[0])
+    return ref(spec.model.artifact)
+
+
+def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
+    """The RPC that starts remote stage `s`, as a function of the channel of the worker chosen for it."""
+    labels = {"pipeline_id": p.id, "stage": s.name, "method": s.params.get("method", "")}
+    metadata = trace_metadata()
+    if s.kind == "finetune":
+        request = train_pb.FineTuneRequest(
+            base_model=ref(spec.model.artifact),
+            dataset=ref(spec.data.train.artifact),
+            method=s.params["method"],
+            config=to_struct(s.params["config"]),
+            seed=s.params["seed"],
+            labels=labels,
+        )
+        return lambda ch: train_grpc.TrainerServiceStub(ch).FineTune(
+            request, metadata=metadata, timeout=timeout_s
+        )
+    if s.kind == "quantize":
+        request = quant_pb.QuantizeRequest(
+            model=source_model(spec, stages),
+            method=s.params["method"],
+            config=to_struct(s.params["config"]),
+            seed=s.params["seed"],
+            labels=labels,
+        )
+        return lambda ch: quant_grpc.QuantizerServiceStub(ch).Quantize(
+            request, metadata=metadata, timeout=timeout_s
+        )
+    if s.kind == "benchmark":
+        candidate = s.params["candidate"]
+        source = source_model(spec, stages)
+        request = bench_pb.BenchmarkRequest(
+            model=source if candidate == "original" else ref_dict(stages[f"quantize/{candidate}"].results[0]),
+            eval_data=ref(spec.data.eval.artifact),
+            config=to_struct(spec.benchmark.config),
+            labels=labels,
+        )
+        if candidate != "original":
+            # The model it was quantized from: the report then holds top1_agreement and KL with it.
+            request.reference_model.CopyFrom(source)
+        return lambda ch: bench_grpc.BenchmarkerServiceStub(ch).Benchmark(
+            request, metadata=metadata, timeout=timeout_s
+        )
+    if s.kind == "export":
+        chosen = stages["select"].metrics.get("recommended_model")
+        if not chosen:
+            raise FailedPrecondition("nothing to export: no candidate met the constraints")
+        request = export_pb.ExportRequest(
+            model=ref_dict(chosen),
+            format=s.params["format"],
+            config=to_struct(s.params["config"]),
+            labels=labels,
+        )
+        return lambda ch: export_grpc.ExporterServiceStub(ch).Export(
+            request, metadata=metadata, timeout=timeout_s
+        )
+    raise AssertionError(f"not a remote stage: {s.kind}")
+
+
+def select_request(spec: PipelineSpec, stages) -> tuple[select_pb.SelectRequest, dict[str, dict[str, str]]]:
+    """Every benchmarked candidate with its metrics, the spec's constraints and objectives; and each
+    candidate's model, so the recommendation can be exported."""
+    candidates, models = [], {}
+    for stage in stages.values():
+        if stage.kind != "benchmark":
+            continue
+        candidate = stage.params["candidate"]
+        metrics = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, int | float)}
+        candidates.append(
+            select_pb.Candidate(
+                id=candidate, name=candidate, metrics=metrics, is_baseline=candidate == "original"
+            )
+        )
+        models[candidate] = (
+            ref_to_dict(source_model(spec, stages))
+            if candidate == "original"
+            else stages[f"quantize/{candidate}"].results[0]
+        )
+    constraints = []
+    for key, value in spec.select.constraints.model_dump().items():
+        if value is not None:
+            metric, comparison = CONSTRAINT_METRICS[key]
+            at_most = comparison == "at_most"
+            constraints.append(
+                common.Constraint(
+                    metric=metric,
+                    value=value,
+                    comparison=common.COMPARISON_AT_MOST if at_most else common.COMPARISON_AT_LEAST,
+                )
+            )
+    objectives = [select_pb.Objective(**o.model_dump()) for o in spec.select.objectives]
+    request = select_pb.SelectRequest(candidates=candidates, constraints=constraints, objectives=objectives)
+    return request, models
