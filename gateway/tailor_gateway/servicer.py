@@ -71,7 +71,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             raise NotFound(f"pipeline {pipeline_id!r} not found")
         return p
 
-    def _to_proto(self, p: st.PipelineRow) -> pb.Pipeline:
+    def _to_proto(self, p: st.PipelineRow, full: bool = True) -> pb.Pipeline:
         message = pb.Pipeline(
             id=p.id,
             name=p.name,
@@ -82,10 +82,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         )
         if p.error_message:
             message.error.CopyFrom(common.Status(code=p.error_code, message=p.error_message))
-        if p.summary:
-            message.summary.CopyFrom(to_struct(p.summary))
         if p.report:
             message.report.CopyFrom(_ref(p.report))
+        if not full:
+            return message
+        if p.summary:
+            message.summary.CopyFrom(to_struct(p.summary))
         for s in self.engine.state.stages(p.id):
             stage = pb.Stage(
                 name=s.name,
@@ -120,7 +122,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         # The newest first, bounded: a project with thousands of pipelines must not stall the gateway.
         limit = min(request.page_size or self.list_limit, self.list_limit)
         rows = self.engine.state.list_pipelines(current_principal.get(), limit)[::-1]
-        return pb.ListPipelinesResponse(pipelines=[self._to_proto(p) for p in rows])
+        # The basic view leaves out stages and summaries: a listing of 20 full pipelines is ~67 KB and a
+        # query per pipeline, which made ListPipelines ~30x slower than GetPipeline under load.
+        full = request.view == pb.PIPELINE_VIEW_FULL
+        return pb.ListPipelinesResponse(pipelines=[self._to_proto(p, full) for p in rows])
 
     async def WatchPipeline(self, request, context):
         last = None

@@ -119,6 +119,19 @@ def test_pipeline_succeeds_with_progress(finished):
     assert finished["retried_id"] == finished["first_id"], "same idempotency key must give the same pipeline"
 
 
+def test_listing_views(finished, conn):
+    stub = conn.gateway_stub()
+    basic = stub.ListPipelines(gw.ListPipelinesRequest(), metadata=conn.metadata()).pipelines
+    listed = next(p for p in basic if p.id == finished["pipeline"].id)
+    assert listed.state == gw.PIPELINE_STATE_SUCCEEDED and listed.report.id
+    assert not listed.stages and not listed.summary.fields  # the basic view stays small
+    full = stub.ListPipelines(
+        gw.ListPipelinesRequest(view=gw.PIPELINE_VIEW_FULL), metadata=conn.metadata()
+    ).pipelines
+    listed = next(p for p in full if p.id == finished["pipeline"].id)
+    assert listed.stages and listed.summary.fields["recommended"].string_value
+
+
 def test_summary_has_every_candidate_measured(finished):
     summary = _struct(finished["pipeline"].summary)
     names = {c["name"] for c in summary["candidates"]}
