@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tailor_cli.client import open_channel
+from tailor_cli.client import Connection, open_channel
 from tailor_gateway.tokens import issue_token
 
 SERVICES = ("quantizer", "trainer", "benchmarker", "exporter", "selector")
@@ -102,6 +103,16 @@ class Stack:
         )
         self.wait_healthy(timeout)
 
+    def ports(self) -> list[int]:
+        """Every port the stack listens on: gRPC per process, and Prometheus 1000 above it."""
+        return [
+            self.base_port + extra + offset for offset in self.instances().values() for extra in (0, 1000)
+        ]
+
+    def connection(self) -> Connection:
+        """A client connection to this stack's gateway, with the direct stage addresses."""
+        return Connection(self.address("gateway"), self.token, {s: self.address(s) for s in SERVICES})
+
     def wait_healthy(self, timeout: float, services: set[str] | None = None) -> None:
         deadline = time.monotonic() + timeout
         pending = set(services or self.instances())
@@ -165,3 +176,17 @@ def health_status(address: str, timeout: float = 1.0) -> str:
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError:
         return "DOWN"
+
+
+def free_base_port(replicas: dict[str, int] | None = None, start: int = 44000, stop: int = 60000) -> int:
+    """A base port at which every port of a stack with these replicas is free (for tests and benches)."""
+    for base in range(start, stop, 37):
+        ports = Stack(Path("."), base_port=base, replicas=replicas or {}).ports()
+        if all(_port_is_free(port) for port in ports):
+            return base
+    raise RuntimeError(f"no free range of ports for a local stack between {start} and {stop}")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0

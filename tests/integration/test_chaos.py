@@ -12,19 +12,19 @@ import collections
 import json
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
 import grpc
 import pytest
 import yaml
+from support.examples import upload_example_inputs
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.common.v1 import common_pb2_grpc as common_grpc
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor_cli.client import Connection, download, upload
-from tailor_cli.stack import SERVICES, Stack
+from tailor_cli.stack import Stack, free_base_port
 from tailor_gateway.access import Access
 from tailor_gateway.state import StateStore
 from tailor_runtime.store import open_store
@@ -35,19 +35,11 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 OP_SECONDS = 2.0
 
 
-def _free_base_port() -> int:
-    for base in range(44000, 52000, 41):
-        with socket.socket() as a, socket.socket() as b:
-            if a.connect_ex(("127.0.0.1", base)) and b.connect_ex(("127.0.0.1", base + 1010)):
-                return base
-    raise RuntimeError("no free port range")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = Stack(
         tmp_path_factory.mktemp("chaos"),
-        base_port=_free_base_port(),
+        base_port=free_base_port({"quantizer": 2}),
         replicas={"quantizer": 2},
         extra_env={
             "TAILOR_FAKE_WORK": "instant",
@@ -65,18 +57,12 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def conn(stack) -> Connection:
-    return Connection(stack.address("gateway"), stack.token, {s: stack.address(s) for s in SERVICES})
+    return stack.connection()
 
 
 @pytest.fixture(scope="module")
 def inputs(conn) -> dict:
-    return {
-        "model": {"artifact": upload(conn, EXAMPLES / "models" / "stories260K").artifact.id},
-        "data": {
-            "train": {"artifact": upload(conn, EXAMPLES / "data" / "tinystories_train.txt").artifact.id},
-            "eval": {"artifact": upload(conn, EXAMPLES / "data" / "tinystories_eval.txt").artifact.id},
-        },
-    }
+    return upload_example_inputs(conn)
 
 
 def _spec(inputs: dict, name: str) -> str:

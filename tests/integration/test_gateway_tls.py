@@ -15,7 +15,7 @@ import yaml
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from tailor_cli.client import Connection, upload
-from tailor_cli.stack import Stack
+from tailor_cli.stack import Stack, free_base_port
 
 pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -91,7 +91,7 @@ def tls_stack(tmp_path_factory):
         mp.setenv(k, v)
     stack = Stack(
         tmp_path_factory.mktemp("tls"),
-        base_port=48400,
+        base_port=free_base_port(),
         extra_env={"TAILOR_FAKE_WORK": "instant", "TAILOR_GRACE_SECONDS": "2"},
     )
     try:

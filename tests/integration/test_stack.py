@@ -12,13 +12,14 @@ import boto3
 import grpc
 import pytest
 import yaml
+from support.examples import upload_example_inputs
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.quantizer.v1 import quantizer_service_pb2 as qpb
 from tailor.quantizer.v1 import quantizer_service_pb2_grpc as qgrpc
-from tailor_cli.client import Connection, download, upload
-from tailor_cli.stack import SERVICES, Stack, health_status
+from tailor_cli.client import Connection, download
+from tailor_cli.stack import SERVICES, Stack, free_base_port, health_status
 from tailor_runtime.store.manifest import sha256_file
 
 pytestmark = pytest.mark.integration
@@ -53,7 +54,7 @@ def stack(s3_server, tmp_path_factory):
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     s = Stack(
         state,
-        base_port=_free_base_port(),
+        base_port=free_base_port(),
         store_url=f"s3://{BUCKET}/{prefix}",
         extra_env={
             "TAILOR_S3_ENDPOINT_URL": s3_server.endpoint,
@@ -71,18 +72,13 @@ def stack(s3_server, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def conn(stack) -> Connection:
-    return Connection(stack.address("gateway"), stack.token, {s: stack.address(s) for s in SERVICES})
+    return stack.connection()
 
 
 @pytest.fixture(scope="module")
 def finished(stack, conn):
     """Run the short quickstart through the gateway once; the tests below inspect what it left."""
-    spec = dict(SHORT_SPEC)
-    spec["model"] = {"artifact": upload(conn, EXAMPLES / "models" / "stories260K").artifact.id}
-    spec["data"] = {
-        "train": {"artifact": upload(conn, EXAMPLES / "data" / "tinystories_train.txt").artifact.id},
-        "eval": {"artifact": upload(conn, EXAMPLES / "data" / "tinystories_eval.txt").artifact.id},
-    }
+    spec = {**SHORT_SPEC, **upload_example_inputs(conn)}
     stub = conn.gateway_stub()
     request = gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(spec), idempotency_key="it-1")
     p = stub.CreatePipeline(request, metadata=conn.metadata())
@@ -90,21 +86,6 @@ def finished(stack, conn):
     events = list(stub.WatchPipeline(gw.WatchPipelineRequest(pipeline_id=p.id), metadata=conn.metadata()))
     final = events[-1].pipeline
     return {"spec": spec, "pipeline": final, "events": events, "first_id": p.id, "retried_id": again.id}
-
-
-def _free_base_port() -> int:
-    import socket
-
-    for base in range(52000, 60000, 37):
-        ok = True
-        for offset in (0, 1, 2, 3, 4, 5, 1000, 1001, 1002, 1003, 1004, 1005):
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", base + offset)) == 0:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free port range")
 
 
 def test_pipeline_succeeds_with_progress(finished):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -18,13 +17,9 @@ from contextlib import contextmanager
 
 import pytest
 
+from support.ports import free_port
+
 USER = "tailorpg"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _as_server_user(cmd: list[str]) -> list[str]:
@@ -51,7 +46,7 @@ def postgres_server() -> Iterator[str]:
     if os.geteuid() == 0:
         _as_server_user(["true"])  # creates the user
         shutil.chown(root, USER)
-    port = _free_port()
+    port = free_port()
     run = dict(check=True, capture_output=True, text=True)
     try:
         subprocess.run(_as_server_user(["initdb", "-D", data, "-A", "trust", "-U", "tailor", "-N"]), **run)

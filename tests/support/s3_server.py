@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.config import Config
+
+from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CEPH_SCRIPT = REPO / "tools" / "s3-ceph-up.sh"
@@ -47,12 +48,6 @@ class S3Server:
             region_name=self.region,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 2}),
         )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _log_tails(state_dir: Path, lines: int = 15) -> str:

@@ -9,6 +9,7 @@ import asyncio
 import grpc
 import pytest
 import yaml
+from support.ports import free_port
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.exporter.v1 import exporter_service_pb2 as export_pb
@@ -128,9 +129,7 @@ def test_no_answer_from_a_pool_means_accept():
     async def main():
         hung = Quantizer(["bf16"], hang=True)
         server, address = await _serve(hung)
-        with __import__("socket").socket() as sock:  # a port where nothing listens
-            sock.bind(("127.0.0.1", 0))
-            dead = f"127.0.0.1:{sock.getsockname()[1]}"
+        dead = f"127.0.0.1:{free_port()}"  # a port where nothing listens
         pools = WorkerPools({"quantizer": [address, dead], "exporter": []})
         caps = Capabilities(pools, timeout_s=0.3, ttl_s=60)
         try:

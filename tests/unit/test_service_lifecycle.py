@@ -2,21 +2,15 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from support.ports import free_port
 
 from tailor_cli.stack import health_status
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _env(tmp_path, **extra):
@@ -42,7 +36,7 @@ def test_bad_settings_name_the_variable(tmp_path):
 
 
 def test_sigterm_stops_within_the_grace_period(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tailor_selector"],
         env=_env(tmp_path, TAILOR_PORT=str(port), TAILOR_GRACE_SECONDS="3"),
