@@ -42,6 +42,15 @@ class VerificationFailed(FailedPrecondition):
     """An export or artifact computed something other than its source; nothing was published."""
 
 
+class AccuracyGateFailed(FailedPrecondition):
+    """A quantized model lost more quality than allowed; nothing was published. `metrics` holds the
+    numbers, which the failed operation carries so that a pipeline can report the rejection."""
+
+    def __init__(self, message: str, metrics: dict):
+        super().__init__(message)
+        self.metrics = metrics
+
+
 class ResourceExhausted(TailorError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

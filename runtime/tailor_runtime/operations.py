@@ -216,6 +216,9 @@ class OperationRunner:
                 op.state = S.OPERATION_STATE_FAILED
                 if isinstance(exc, TailorError):
                     status = common.Status(code=exc.code.value[0], message=exc.message)
+                    # Numbers behind a refusal (an accuracy gate's measurements) travel with the failure.
+                    if getattr(exc, "metrics", None):
+                        op.metrics.update(_jsonable(exc.metrics))
                 elif isinstance(exc, MemoryError):
                     status = common.Status(
                         code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],

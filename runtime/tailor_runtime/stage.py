@@ -114,12 +114,12 @@ def recipe(
     }
 
 
-def dataset_file(manifest: Manifest) -> str:
-    """The one text file of a dataset artifact (stories or documents separated by blank lines)."""
-    texts = [f.path for f in manifest.files if f.path.endswith((".txt", ".text"))]
+def dataset_file(manifest: Manifest, suffixes: tuple[str, ...] = (".txt", ".text")) -> str:
+    """The one data file of a dataset artifact (by default text: documents separated by blank lines)."""
+    texts = [f.path for f in manifest.files if f.path.endswith(suffixes)]
     if len(texts) != 1:
         raise InvalidArgument(
-            "a text dataset artifact must hold exactly one .txt file; "
-            f"this one holds {[f.path for f in manifest.files]}"
+            f"this dataset artifact must hold exactly one {' or '.join(suffixes)} file; "
+            f"it holds {[f.path for f in manifest.files]}"
         )
     return texts[0]

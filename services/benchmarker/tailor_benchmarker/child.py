@@ -190,7 +190,7 @@ def _tasks(
 
 
 def _agreement(model: Any, tokenizer: Any, reference_dir: Path, text: str, cfg: BenchmarkConfig) -> dict:
-    from tailor_benchmarker.agreement import agreement
+    from tailor_runtime.ml.agreement import agreement
 
     reference, _, ref_info = _load(reference_dir, cfg.threads)
     result = agreement(

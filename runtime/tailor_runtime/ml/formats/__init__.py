@@ -17,13 +17,19 @@ from tailor_runtime.errors import InvalidArgument
 HF_SAFETENSORS = "hf-safetensors"
 INT8_DYNAMIC = "int8-dynamic"
 BNB_NF4 = "bnb-nf4"
+BNB_FP4 = "bnb-fp4"
+BNB_INT8 = "bnb-int8"
+COMPRESSED_TENSORS = "compressed-tensors"
 PEFT_LORA = "peft-lora"
 
 # Full models that `load_causal_lm` can load.
 _LOADERS: dict[str, str] = {
     HF_SAFETENSORS: "tailor_runtime.ml.formats.hf_safetensors",
     INT8_DYNAMIC: "tailor_runtime.ml.formats.int8_dynamic",
-    BNB_NF4: "tailor_runtime.ml.formats.bnb_nf4",
+    BNB_NF4: "tailor_runtime.ml.formats.bnb",
+    BNB_FP4: "tailor_runtime.ml.formats.bnb",
+    BNB_INT8: "tailor_runtime.ml.formats.bnb",
+    COMPRESSED_TENSORS: "tailor_runtime.ml.formats.compressed_tensors",
 }
 
 # Formats a folder may declare. A LoRA adapter is a valid artifact but not a model on its own.

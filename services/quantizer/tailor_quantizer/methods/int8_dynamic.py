@@ -11,14 +11,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tailor_quantizer.methods.registry import Caps, register, require_full_precision
-from tailor_runtime.progress import ProgressFn
+from tailor_quantizer.methods.registry import Caps, Job, register, require_full_precision
 
 
 @register(
     "int8_dynamic",
     caps=Caps(
-        bits=8,
+        bits=(8,),
         needs_calibration=False,
         devices=("cpu",),
         output_format="int8-dynamic",
@@ -45,14 +44,14 @@ class Int8Dynamic:
         return True, ""
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, progress: ProgressFn) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
         import torch
 
         from tailor_runtime.ml.formats.int8_dynamic import save_quantized
         from tailor_runtime.ml.model_io import load_causal_lm
 
         require_full_precision(model_dir)
-        progress(0.0, "loading", f"loading {Path(model_dir).name}")
+        job.progress(0.0, "loading", f"loading {Path(model_dir).name}")
         model, tokenizer = load_causal_lm(model_dir)
         model = model.to(torch.float32)  # scales are computed from the float32 values
-        return save_quantized(model, tokenizer, out_dir, progress)
+        return save_quantized(model, tokenizer, out_dir, job.progress)

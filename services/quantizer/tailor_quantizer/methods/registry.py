@@ -4,14 +4,16 @@ A method is a class decorated with `@register("name", caps=Caps(...))` that defi
 
     class Config(pydantic.BaseModel)     # its options; extra="forbid", frozen, every Field described
     @staticmethod availability() -> (ok, reason)   # can it run in this process (libraries, hardware)?
-    @staticmethod run(model_dir, out_dir, cfg, progress) -> dict   # metrics
+    @staticmethod run(model_dir, out_dir, cfg, job: Job) -> dict   # metrics
 
-Method modules import torch and friends inside `run`, so listing the methods stays cheap.
+Method modules import torch and their library inside `run`, so listing the methods stays cheap and each
+worker image needs only the libraries of the methods it runs (a missing one makes the method unavailable,
+with the reason, in ListMethods).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel
@@ -23,12 +25,25 @@ from tailor_runtime.errors import InvalidArgument
 class Caps:
     """What a method produces and needs, shown to users and used to pick a worker."""
 
-    bits: int  # bits per quantized weight
-    needs_calibration: bool  # needs sample data (none of the current methods do)
+    bits: tuple[int, ...]  # bits per quantized weight it can produce
+    needs_calibration: bool  # needs sample data (calibration_data in the request)
     devices: tuple[str, ...]  # where it can run: "cpu", "cuda"
     output_format: str  # the tailor_format.json format it writes
-    libraries: tuple[str, ...]  # Python packages it relies on
+    libraries: tuple[str, ...]  # Python distributions it relies on (their versions go into the manifest)
     description: str
+    deterministic: bool = True  # same inputs and seed -> same bytes (tested)
+    min_compute_capability: str = ""  # e.g. "8.9": needs a CUDA GPU at least this recent
+
+
+@dataclass
+class Job:
+    """What a method's run() gets besides its folders and config."""
+
+    progress: Any  # ProgressFn
+    seed: int = 0
+    calibration: Any = None  # tailor_runtime.ml.calibration.CalibrationSet when the method needs one
+    device: str = "cpu"  # where to compute: "cpu" or "cuda"
+    stats: dict[str, Any] = field(default_factory=dict)  # extra manifest metrics a method wants to record
 
 
 class Method(Protocol):
@@ -40,7 +55,7 @@ class Method(Protocol):
     def availability() -> tuple[bool, str]: ...
 
     @staticmethod
-    def run(model_dir: Any, out_dir: Any, cfg: Any, progress: Any) -> dict[str, Any]: ...
+    def run(model_dir: Any, out_dir: Any, cfg: Any, job: Job) -> dict[str, Any]: ...
 
 
 _METHODS: dict[str, type] = {}
@@ -96,3 +111,35 @@ def require_full_precision(model_dir: Any) -> dict[str, Any]:
             f"{fmt['format']!r}"
         )
     return fmt
+
+
+def importable(*modules: str) -> tuple[bool, str]:
+    """(True, "") when every module imports; else why not. A real import: a wheel whose native
+    library does not load must count as unavailable. Callers cache the result."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or a broken native library raising anything
+            return False, f"{name} cannot be imported here ({type(exc).__name__}: {str(exc)[:200]})"
+    return True, ""
+
+
+def cuda_at_least(capability: str) -> tuple[bool, str]:
+    """(True, "") when a CUDA GPU of compute capability >= `capability` (e.g. "8.9") is visible."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return (
+            False,
+            f"needs an NVIDIA GPU with compute capability {capability} or later; this worker has no GPU",
+        )
+    major, minor = torch.cuda.get_device_capability()
+    want = tuple(int(x) for x in capability.split("."))
+    if (major, minor) < want:
+        name = torch.cuda.get_device_name()
+        return False, (
+            f"needs compute capability {capability} or later (Ada, Hopper); this worker's {name} is {major}.{minor}"
+        )
+    return True, ""

@@ -1,10 +1,11 @@
-"""The `bnb-nf4` folder format: bitsandbytes 4-bit NormalFloat weights, as transformers saves them.
+"""The bitsandbytes folder formats, as transformers saves them: `bnb-nf4`, `bnb-fp4` and `bnb-int8`.
 
-transformers serializes a 4-bit model to safetensors: per Linear the packed uint8 weight plus its
-quantization state (absmax, quant_map, nested statistics for double quantization, and the non-tensor
-fields packed as JSON bytes in a uint8 tensor, never pickled). config.json carries the
-`quantization_config`, so `from_pretrained` rebuilds the Linear4bit layers on CPU. tailor_format.json:
-{"format": "bnb-nf4", "dtype": "float32" (the compute dtype), "double_quant": bool}.
+transformers serializes a bitsandbytes model to safetensors: for 4-bit (NF4, FP4) per Linear the packed
+uint8 weight plus its quantization state (absmax, quant_map, nested statistics for double quantization,
+and the non-tensor fields packed as JSON bytes in a uint8 tensor, never pickled); for LLM.int8 the int8
+weight and its per-row scale (SCB). config.json carries the `quantization_config`, so `from_pretrained`
+rebuilds the Linear4bit / Linear8bitLt layers on CPU. tailor_format.json:
+{"format": "bnb-nf4" | "bnb-fp4" | "bnb-int8", "dtype": the compute dtype, ...}.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def load(folder: Path, fmt: dict[str, Any]) -> Any:
 
     ok, why = availability()
     if not ok:
-        raise FailedPrecondition(f"cannot load the bnb-nf4 model in {folder}: {why}")
+        raise FailedPrecondition(f"cannot load the {fmt['format']} model in {folder}: {why}")
     model = AutoModelForCausalLM.from_pretrained(
         folder, device_map="cpu", use_safetensors=True, local_files_only=True
     )

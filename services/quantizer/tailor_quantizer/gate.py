@@ -1,0 +1,151 @@
+"""The accuracy gate: a quantized model is measured against its parent before it may be published.
+
+Both models are scored on the same held-out text with the benchmarker's own sliding-window perplexity
+and agreement code (`tailor_runtime.ml`): perplexity of each, its relative increase, top-1 next-token
+agreement and mean KL(parent || quantized). The run fails with AccuracyGateFailed (FAILED_PRECONDITION)
+and these numbers when the increase exceeds the threshold (default 5%) or the agreement is below the
+requested minimum; the output folder is then discarded, so nothing is published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tailor_runtime.errors import AccuracyGateFailed, InvalidArgument
+
+DEFAULT_MAX_PPL_INCREASE_PCT = 5.0
+DEFAULT_EVAL_TOKENS = 4096
+MIN_EVAL_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    max_perplexity_increase_pct: float = DEFAULT_MAX_PPL_INCREASE_PCT
+    min_top1_agreement: float | None = None
+    eval_tokens: int = DEFAULT_EVAL_TOKENS
+    disabled: bool = False
+
+    @classmethod
+    def from_proto(cls, gate: Any) -> GateSettings:
+        settings = cls(
+            max_perplexity_increase_pct=(
+                gate.max_perplexity_increase_pct
+                if gate.HasField("max_perplexity_increase_pct")
+                else DEFAULT_MAX_PPL_INCREASE_PCT
+            ),
+            min_top1_agreement=gate.min_top1_agreement if gate.HasField("min_top1_agreement") else None,
+            eval_tokens=gate.eval_tokens or DEFAULT_EVAL_TOKENS,
+            disabled=gate.disabled,
+        )
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not 0 <= self.max_perplexity_increase_pct <= 1000:
+            raise InvalidArgument(
+                f"gate.max_perplexity_increase_pct must be between 0 and 1000, got {self.max_perplexity_increase_pct}"
+            )
+        if self.min_top1_agreement is not None and not 0 <= self.min_top1_agreement <= 1:
+            raise InvalidArgument(
+                f"gate.min_top1_agreement must be between 0 and 1, got {self.min_top1_agreement}"
+            )
+        if not MIN_EVAL_TOKENS <= self.eval_tokens <= 1_000_000:
+            raise InvalidArgument(
+                f"gate.eval_tokens must be between {MIN_EVAL_TOKENS} and 1000000, got {self.eval_tokens}"
+            )
+
+    def as_recipe(self) -> dict[str, Any]:
+        return {
+            "max_perplexity_increase_pct": self.max_perplexity_increase_pct,
+            "min_top1_agreement": self.min_top1_agreement,
+            "eval_tokens": self.eval_tokens,
+            "disabled": self.disabled,
+        }
+
+
+def _on_device(model: Any, device: str):
+    """A logits callable running `model` on `device` (inputs and logits cross over as needed)."""
+    import torch
+
+    from tailor_runtime.ml.perplexity import logits_fn_for
+
+    if device == "cpu":
+        return logits_fn_for(model)
+
+    def run(input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
+
+    return run
+
+
+def _device_for(model: Any, device: str) -> str:
+    """Models that only run on CPU (torch.ao dynamic int8) stay there whatever the worker has."""
+    if device == "cpu":
+        return "cpu"
+    params = list(model.parameters())
+    if params and params[0].device.type == "cuda":
+        return "cuda"
+    try:
+        model.to(device)
+    except (RuntimeError, ValueError, NotImplementedError):
+        return "cpu"
+    return device
+
+
+def measure(parent_dir: Path, child_dir: Path, text: str, eval_tokens: int, device: str = "cpu") -> dict:
+    """Perplexity of parent and child on `text`, the increase, top-1 agreement and KL."""
+    from tailor_runtime.ml.agreement import agreement
+    from tailor_runtime.ml.model_io import load_causal_lm
+    from tailor_runtime.ml.perplexity import perplexity
+
+    parent, tokenizer = load_causal_lm(parent_dir)
+    child, _ = load_causal_lm(child_dir)
+    limit = getattr(parent.config, "max_position_embeddings", None) or 2048
+    context = min(512, limit)
+    stride = context // 2
+    parent_fn = _on_device(parent, _device_for(parent, device))
+    child_fn = _on_device(child, _device_for(child, device))
+    p = perplexity(parent_fn, tokenizer, text, context_length=context, stride=stride, max_tokens=eval_tokens)
+    c = perplexity(child_fn, tokenizer, text, context_length=context, stride=stride, max_tokens=eval_tokens)
+    a = agreement(child_fn, parent_fn, tokenizer, text, context, stride, eval_tokens)
+    increase = 100.0 * (c["perplexity"] / p["perplexity"] - 1.0)
+    return {
+        "parent_perplexity": p["perplexity"],
+        "perplexity": c["perplexity"],
+        "perplexity_increase_pct": increase,
+        "top1_agreement": a["top1_agreement"],
+        "kl_divergence": a["kl_divergence"],
+        "gate_tokens_scored": c["tokens_scored"],
+        "gate_context_length": context,
+        "gate_stride": stride,
+    }
+
+
+def enforce(settings: GateSettings, metrics: dict[str, Any], method: str) -> dict[str, Any]:
+    """`metrics` plus the verdict; AccuracyGateFailed with the numbers when the result lost too much."""
+    reasons = []
+    if metrics["perplexity_increase_pct"] > settings.max_perplexity_increase_pct:
+        reasons.append(
+            f"perplexity {metrics['perplexity']:.4f} is {metrics['perplexity_increase_pct']:+.2f}% against the "
+            f"parent's {metrics['parent_perplexity']:.4f} (allowed: +{settings.max_perplexity_increase_pct:g}%)"
+        )
+    if settings.min_top1_agreement is not None and metrics["top1_agreement"] < settings.min_top1_agreement:
+        reasons.append(
+            f"top-1 agreement with the parent {metrics['top1_agreement']:.4f} is below "
+            f"{settings.min_top1_agreement:g}"
+        )
+    verdict = {
+        **metrics,
+        "gate": "rejected" if reasons else "passed",
+        "gate_max_perplexity_increase_pct": settings.max_perplexity_increase_pct,
+    }
+    if reasons:
+        raise AccuracyGateFailed(
+            f"accuracy gate rejected {method}: {'; '.join(reasons)}; nothing was published. Try more bits, a "
+            "calibrated method (gptq, awq) or a looser gate.max_perplexity_increase_pct",
+            verdict,
+        )
+    return verdict
