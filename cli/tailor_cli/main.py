@@ -102,6 +102,8 @@ def upload_spec_inputs(conn: Connection, spec_path: Path) -> str:
     resolve(raw.get("model"), "model")
     for key in ("train", "eval"):
         resolve((raw.get("data") or {}).get(key), f"data.{key}")
+    for i, candidate in enumerate(raw.get("quantize") or []):
+        resolve(((candidate or {}).get("calibration") or {}).get("data"), f"quantize[{i}].calibration.data")
     return yaml.safe_dump(raw, sort_keys=False)
 
 

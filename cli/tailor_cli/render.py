@@ -84,7 +84,8 @@ def candidates_table(summary: dict) -> Table:
             Text("pass", style="green")
             if c.get("feasible")
             else Text(
-                "fail: "
+                ("rejected by the " + c["rejected_by"] + ", " if c.get("rejected_by") else "")
+                + "fail: "
                 + "; ".join(
                     f"{v['metric']} {v['actual']:.3g} > {v['limit']:.3g}" for v in c.get("violations", [])
                 ),

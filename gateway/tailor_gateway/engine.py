@@ -168,7 +168,7 @@ class Engine:
                     )
                 except grpc.aio.AioRpcError as exc:
                     log.warning("could not cancel %s on %s: %s", s.operation_id, s.worker, exc.details())
-            if s.state not in st.TERMINAL:
+            if s.state not in (*st.TERMINAL, *st.SETTLED):
                 self.state.set_stage(pipeline_id, s.name, state=st.CANCELLED)
         self._notify(pipeline_id)
 
@@ -214,12 +214,14 @@ class Engine:
                 if failed:
                     first = failed[0]
                     raise StageFailed(first.error_code, f"stage {first.name} failed: {first.error_message}")
-                if all(s.state == st.SUCCEEDED for s in stages.values()):
+                if all(s.state in st.SETTLED for s in stages.values()):
                     self.state.set_pipeline(pipeline_id, state=st.SUCCEEDED)
                     log.info("pipeline succeeded")
                     return
+                if self._skip_dependents_of_rejected(pipeline_id, stages):
+                    continue
                 for s in stages.values():
-                    ready = all(stages[d].state == st.SUCCEEDED for d in s.depends_on)
+                    ready = all(stages[d].state in st.SETTLED for d in s.depends_on)
                     if s.name not in running and s.state in (st.PENDING, st.RUNNING) and ready:
                         running[s.name] = asyncio.create_task(self._run_stage(p, spec, s, stages))
                 if not running:
@@ -276,6 +278,18 @@ class Engine:
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code().name))
             finally:
                 self._notify(p.id)
+
+    def _skip_dependents_of_rejected(self, pipeline_id: str, stages: dict) -> bool:
+        """A benchmark of a rejected candidate has nothing to measure: mark it SKIPPED. True if any was."""
+        skipped = False
+        for s in stages.values():
+            if s.kind == "benchmark" and s.state == st.PENDING:
+                if any(stages[d].state in (st.REJECTED, st.SKIPPED) for d in s.depends_on):
+                    self.state.set_stage(
+                        pipeline_id, s.name, state=st.SKIPPED, error_message="its candidate was rejected"
+                    )
+                    skipped = True
+        return skipped
 
     def _fail_stage(self, pipeline_id: str, s: st.StageRow, code: int, message: str) -> None:
         self.state.set_stage(pipeline_id, s.name, state=st.FAILED, error_code=code, error_message=message)
@@ -342,6 +356,19 @@ class Engine:
                     op.error.code,
                     f"still unavailable after {self.unavailable_retry_s:.0f}s of retries: {op.error.message}",
                 )
+            if s.kind == "quantize" and json_format.MessageToDict(op.metrics).get("gate") == "rejected":
+                # The accuracy gate refused the result: a verdict on this candidate, not a failure of
+                # the pipeline. Nothing was published; the numbers are kept for the report.
+                self.state.set_stage(
+                    p.id,
+                    s.name,
+                    state=st.REJECTED,
+                    metrics=json_format.MessageToDict(op.metrics),
+                    error_code=op.error.code,
+                    error_message=op.error.message,
+                )
+                log.info("stage %s: rejected by the accuracy gate", s.name)
+                return
             raise StageFailed(op.error.code or grpc.StatusCode.UNKNOWN.value[0], op.error.message or "failed")
 
     async def _follow(self, pipeline_id: str, stage: str, worker: str, operation_id: str):

@@ -181,6 +181,8 @@ def _verdict(cand: dict, summary: dict) -> str:
             over = f" ({_signed_pct((actual - limit) / abs(limit) * 100)})"
         text = f"✗ {_label(metric)} {_num(actual)}{unit} {op} {_short(limit)}{unit}{over}"
         lines.append(f"<span class=nw>{_e(text)}</span>")
+    if cand.get("rejected_by"):
+        lines.insert(0, f"<span class=nw>{_e('✗ ' + cand['rejected_by'] + ': not published')}</span>")
     return "<span class=bad>" + "".join(lines) + "</span>"
 
 

@@ -30,7 +30,10 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
     candidates = []
     environment: dict[str, Any] = {}
     for stage in stages.values():
-        if stage.kind != "benchmark":
+        if stage.kind == "quantize" and stage.state == "REJECTED":
+            candidates.append(gate_rejected_candidate(stage))
+            continue
+        if stage.kind != "benchmark" or stage.state != "SUCCEEDED":
             continue
         name = stage.params["candidate"]
         verdict = verdicts.get(name, {})
@@ -94,6 +97,35 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
             **{k: v for k, v in ex.metrics.items() if isinstance(v, int | float | str)},
         }
     return summary
+
+
+def gate_rejected_candidate(stage) -> dict[str, Any]:
+    """A candidate the quantizer's accuracy gate refused: never published, never benchmarked; reported
+    with the gate's own measurements against its parent."""
+    m = stage.metrics
+    limit = m.get("gate_max_perplexity_increase_pct")
+    actual = m.get("perplexity_increase_pct")
+    violations = []
+    if isinstance(limit, int | float) and isinstance(actual, int | float) and actual > limit:
+        violations.append(
+            {"metric": "perplexity_increase_pct", "limit": limit, "actual": actual, "excess": actual - limit}
+        )
+    return {
+        "name": stage.params["candidate"],
+        "method": stage.params["method"],
+        "artifact_id": "",
+        "report_id": "",
+        "metrics": {
+            k: m[k]
+            for k in ("perplexity", "perplexity_increase_pct", "top1_agreement", "kl_divergence")
+            if k in m
+        },
+        "feasible": False,
+        "pareto_optimal": False,
+        "violations": violations,
+        "rejected_by": "accuracy gate",
+        "rejection": stage.error_message,
+    }
 
 
 def publish_report(store: ArtifactStore, p, spec: PipelineSpec, stages: dict) -> tuple[dict, dict]:

@@ -46,12 +46,30 @@ class FineTune(BaseModel):
     seed: int = Field(0, ge=0)
 
 
+class Calibration(BaseModel):
+    model_config = _STRICT
+    data: Input | None = Field(None, description="Calibration text or JSONL; defaults to data.train.")
+    samples: int | None = Field(None, ge=8, le=100_000, description="Sequences (quantizer default 128).")
+    seq_len: int | None = Field(None, ge=16, le=131_072, description="Tokens per sequence (default 512).")
+
+
+class Gate(BaseModel):
+    model_config = _STRICT
+    max_perplexity_increase_pct: float | None = Field(
+        None, ge=0, le=1000, description="Default: select.constraints.max_perplexity_increase_pct, else 5."
+    )
+    min_top1_agreement: float | None = Field(None, ge=0, le=1)
+    disabled: bool = False
+
+
 class Quantize(BaseModel):
     model_config = _STRICT
     method: str
     name: str | None = Field(None, description="Candidate name; defaults to the method.")
     config: dict[str, Any] = Field(default_factory=dict)
     seed: int = Field(0, ge=0)
+    calibration: Calibration | None = None
+    gate: Gate = Field(default_factory=Gate)
 
 
 class Benchmark(BaseModel):
@@ -135,6 +153,9 @@ class PipelineSpec(BaseModel):
         found = {"model": self.model, "data.eval": self.data.eval}
         if self.data.train is not None:
             found["data.train"] = self.data.train
+        for i, q in enumerate(self.quantize):
+            if q.calibration is not None and q.calibration.data is not None:
+                found[f"quantize[{i}].calibration.data"] = q.calibration.data
         return found
 
 

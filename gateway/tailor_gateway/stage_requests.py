@@ -73,13 +73,34 @@ def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
             request, metadata=metadata, timeout=timeout_s
         )
     if s.kind == "quantize":
+        calibration = s.params.get("calibration") or {}
+        gate = s.params.get("gate") or {}
+        # The gate's default threshold is the pipeline's own quality constraint, else the quantizer's 5%.
+        max_increase = gate.get("max_perplexity_increase_pct")
+        if max_increase is None:
+            max_increase = spec.select.constraints.max_perplexity_increase_pct
         request = quant_pb.QuantizeRequest(
             model=source_model(spec, stages),
             method=s.params["method"],
             config=to_struct(s.params["config"]),
             seed=s.params["seed"],
             labels=labels,
+            eval_data=ref(spec.data.eval.artifact),
+            calibration=quant_pb.CalibrationOptions(
+                samples=calibration.get("samples") or 0, seq_len=calibration.get("seq_len") or 0
+            ),
+            gate=quant_pb.AccuracyGate(
+                max_perplexity_increase_pct=max_increase,
+                min_top1_agreement=gate.get("min_top1_agreement"),
+                disabled=bool(gate.get("disabled")),
+            ),
         )
+        # Calibration text: the candidate's own, else the training data when the pipeline has some.
+        calibration_data = (calibration.get("data") or {}).get("artifact") or (
+            spec.data.train.artifact if spec.data.train is not None else None
+        )
+        if calibration_data:
+            request.calibration_data.CopyFrom(ref(calibration_data))
         return lambda ch: quant_grpc.QuantizerServiceStub(ch).Quantize(
             request, metadata=metadata, timeout=timeout_s
         )
@@ -119,7 +140,7 @@ def select_request(spec: PipelineSpec, stages) -> tuple[select_pb.SelectRequest,
     candidate's model, so the recommendation can be exported."""
     candidates, models = [], {}
     for stage in stages.values():
-        if stage.kind != "benchmark":
+        if stage.kind != "benchmark" or stage.state != "SUCCEEDED":  # a rejected candidate's is SKIPPED
             continue
         candidate = stage.params["candidate"]
         metrics = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, int | float)}

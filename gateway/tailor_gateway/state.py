@@ -80,6 +80,10 @@ CREATE INDEX IF NOT EXISTS pipelines_by_project ON pipelines (project, created);
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+# Stage-only outcomes: a candidate the quantizer's accuracy gate refused, and the stages that needed it.
+REJECTED, SKIPPED = "REJECTED", "SKIPPED"
+# A stage in one of these is finished without failing the pipeline.
+SETTLED = (SUCCEEDED, REJECTED, SKIPPED)
 
 
 @dataclass

@@ -122,6 +122,9 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
         )
         the_recipe["gate"] = gate.as_recipe()
         device = worker_device(method)
+        # Lineage: the model, and the calibration text when the method learned from it (the gate's text
+        # only measured the result; it is in the recipe, which keys the cache).
+        parents = [model_id] + ([request.calibration_data.id] if the_recipe["calibration"] else [])
 
         def work(progress) -> WorkResult:
             progress(1.0, "fetching", "model from the store")
@@ -163,7 +166,7 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
                     kind="model",
                     format=read_format_name(out),
                     name=f"{method.name}",
-                    parents=[i for i in inputs if i],
+                    parents=parents,
                     recipe=the_recipe,
                     metrics=metrics,
                 )
@@ -198,14 +201,10 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
             if method.caps.needs_calibration:
                 tokenizer = load_tokenizer(model_dir)
                 limit = _context_of(model_dir)
+                # The default length follows a short-context model down; an explicit one is checked.
+                length = seq_len if request.calibration.seq_len else min(seq_len, limit)
                 calibration = build_calibration_set(
-                    tokenizer,
-                    documents,
-                    samples,
-                    min(seq_len, limit) if not request.calibration.seq_len else seq_len,
-                    request.seed,
-                    file_sha256(path),
-                    max_seq_len=limit,
+                    tokenizer, documents, samples, length, request.seed, file_sha256(path), max_seq_len=limit
                 )
         return eval_text, calibration
 
