@@ -26,7 +26,7 @@ from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
 from tailor_cli.admin import add_parsers as add_admin_parsers
 from tailor_cli.admin import cmd_audit, cmd_tokens
 from tailor_cli.client import DEFAULT_STATE_DIR, CliError, Connection, download, upload
-from tailor_cli.render import pipeline_state, stages_table, summary_view
+from tailor_cli.render import pipeline_state, render_gate, stages_table, summary_view
 from tailor_cli.select import add_parser as add_select_parser
 from tailor_cli.select import cmd_select
 from tailor_cli.stack import Stack
@@ -247,18 +247,26 @@ def cmd_quantize(args) -> int:
     model_id = args.model if len(args.model) == 64 and not Path(args.model).exists() else None
     if model_id is None:
         model_id = upload(conn, Path(args.model)).artifact.id
-    channel = conn.service_channel("quantizer")
-    op = quant_grpc.QuantizerServiceStub(channel).Quantize(
-        quant_pb.QuantizeRequest(
-            model=common.ArtifactRef(id=model_id),
-            method=args.method,
-            config=to_struct(config),
-            seed=args.seed,
-        )
+    request = quant_pb.QuantizeRequest(
+        model=common.ArtifactRef(id=model_id),
+        method=args.method,
+        config=to_struct(config),
+        seed=args.seed,
+        calibration=quant_pb.CalibrationOptions(samples=args.samples, seq_len=args.seq_len),
+        gate=quant_pb.AccuracyGate(max_perplexity_increase_pct=args.max_ppl_increase, disabled=args.no_gate),
     )
-    op = follow_operation(channel, op)
+    for path, field in ((args.calibration, request.calibration_data), (args.eval, request.eval_data)):
+        if path is not None:
+            field.id = upload(conn, path).artifact.id
+    channel = conn.service_channel("quantizer")
+    op = follow_operation(channel, quant_grpc.QuantizerServiceStub(channel).Quantize(request))
     if op.state != common.OPERATION_STATE_SUCCEEDED:
+        numbers = json_format.MessageToDict(op.metrics)
+        if numbers.get("gate") == "rejected":
+            console.print(render_gate(numbers))
         raise CliError(f"quantize failed: {op.error.message}")
+    if "perplexity_increase_pct" in op.metrics:
+        console.print(render_gate(json_format.MessageToDict(op.metrics)))
     result = op.results[0]
     console.print(f"quantized model {result.id}{' (cached)' if op.cached else ''}")
     if args.out:
@@ -332,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config")
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--out", type=Path, default=None, help="download the result here")
+    quant.add_argument("--calibration", type=Path, help="calibration text or JSONL (methods that need it)")
+    quant.add_argument("--samples", type=int, default=0, help="calibration sequences (default 128)")
+    quant.add_argument("--seq-len", type=int, default=0, help="tokens per calibration sequence (default 512)")
+    quant.add_argument("--eval", type=Path, help="held-out text for the accuracy gate")
+    quant.add_argument(
+        "--max-ppl-increase", type=float, default=5.0, help="accuracy gate, percent (default 5)"
+    )
+    quant.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (not recommended)")
     sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
     add_admin_parsers(sub)
     add_select_parser(sub)

@@ -131,3 +131,16 @@ def summary_view(summary: dict, report_path: str | None) -> Group:
     if report_path:
         parts.append(Text.assemble(("report: ", "bold"), report_path))
     return Group(*parts)
+
+
+def render_gate(metrics: dict) -> Text:
+    """One line: the accuracy gate's measurements of a quantized model against its parent."""
+    verdict = metrics.get("gate", "")
+    style = "green" if verdict == "passed" else "red"
+    return Text(
+        f"accuracy gate {verdict}: perplexity {metrics.get('perplexity', float('nan')):.4f} vs parent "
+        f"{metrics.get('parent_perplexity', float('nan')):.4f} ({metrics.get('perplexity_increase_pct', 0):+.2f}%, "
+        f"allowed +{metrics.get('gate_max_perplexity_increase_pct', 0):g}%), top-1 agreement "
+        f"{metrics.get('top1_agreement', float('nan')):.3f}",
+        style=style,
+    )
