@@ -8,8 +8,6 @@ completes: a cancellation (progress() raising Cancelled) leaves both output fold
 
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +112,7 @@ def finetune_lora(
     from tailor_runtime.ml.formats import HF_SAFETENSORS, PEFT_LORA
     from tailor_runtime.ml.model_io import load_causal_lm, read_format, save_hf_model, write_format
     from tailor_trainer.data import BatchSampler, load_token_stream
+    from tailor_trainer.loop import train_steps
 
     fmt = read_format(model_dir)
     if fmt["format"] != HF_SAFETENSORS:
@@ -141,39 +140,10 @@ def finetune_lora(
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate)
     sampler = BatchSampler(stream, cfg.batch_size, cfg.seq_len, cfg.seed)
-
-    model.train()
-    losses: list[float] = []
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses, elapsed = train_steps(model, params, sampler, cfg.steps, cfg.learning_rate, progress)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    started = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        inputs, targets_ids = sampler.next_batch()
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets_ids.reshape(-1)
-        )
-        if not math.isfinite(loss.item()):
-            raise InvalidArgument(
-                f"training diverged at step {step} (loss {loss.item()}); lower learning_rate"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # Clip: an occasional odd batch (the data has some mojibake) must not undo the steps before it.
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
-        optimizer.step()
-        losses.append(float(loss.item()))
-        tokens_per_s = step * tokens_per_step / max(time.perf_counter() - started, 1e-9)
-        progress(
-            95.0 * step / cfg.steps,
-            "training",
-            f"step {step}/{cfg.steps}",
-            loss=losses[-1],
-            tokens_per_s=tokens_per_s,
-        )
-    elapsed = time.perf_counter() - started
-    model.eval()
 
     progress(96.0, "saving", "writing adapter and merged model")
     adapter_out, merged_out = Path(adapter_out), Path(merged_out)

@@ -1,4 +1,4 @@
-"""TrainerService: proto in, LoRA fine-tuning run as an operation, proto out. No ML here."""
+"""TrainerService: proto in, fine-tuning (LoRA, or QAT) run as an operation, proto out. No ML here."""
 
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ from tailor_runtime.stage import (
     workspace,
 )
 
-METHODS = ("lora",)
-LIBRARIES = ("torch", "transformers", "peft")
+METHODS = ("lora", "qat")
+LIBRARIES = {"lora": ("torch", "transformers", "peft"), "qat": ("torch", "transformers", "torchao")}
+
+
+def _config_class(method: str):
+    from tailor_trainer.lora import LoraTrainConfig
+    from tailor_trainer.qat import QatTrainConfig
+
+    return {"lora": LoraTrainConfig, "qat": QatTrainConfig}[method]
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
@@ -27,46 +34,60 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self.ctx = ctx
 
     async def ListMethods(self, request, context):
-        from tailor_trainer.lora import LoraTrainConfig
+        from tailor_trainer.qat import _availability as qat_availability
 
-        info = common.MethodInfo(
-            name="lora",
-            description="LoRA adapters on every linear projection (peft); merged model on output",
-            available=True,
-            devices=["cpu", "cuda"],
-            output_format="hf-safetensors",
-            libraries=list(LIBRARIES),
-            parameters=config_parameters(LoraTrainConfig),
-        )
-        return pb.ListMethodsResponse(methods=[info], hardware=hardware_profile())
+        qat_ok, qat_why = qat_availability()
+        infos = [
+            common.MethodInfo(
+                name="lora",
+                description="LoRA adapters on every linear projection (peft); merged model on output",
+                available=True,
+                devices=["cpu", "cuda"],
+                output_format="hf-safetensors",
+                libraries=list(LIBRARIES["lora"]),
+                parameters=config_parameters(_config_class("lora")),
+            ),
+            common.MethodInfo(
+                name="qat",
+                description="Quantization-aware full fine-tuning (torchao fake int4/int8 weights, optional int8 "
+                "activations); quantize the result with rtn or gptq at the same bits and group size",
+                available=qat_ok,
+                unavailable_reason=qat_why,
+                bits=[4, 8],
+                devices=["cpu", "cuda"],
+                output_format="hf-safetensors",
+                libraries=list(LIBRARIES["qat"]),
+                parameters=config_parameters(_config_class("qat")),
+            ),
+        ]
+        return pb.ListMethodsResponse(methods=infos, hardware=hardware_profile())
 
     async def FineTune(self, request: pb.FineTuneRequest, context):
-        from tailor_trainer.lora import LoraTrainConfig, finetune_lora
-
         if request.method not in METHODS:
             raise InvalidArgument(f"unknown fine-tuning method {request.method!r}", choices=METHODS)
-        cfg = config_from_struct(LoraTrainConfig, request.config, "lora")
-        if "seed" in LoraTrainConfig.model_fields:
-            cfg = cfg.model_copy(update={"seed": int(request.seed)})
+        method = request.method
+        cfg = config_from_struct(_config_class(method), request.config, method)
+        cfg = cfg.model_copy(update={"seed": int(request.seed)})
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         require_artifact(store, request.base_model, "base_model", ("model",))
         data_manifest = require_artifact(store, request.dataset, "dataset", ("dataset",))
         text_path = dataset_file(data_manifest)
         inputs = [request.base_model.id, request.dataset.id]
-        the_recipe = recipe("finetune", "lora", cfg, inputs, request.seed, LIBRARIES)
+        the_recipe = recipe("finetune", method, cfg, inputs, request.seed, LIBRARIES[method])
 
         def work(progress) -> WorkResult:
             progress(1.0, "fetching", "base model and dataset")
             model_dir = store.materialize(request.base_model.id, cache_dir)
             data_dir = store.materialize(request.dataset.id, cache_dir)
             with workspace(cache_dir) as out:
+                if method == "qat":
+                    return self._qat(model_dir, data_dir / text_path, out, cfg, inputs, the_recipe, progress)
+                from tailor_trainer.lora import finetune_lora
+
                 merged, adapter = out / "merged", out / "adapter"
                 metrics = finetune_lora(model_dir, data_dir / text_path, merged, adapter, cfg, progress)
                 progress(99.0, "publishing", "")
-                # Timings differ run to run: they go to the operation, not into the content-addressed manifest.
-                stable = {
-                    k: v for k, v in metrics.items() if k in ("final_loss", "steps", "trainable_params")
-                }
+                stable = _stable(metrics)
                 merged_manifest = store.publish_directory(
                     merged,
                     kind="model",
@@ -87,7 +108,28 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 )
             return WorkResult(results=[merged_manifest, adapter_manifest], metrics=metrics)
 
-        return self.ctx.runner.start("finetune", work, labels={**request.labels, "method": "lora"})
+        return self.ctx.runner.start("finetune", work, labels={**request.labels, "method": method})
+
+    def _qat(self, model_dir, text, out, cfg, inputs, the_recipe, progress) -> WorkResult:
+        from tailor_trainer.qat import finetune_qat
+
+        metrics = finetune_qat(model_dir, text, out / "model", cfg, progress)
+        progress(99.0, "publishing", "")
+        manifest = self.ctx.store.publish_directory(
+            out / "model",
+            kind="model",
+            format="hf-safetensors",
+            name="qat",
+            parents=inputs,
+            recipe=the_recipe,
+            metrics={**_stable(metrics), "qat": metrics["qat"]},
+        )
+        return WorkResult(results=[manifest], metrics=metrics)
+
+
+def _stable(metrics: dict) -> dict:
+    """Timings differ run to run: they go to the operation, not into the content-addressed manifest."""
+    return {k: v for k, v in metrics.items() if k in ("final_loss", "steps", "trainable_params")}
 
 
 def register(server, ctx: ServiceContext) -> list[str]:
