@@ -25,7 +25,6 @@ from tailor_runtime.stage import (
     config_from_struct,
     config_parameters,
     dataset_file,
-    library_versions,
     read_format_name,
     recipe,
     require_artifact,
@@ -68,7 +67,14 @@ def worker_device(method) -> str:
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
-    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator refusing ("can't allocate")."""
+    text = str(exc).lower()
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
 
 
 class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
@@ -159,7 +165,6 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
                     metrics.update(calibration.manifest_stats())
                 metrics.update(job.stats)
                 metrics["device"] = device
-                metrics["library_versions"] = library_versions(*method.caps.libraries)
                 progress(99.0, "publishing", "")
                 manifest = store.publish_directory(
                     out,
