@@ -86,6 +86,8 @@ class OperationRunner:
         fake_work_seconds: float = 0.0,
     ):
         self.service = service
+        # Set when the worker starts shutting down: work that can checkpoint does so at once.
+        self.draining = threading.Event()
         # TEST MODE only (TAILOR_FAKE_WORK): see fake_work.py.
         self.fake_work, self.fake_work_seconds = fake_work, fake_work_seconds
         self.store = store

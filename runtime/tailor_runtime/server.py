@@ -160,6 +160,7 @@ async def serve(
 
     log.info("shutting down: NOT_SERVING, grace %.1fs", settings.grace_seconds)
     await set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+    runner.draining.set()  # long work (training) checkpoints now, while the grace period runs
     stop = asyncio.create_task(server.stop(settings.grace_seconds))
     await runner.wait_idle(settings.grace_seconds * 0.8)
     runner.cancel_all()

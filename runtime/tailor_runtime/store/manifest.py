@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tailor_runtime.store.keys import check_relative_path
 
 MANIFEST_SCHEMA = "tailor.artifact/v1"
-KINDS = ("model", "adapter", "dataset", "quantized-model", "export", "report")
+KINDS = ("model", "adapter", "dataset", "quantized-model", "export", "report", "checkpoint")
 CHUNK = 1 << 20
 
 

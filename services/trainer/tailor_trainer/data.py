@@ -47,19 +47,25 @@ def load_token_stream(path: Path, tokenizer: Any, seq_len: int) -> TokenStream:
 
 
 class BatchSampler:
-    """Random (input, target) windows from a token stream, reproducible for a seed."""
+    """Random (input, target) windows from a token stream; batch k depends only on (seed, k), so the
+    same seed gives the same batches on any machine and a resumed run continues the same sequence."""
 
     def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int):
+        self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
+
+    def batch(self, step: int) -> dict[str, Any]:
         import torch
 
-        self.stream, self.batch_size, self.seq_len = stream, batch_size, seq_len
-        self.generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        starts = torch.randint(0, len(self.stream) - self.seq_len, (self.batch_size,), generator=generator)
+        windows = torch.stack([self.stream.ids[s : s + self.seq_len + 1] for s in starts.tolist()])
+        return {
+            "input_ids": windows[:, :-1],
+            "labels": windows[:, 1:],
+            "real_tokens": windows[:, :-1].numel(),
+        }
 
     def next_batch(self) -> tuple[Any, Any]:
-        import torch
-
-        starts = torch.randint(
-            0, len(self.stream) - self.seq_len, (self.batch_size,), generator=self.generator
-        )
-        windows = torch.stack([self.stream.ids[s : s + self.seq_len + 1] for s in starts.tolist()])
-        return windows[:, :-1], windows[:, 1:]
+        """A batch outside the training sequence (step 0), e.g. for a fixed evaluation."""
+        batch = self.batch(0)
+        return batch["input_ids"], batch["labels"]

@@ -1,49 +1,160 @@
-"""The training loop every fine-tuning method shares: next-token cross-entropy on sampled windows."""
+"""The training loop every fine-tuning method shares: next-token cross-entropy, AdamW, a schedule,
+checkpoints, and progress with step, loss, learning rate, tokens/s and ETA.
+
+Batches come from `batch_at(step)`, a function of the step alone, so a resumed run sees exactly the
+batches the interrupted one would have seen; with the optimizer, scheduler and RNG states restored from
+the checkpoint, it ends at the same loss.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.errors import Cancelled, InvalidArgument, ResourceExhausted
 from tailor_runtime.progress import ProgressFn
 
+IGNORE = -100
 
-def train_steps(
-    model: Any, params: list[Any], sampler: Any, steps: int, learning_rate: float, progress: ProgressFn
-) -> tuple[list[float], float]:
-    """AdamW on `params` for `steps` batches from `sampler`; (loss per step, seconds). Leaves eval mode."""
+
+class Checkpointer(Protocol):
+    """Where a run keeps its checkpoints (the servicer's is the artifact store)."""
+
+    every: int  # save after every `every` steps (0: never on a timer)
+
+    def restore(self, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, list[float]] | None: ...
+    def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, losses: list[float]) -> None: ...
+    def draining(self) -> bool: ...  # the worker is shutting down: save now
+
+
+@dataclass
+class LoopResult:
+    losses: list[float]
+    seconds: float
+    real_tokens: int
+    resumed_from: int = 0
+    eval_loss: float | None = None
+    learning_rates: list[float] = field(default_factory=list)
+
+
+def scheduler_for(optimizer: Any, schedule: str, warmup: int, steps: int):
+    """Linear warm-up for `warmup` steps, then constant or cosine decay to 10% at the last step."""
+    import torch
+
+    def factor(i: int) -> float:  # i = steps already taken
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        if schedule == "cosine":
+            progress = (i - warmup) / max(1, steps - warmup)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
+    import torch
+
+    kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
+    logits = model(input_ids=batch["input_ids"], **kwargs).logits
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), batch["labels"].reshape(-1), ignore_index=IGNORE
+    )
+
+
+def evaluate(model: Any, batches: list[dict[str, Any]]) -> float:
+    """Mean loss per scored token over `batches` (no gradients)."""
+    import torch
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            n = int((batch["labels"] != IGNORE).sum())
+            if n:
+                total += batch_loss(model, batch).item() * n
+                count += n
+    return total / count if count else float("nan")
+
+
+def train(
+    model: Any,
+    params: list[Any],
+    batch_at: Callable[[int], dict[str, Any]],
+    steps: int,
+    learning_rate: float,
+    progress: ProgressFn,
+    *,
+    schedule: str = "constant",
+    warmup: int = 0,
+    checkpointer: Checkpointer | None = None,
+    eval_batches: list[dict[str, Any]] | None = None,
+    to_device: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b,
+) -> LoopResult:
+    """Train for `steps` optimizer steps (resuming from the checkpointer's latest state if it has one)."""
     import torch
 
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
-    model.train()
+    scheduler = scheduler_for(optimizer, schedule, warmup, steps)
     losses: list[float] = []
-    tokens_per_step = sampler.batch_size * sampler.seq_len
+    start = 1
+    restored = checkpointer.restore(model, optimizer, scheduler) if checkpointer else None
+    if restored is not None:
+        done, losses = restored
+        start = done + 1
+        progress(95.0 * done / steps, "resuming", f"from the checkpoint at step {done}")
+    model.train()
+    real_tokens = 0
+    rates: list[float] = []
     started = time.perf_counter()
-    for step in range(1, steps + 1):
-        inputs, targets_ids = sampler.next_batch()
-        logits = model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]).float(), targets_ids.reshape(-1)
-        )
-        if not math.isfinite(loss.item()):
-            raise InvalidArgument(
-                f"training diverged at step {step} (loss {loss.item()}); lower learning_rate"
+    step = start - 1
+    try:
+        for step in range(start, steps + 1):
+            batch = to_device(batch_at(step))
+            loss = batch_loss(model, batch)
+            if not math.isfinite(loss.item()):
+                raise InvalidArgument(
+                    f"training diverged at step {step} (loss {loss.item()}); lower learning_rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            # Clip: an occasional odd batch (the data has some mojibake) must not undo the steps before it.
+            torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
+            rates.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.item()))
+            real_tokens += int(batch.get("real_tokens", batch["input_ids"].numel()))
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            done_here = step - start + 1
+            if checkpointer and (
+                (checkpointer.every and step % checkpointer.every == 0) or checkpointer.draining()
+            ):
+                checkpointer.save(step, model, optimizer, scheduler, losses)
+            progress(
+                95.0 * step / steps,
+                "training",
+                f"step {step}/{steps}",
+                step=step,
+                loss=losses[-1],
+                learning_rate=rates[-1],
+                tokens_per_s=real_tokens / elapsed,
+                eta_s=elapsed / done_here * (steps - step),
             )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # Clip: an occasional odd batch (the data has some mojibake) must not undo the steps before it.
-        torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
-        optimizer.step()
-        losses.append(float(loss.item()))
-        tokens_per_s = step * tokens_per_step / max(time.perf_counter() - started, 1e-9)
-        progress(
-            95.0 * step / steps,
-            "training",
-            f"step {step}/{steps}",
-            loss=losses[-1],
-            tokens_per_s=tokens_per_s,
-        )
+    except Cancelled:
+        # Cancelled (by the user, or by a shutdown past its grace): keep what was learned so far.
+        if checkpointer and step >= start and losses:
+            checkpointer.save(step, model, optimizer, scheduler, losses)
+        raise
+    except torch.OutOfMemoryError as exc:
+        raise ResourceExhausted(
+            f"out of GPU memory at step {step}: {str(exc).splitlines()[0]}. Use a smaller batch_size or "
+            "seq_len, turn on gradient_checkpointing, or train 4-bit (qlora)"
+        ) from None
+    seconds = time.perf_counter() - started
     model.eval()
-    return losses, time.perf_counter() - started
+    eval_loss = evaluate(model, [to_device(b) for b in eval_batches]) if eval_batches else None
+    return LoopResult(losses, seconds, real_tokens, start - 1, eval_loss, rates)

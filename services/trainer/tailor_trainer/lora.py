@@ -1,15 +1,18 @@
-"""LoRA fine-tuning of a causal LM on plain text, with peft, on CPU or whatever torch defaults to.
+"""LoRA, DoRA and QLoRA fine-tuning of a causal LM, with peft (and bitsandbytes for QLoRA).
 
-`finetune_lora` trains low-rank adapters on the model's linear projections, then writes two artifacts:
-the adapter alone (peft format, safetensors) and the base model with the adapter merged in (a plain
-hf-safetensors float32 folder that every other stage can use). Nothing is written unless training
-completes: a cancellation (progress() raising Cancelled) leaves both output folders untouched.
+`finetune_lora` trains low-rank adapters on the model's linear projections (DoRA: weight-decomposed
+adapters, peft's `use_dora`; QLoRA: the frozen base loaded in 4-bit NF4 with double quantization), on
+plain text or instruction data (datasets.py), then writes two artifacts: the adapter alone (peft format,
+safetensors) and, on request, the base model with the adapter merged in (a plain hf-safetensors float32
+folder every other stage can use; for QLoRA the adapter is merged into the full-precision base, not the
+4-bit one). Nothing is written unless training completes: a cancellation leaves both output folders
+untouched (the checkpointer, if any, keeps the progress).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -45,6 +48,61 @@ class LoraTrainConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per step.")
     seq_len: int = Field(default=128, ge=2, le=1_000_000, description="Tokens per training sequence.")
     seed: int = Field(default=0, ge=0, description="Seeds LoRA initialisation and batch sampling.")
+    dora: bool = Field(default=False, description="DoRA: learn magnitude and direction (peft use_dora).")
+    quantize_base: Literal["nf4"] | None = Field(
+        default=None,
+        description="QLoRA: load the frozen base in 4-bit NF4 (double quantization, bitsandbytes).",
+    )
+    data_format: Literal["auto", "text", "alpaca", "chat"] = Field(
+        default="auto",
+        description="Training data format; auto: JSON with 'messages' is chat, other JSON alpaca.",
+    )
+    alpaca_template: str | None = Field(
+        default=None,
+        description="Prompt for Alpaca records with input ({instruction}, {input}); None: Alpaca's.",
+    )
+    alpaca_template_no_input: str | None = Field(
+        default=None, description="Prompt for Alpaca records without input ({instruction}); None: Alpaca's."
+    )
+    chat_turn_template: str | None = Field(
+        default=None, description="One chat turn ({role}, {content}); None: '### {role}:\\n{content}\\n\\n'."
+    )
+    overlong: Literal["truncate", "drop"] = Field(
+        default="truncate", description="Examples longer than seq_len: cut the response, or leave them out."
+    )
+    packing: bool = Field(
+        default=True, description="Pack several examples per row (attention kept within each example)."
+    )
+    eval_fraction: float = Field(
+        default=0.05,
+        ge=0.0,
+        lt=0.5,
+        description="Share of examples held out for the eval loss (seeded split).",
+    )
+    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="After warm-up.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear learning-rate warm-up steps.")
+    checkpoint_every: int = Field(
+        default=25,
+        ge=0,
+        description="Save a resumable checkpoint every N steps (0: only at cancel/shutdown).",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="Recompute activations in backward: less memory, about 30% slower."
+    )
+    merge: bool = Field(default=True, description="Also publish the base model with the adapter merged in.")
+
+    @field_validator("alpaca_template", "alpaca_template_no_input", "chat_turn_template")
+    @classmethod
+    def _placeholders(cls, v: str | None, info) -> str | None:
+        needed = {
+            "alpaca_template": ("{instruction}", "{input}"),
+            "alpaca_template_no_input": ("{instruction}",),
+            "chat_turn_template": ("{role}", "{content}"),
+        }[info.field_name]
+        missing = [p for p in needed if v is not None and p not in v]
+        if missing:
+            raise ValueError(f"must contain {', '.join(needed)}; missing {', '.join(missing)}")
+        return v
 
     @field_validator("target_modules")
     @classmethod
@@ -104,15 +162,15 @@ def finetune_lora(
     adapter_out: Path,
     cfg: LoraTrainConfig,
     progress: ProgressFn,
+    checkpointer: Any = None,
 ) -> dict[str, Any]:
-    """Train LoRA adapters on `train_text`; write the adapter and the merged model. Returns metrics."""
+    """Train adapters on `train_text` (any supported format); write the adapter (and the merged model)."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from tailor_runtime.ml.formats import HF_SAFETENSORS, PEFT_LORA
     from tailor_runtime.ml.model_io import load_causal_lm, read_format, save_hf_model, write_format
-    from tailor_trainer.data import BatchSampler, load_token_stream
-    from tailor_trainer.loop import train_steps
+    from tailor_trainer.loop import train
 
     fmt = read_format(model_dir)
     if fmt["format"] != HF_SAFETENSORS:
@@ -121,12 +179,20 @@ def finetune_lora(
         )
     progress(0.0, "loading", f"loading {Path(model_dir).name}")
     model, tokenizer = load_causal_lm(model_dir)
-    model = model.to(torch.float32)  # train in float32 whatever the stored dtype
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise InvalidArgument(f"seq_len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
-    stream = load_token_stream(train_text, tokenizer, cfg.seq_len)
     targets = resolve_target_modules(model, cfg.target_modules)
+    # All data is read and validated before the (possibly 4-bit, possibly GPU) model is built.
+    batch_at, eval_batches, data_stats = training_batches(train_text, tokenizer, cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.quantize_base:
+        model = load_4bit_base(model_dir, device)
+    else:
+        model = model.to(device=device, dtype=torch.float32)  # train in float32 whatever the stored dtype
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
 
     torch.manual_seed(cfg.seed)  # LoRA A matrices are randomly initialised (B starts at zero)
     lora = LoraConfig(
@@ -136,16 +202,31 @@ def finetune_lora(
         target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=cfg.dora,
     )
     model = get_peft_model(model, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    sampler = BatchSampler(stream, cfg.batch_size, cfg.seq_len, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, elapsed = train_steps(model, params, sampler, cfg.steps, cfg.learning_rate, progress)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
 
-    progress(96.0, "saving", "writing adapter and merged model")
+    def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+    result = train(
+        model,
+        params,
+        batch_at,
+        cfg.steps,
+        cfg.learning_rate,
+        progress,
+        schedule=cfg.lr_schedule,
+        warmup=cfg.warmup_steps,
+        checkpointer=checkpointer,
+        eval_batches=eval_batches,
+        to_device=to_device,
+    )
+
+    progress(96.0, "saving", "writing the adapter" + (" and the merged model" if cfg.merge else ""))
     adapter_out, merged_out = Path(adapter_out), Path(merged_out)
     model.save_pretrained(adapter_out, safe_serialization=True)
     _normalize_adapter_folder(adapter_out)
@@ -157,19 +238,111 @@ def finetune_lora(
         alpha=cfg.alpha,
         target_modules=targets,
         base_model_type=model.config.model_type,
+        dora=cfg.dora,
+        quantize_base=cfg.quantize_base,
     )
-    merged = model.merge_and_unload()
-    save_hf_model(merged, tokenizer, merged_out, dtype="float32")
+    if cfg.merge:
+        merged = (
+            merge_into_full_precision(model_dir, adapter_out)
+            if cfg.quantize_base
+            else model.merge_and_unload()
+        )
+        save_hf_model(merged.cpu(), tokenizer, merged_out, dtype="float32")
     progress(100.0, "saving", "done")
     return {
-        "final_loss": losses[-1],
-        "initial_loss": losses[0],
-        "loss_curve": losses,
-        "tokens_per_s": cfg.steps * tokens_per_step / max(elapsed, 1e-9),
+        "final_loss": result.losses[-1],
+        "initial_loss": result.losses[0],
+        "eval_loss": result.eval_loss,
+        "loss_curve": result.losses,
+        "tokens_per_s": result.real_tokens / max(result.seconds, 1e-9),
         "steps": cfg.steps,
+        "resumed_from_step": result.resumed_from,
         "trainable_params": trainable,
         "total_params": total,
-        "train_tokens": len(stream),
-        "train_stories": stream.stories,
         "target_modules": targets,
+        "device": device,
+        **data_stats,
     }
+
+
+def training_batches(path: Path, tokenizer: Any, cfg: LoraTrainConfig):
+    """(batch_at(step), eval batches, data statistics) for the configured data format."""
+    from tailor_trainer import datasets
+    from tailor_trainer.data import BatchSampler, load_token_stream
+
+    fmt = datasets.detect_format(path) if cfg.data_format == "auto" else cfg.data_format
+    if fmt == "text":
+        stream = load_token_stream(path, tokenizer, cfg.seq_len)
+        held = int(len(stream) * cfg.eval_fraction)
+        eval_batches = []
+        if held > cfg.seq_len:
+            # The last tokens are held out: training windows never reach them.
+            tail = stream.ids[len(stream) - held :]
+            windows = tail[: (len(tail) - 1) // cfg.seq_len * cfg.seq_len + 1]
+            for i in range(0, min(len(windows) - 1, 16 * cfg.seq_len), cfg.seq_len):
+                w = windows[i : i + cfg.seq_len + 1]
+                eval_batches.append({"input_ids": w[None, :-1], "labels": w[None, 1:]})
+            stream = type(stream)(stream.ids[: len(stream) - held], stream.stories)
+        sampler = BatchSampler(stream, cfg.batch_size, cfg.seq_len, cfg.seed)
+        stats = {"data_format": "text", "train_tokens": len(stream), "train_stories": stream.stories}
+        return sampler.batch, eval_batches, stats
+    templates = datasets.Templates(
+        alpaca=cfg.alpaca_template or datasets.ALPACA_PROMPT,
+        alpaca_no_input=cfg.alpaca_template_no_input or datasets.ALPACA_PROMPT_NO_INPUT,
+        chat_turn=cfg.chat_turn_template or datasets.CHAT_TURN,
+    )
+    examples, stats = datasets.build_examples(path, tokenizer, fmt, cfg.seq_len, cfg.overlong, templates)
+    train_set, eval_set = datasets.split(examples, cfg.eval_fraction, cfg.seed)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = datasets.ExampleBatches(train_set, cfg.batch_size, cfg.seq_len, cfg.packing, cfg.seed, pad)
+    eval_batches = [
+        datasets.collate([[e] for e in eval_set[i : i + cfg.batch_size]], pad)
+        for i in range(0, min(len(eval_set), 64), cfg.batch_size)
+    ]
+    stats.update(
+        {
+            "train_examples": len(train_set),
+            "eval_examples": len(eval_set),
+            "packed_rows": len(batches.rows) if cfg.packing else None,
+            "packing": cfg.packing,
+        }
+    )
+    return batches.batch, eval_batches, stats
+
+
+def load_4bit_base(model_dir: Path, device: str):
+    """The frozen base in NF4 with double quantization (QLoRA); adapters train in float32 beside it."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tailor_runtime.errors import FailedPrecondition
+    from tailor_runtime.ml.formats.bnb import availability
+
+    ok, why = availability()
+    if not ok:
+        raise FailedPrecondition(f"QLoRA needs bitsandbytes: {why}")
+    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    return AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute,
+        ),
+        device_map={"": device if device == "cpu" else 0},
+        dtype=compute,
+        use_safetensors=True,
+        local_files_only=True,
+    )
+
+
+def merge_into_full_precision(model_dir: Path, adapter_dir: Path):
+    """The trained adapter applied to the float base and merged (a 4-bit base would lose the precision)."""
+    import torch
+    from peft import PeftModel
+
+    from tailor_runtime.ml.model_io import load_causal_lm
+
+    base, _ = load_causal_lm(model_dir)
+    return PeftModel.from_pretrained(base.to(torch.float32), adapter_dir).merge_and_unload()

@@ -44,6 +44,11 @@ class QatTrainConfig(BaseModel):
     batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per step.")
     seq_len: int = Field(default=128, ge=2, le=1_000_000, description="Tokens per training sequence.")
     seed: int = Field(default=0, ge=0, description="Seeds batch sampling.")
+    checkpoint_every: int = Field(
+        default=25,
+        ge=0,
+        description="Save a resumable checkpoint every N steps (0: only at cancel/shutdown).",
+    )
 
 
 def _availability() -> tuple[bool, str]:
@@ -97,7 +102,12 @@ def remove_fake_quantization(model: Any) -> None:
 
 
 def finetune_qat(
-    model_dir: Path, train_text: Path, out_dir: Path, cfg: QatTrainConfig, progress: ProgressFn
+    model_dir: Path,
+    train_text: Path,
+    out_dir: Path,
+    cfg: QatTrainConfig,
+    progress: ProgressFn,
+    checkpointer=None,
 ) -> dict[str, Any]:
     """Full fine-tuning through fake quantization; writes a float hf-safetensors folder. Returns metrics."""
     import torch
@@ -105,7 +115,7 @@ def finetune_qat(
     from tailor_runtime.ml.formats import HF_SAFETENSORS
     from tailor_runtime.ml.model_io import load_causal_lm, read_format, save_hf_model, write_format
     from tailor_trainer.data import BatchSampler, load_token_stream
-    from tailor_trainer.loop import train_steps
+    from tailor_trainer.loop import train
 
     ok, why = _availability()
     if not ok:
@@ -123,10 +133,12 @@ def finetune_qat(
         raise InvalidArgument(f"seq_len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
     stream = load_token_stream(train_text, tokenizer, cfg.seq_len)
     layers = prepare_fake_quantization(model, cfg)
-    torch.manual_seed(cfg.seed)
     sampler = BatchSampler(stream, cfg.batch_size, cfg.seq_len, cfg.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    losses, elapsed = train_steps(model, params, sampler, cfg.steps, cfg.learning_rate, progress)
+    result = train(
+        model, params, sampler.batch, cfg.steps, cfg.learning_rate, progress, checkpointer=checkpointer
+    )
+    losses, elapsed = result.losses, result.seconds
     remove_fake_quantization(model)
     progress(96.0, "saving", "writing the QAT-trained model")
     save_hf_model(model, tokenizer, out_dir, dtype="float32")

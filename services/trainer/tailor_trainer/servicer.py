@@ -1,6 +1,14 @@
-"""TrainerService: proto in, fine-tuning (LoRA, or QAT) run as an operation, proto out. No ML here."""
+"""TrainerService: proto in, fine-tuning (LoRA, DoRA, QLoRA, QAT) run as an operation, proto out.
+
+Runs survive their worker: checkpoints go to the artifact store every `checkpoint_every` steps, when the
+operation is cancelled and when the worker starts shutting down; the same request dispatched again (on
+a restarted worker or another one) finds the latest checkpoint of its recipe and continues from it.
+"""
 
 from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.trainer.v1 import trainer_service_pb2 as pb
@@ -17,16 +25,87 @@ from tailor_runtime.stage import (
     require_artifact,
     workspace,
 )
+from tailor_runtime.store.manifest import recipe_key
 
-METHODS = ("lora", "qat")
-LIBRARIES = {"lora": ("torch", "transformers", "peft"), "qat": ("torch", "transformers", "torchao")}
+PEFT = ("torch", "transformers", "peft")
+# name -> (description, libraries, preset applied over the user's config)
+METHODS = {
+    "lora": ("LoRA adapters on every linear projection (peft); merged model on request", PEFT, {}),
+    "dora": ("DoRA: weight-decomposed LoRA (peft use_dora)", PEFT, {"dora": True}),
+    "qlora": (
+        "QLoRA: LoRA over a 4-bit NF4 base with double quantization (bitsandbytes); merged into the float base",
+        (*PEFT, "bitsandbytes"),
+        {"quantize_base": "nf4"},
+    ),
+    "qat": (
+        "Quantization-aware full fine-tuning (torchao fake int4/int8 weights, optional int8 activations); "
+        "quantize the result with rtn or gptq at the same bits and group size",
+        ("torch", "transformers", "torchao"),
+        {},
+    ),
+}
+DATA_SUFFIXES = (".txt", ".text", ".json", ".jsonl")
 
 
 def _config_class(method: str):
     from tailor_trainer.lora import LoraTrainConfig
     from tailor_trainer.qat import QatTrainConfig
 
-    return {"lora": LoraTrainConfig, "qat": QatTrainConfig}[method]
+    return QatTrainConfig if method == "qat" else LoraTrainConfig
+
+
+def _availability(method: str) -> tuple[bool, str]:
+    if method == "qat":
+        from tailor_trainer.qat import _availability as qat_availability
+
+        return qat_availability()
+    if method == "qlora":
+        from tailor_runtime.ml.formats.bnb import availability
+
+        return availability()
+    return True, ""
+
+
+class StoreCheckpointer:
+    """Checkpoints of one run (identified by its recipe) in the artifact store."""
+
+    def __init__(self, store, cache_dir: Path, the_recipe: dict, every: int, parents: list[str], draining):
+        self.store, self.cache_dir, self.every, self.parents = store, cache_dir, every, parents
+        self.pointer = {"checkpoint_of": recipe_key(the_recipe)}
+        self._draining, self._saved_for_drain = draining, False
+        self.saved_steps: list[int] = []
+
+    def draining(self) -> bool:
+        # One checkpoint when shutdown starts; training goes on until the grace period runs out.
+        if self._draining() and not self._saved_for_drain:
+            self._saved_for_drain = True
+            return True
+        return False
+
+    def restore(self, model, optimizer, scheduler):
+        from tailor_trainer import checkpoint
+
+        manifest = self.store.lookup_recipe(self.pointer)
+        if manifest is None:
+            return None
+        folder = self.store.materialize(manifest.id, self.cache_dir)
+        return checkpoint.load(folder, model, optimizer, scheduler)
+
+    def save(self, step, model, optimizer, scheduler, losses) -> None:
+        from tailor_trainer import checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="tailor-ckpt-", dir=self.cache_dir.parent) as tmp:
+            checkpoint.save(Path(tmp), model, optimizer, scheduler, step, losses)
+            manifest = self.store.publish_directory(
+                Path(tmp),
+                kind="checkpoint",
+                format=checkpoint.FORMAT,
+                name=f"checkpoint-step{step}",
+                parents=self.parents,
+                metrics={"step": step, "loss": losses[-1]},
+            )
+        self.store.remember_recipe(self.pointer, manifest.id)
+        self.saved_steps.append(step)
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
@@ -34,86 +113,97 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self.ctx = ctx
 
     async def ListMethods(self, request, context):
-        from tailor_trainer.qat import _availability as qat_availability
-
-        qat_ok, qat_why = qat_availability()
-        infos = [
-            common.MethodInfo(
-                name="lora",
-                description="LoRA adapters on every linear projection (peft); merged model on output",
-                available=True,
-                devices=["cpu", "cuda"],
-                output_format="hf-safetensors",
-                libraries=list(LIBRARIES["lora"]),
-                parameters=config_parameters(_config_class("lora")),
-            ),
-            common.MethodInfo(
-                name="qat",
-                description="Quantization-aware full fine-tuning (torchao fake int4/int8 weights, optional int8 "
-                "activations); quantize the result with rtn or gptq at the same bits and group size",
-                available=qat_ok,
-                unavailable_reason=qat_why,
-                bits=[4, 8],
-                devices=["cpu", "cuda"],
-                output_format="hf-safetensors",
-                libraries=list(LIBRARIES["qat"]),
-                parameters=config_parameters(_config_class("qat")),
-            ),
-        ]
+        infos = []
+        for name, (description, libraries, _preset) in METHODS.items():
+            ok, why = _availability(name)
+            infos.append(
+                common.MethodInfo(
+                    name=name,
+                    description=description,
+                    available=ok,
+                    unavailable_reason=why,
+                    devices=["cpu", "cuda"],
+                    output_format="hf-safetensors",
+                    libraries=list(libraries),
+                    parameters=config_parameters(_config_class(name)),
+                )
+            )
         return pb.ListMethodsResponse(methods=infos, hardware=hardware_profile())
 
     async def FineTune(self, request: pb.FineTuneRequest, context):
         if request.method not in METHODS:
             raise InvalidArgument(f"unknown fine-tuning method {request.method!r}", choices=METHODS)
         method = request.method
+        _description, libraries, preset = METHODS[method]
         cfg = config_from_struct(_config_class(method), request.config, method)
-        cfg = cfg.model_copy(update={"seed": int(request.seed)})
+        cfg = cfg.model_copy(update={"seed": int(request.seed), **preset})
+        ok, why = _availability(method)
+        if not ok:
+            from tailor_runtime.errors import FailedPrecondition
+
+            raise FailedPrecondition(f"method {method!r} cannot run on this worker: {why}")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         require_artifact(store, request.base_model, "base_model", ("model",))
         data_manifest = require_artifact(store, request.dataset, "dataset", ("dataset",))
-        text_path = dataset_file(data_manifest)
+        data_path = dataset_file(data_manifest, DATA_SUFFIXES)
         inputs = [request.base_model.id, request.dataset.id]
-        the_recipe = recipe("finetune", method, cfg, inputs, request.seed, LIBRARIES[method])
+        the_recipe = recipe("finetune", method, cfg, inputs, request.seed, libraries)
+        runner = self.ctx.runner
 
         def work(progress) -> WorkResult:
             progress(1.0, "fetching", "base model and dataset")
             model_dir = store.materialize(request.base_model.id, cache_dir)
             data_dir = store.materialize(request.dataset.id, cache_dir)
+            checkpointer = StoreCheckpointer(
+                store, cache_dir, the_recipe, cfg.checkpoint_every, inputs, runner.draining.is_set
+            )
             with workspace(cache_dir) as out:
                 if method == "qat":
-                    return self._qat(model_dir, data_dir / text_path, out, cfg, inputs, the_recipe, progress)
+                    return self._qat(
+                        model_dir, data_dir / data_path, out, cfg, inputs, the_recipe, progress, checkpointer
+                    )
                 from tailor_trainer.lora import finetune_lora
 
                 merged, adapter = out / "merged", out / "adapter"
-                metrics = finetune_lora(model_dir, data_dir / text_path, merged, adapter, cfg, progress)
+                metrics = finetune_lora(
+                    model_dir, data_dir / data_path, merged, adapter, cfg, progress, checkpointer
+                )
+                metrics["checkpoints_saved"] = checkpointer.saved_steps
                 progress(99.0, "publishing", "")
                 stable = _stable(metrics)
-                merged_manifest = store.publish_directory(
-                    merged,
-                    kind="model",
-                    format="hf-safetensors",
-                    name="lora-merged",
-                    parents=inputs,
-                    recipe=the_recipe,
-                    metrics=stable,
+                results = []
+                if cfg.merge:
+                    results.append(
+                        store.publish_directory(
+                            merged,
+                            kind="model",
+                            format="hf-safetensors",
+                            name=f"{method}-merged",
+                            parents=inputs,
+                            recipe=the_recipe,
+                            metrics=stable,
+                        )
+                    )
+                results.append(
+                    store.publish_directory(
+                        adapter,
+                        kind="adapter",
+                        format="peft-lora",
+                        name=f"{method}-adapter",
+                        parents=inputs,
+                        recipe=the_recipe,
+                        metrics={**stable, "loss_curve": metrics.get("loss_curve", [])},
+                    )
                 )
-                adapter_manifest = store.publish_directory(
-                    adapter,
-                    kind="adapter",
-                    format="peft-lora",
-                    name="lora-adapter",
-                    parents=inputs,
-                    recipe=the_recipe,
-                    metrics={**stable, "loss_curve": metrics.get("loss_curve", [])},
-                )
-            return WorkResult(results=[merged_manifest, adapter_manifest], metrics=metrics)
+            return WorkResult(results=results, metrics=metrics)
 
-        return self.ctx.runner.start("finetune", work, labels={**request.labels, "method": method})
+        return runner.start("finetune", work, labels={**request.labels, "method": method})
 
-    def _qat(self, model_dir, text, out, cfg, inputs, the_recipe, progress) -> WorkResult:
+    def _qat(self, model_dir, text, out, cfg, inputs, the_recipe, progress, checkpointer) -> WorkResult:
         from tailor_trainer.qat import finetune_qat
 
-        metrics = finetune_qat(model_dir, text, out / "model", cfg, progress)
+        metrics = finetune_qat(model_dir, text, out / "model", cfg, progress, checkpointer)
+        metrics["checkpoints_saved"] = checkpointer.saved_steps
         progress(99.0, "publishing", "")
         manifest = self.ctx.store.publish_directory(
             out / "model",
@@ -129,7 +219,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
 def _stable(metrics: dict) -> dict:
     """Timings differ run to run: they go to the operation, not into the content-addressed manifest."""
-    return {k: v for k, v in metrics.items() if k in ("final_loss", "steps", "trainable_params")}
+    return {k: v for k, v in metrics.items() if k in ("final_loss", "eval_loss", "steps", "trainable_params")}
 
 
 def register(server, ctx: ServiceContext) -> list[str]:

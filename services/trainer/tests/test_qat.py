@@ -14,7 +14,7 @@ from tailor_runtime.ml.model_io import load_causal_lm
 from tailor_runtime.ml.perplexity import perplexity
 from tailor_runtime.progress import no_progress
 from tailor_trainer.data import BatchSampler, load_token_stream
-from tailor_trainer.loop import train_steps
+from tailor_trainer.loop import train
 from tailor_trainer.qat import QatTrainConfig, finetune_qat, prepare_fake_quantization
 
 REPO = Path(__file__).resolve().parents[3]
@@ -68,9 +68,8 @@ def test_int4_after_qat_loses_less_than_int4_after_plain_training(qat_dir):
     qat_model, tok = load_causal_lm(qat_dir)
     plain, _ = load_causal_lm(MODEL)
     stream = load_token_stream(TRAIN, tok, CFG.seq_len)
-    torch.manual_seed(0)
     sampler = BatchSampler(stream, CFG.batch_size, CFG.seq_len, CFG.seed)
-    train_steps(plain, list(plain.parameters()), sampler, CFG.steps, CFG.learning_rate, no_progress)
+    train(plain, list(plain.parameters()), sampler.batch, CFG.steps, CFG.learning_rate, no_progress)
     plain_float, plain_int4 = _ppl(plain, tok), _ppl(_int4(plain), tok)
     qat_int4 = _ppl(_int4(qat_model), tok)
     print(f"plain float {plain_float:.4f}, plain->int4 {plain_int4:.4f}, QAT->int4 {qat_int4:.4f}")
