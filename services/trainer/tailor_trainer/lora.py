@@ -316,13 +316,13 @@ def load_4bit_base(model_dir: Path, device: str):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from tailor_runtime.errors import FailedPrecondition
-    from tailor_runtime.ml.formats.bnb import availability
+    from tailor_runtime.ml.formats.bnb import availability, disable_cpu_repacking
 
     ok, why = availability()
     if not ok:
         raise FailedPrecondition(f"QLoRA needs bitsandbytes: {why}")
     compute = torch.bfloat16 if device == "cuda" else torch.float32
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True,
@@ -335,6 +335,8 @@ def load_4bit_base(model_dir: Path, device: str):
         use_safetensors=True,
         local_files_only=True,
     )
+    disable_cpu_repacking(model)  # see formats/bnb.py: the repacked CPU layout breaks odd widths
+    return model
 
 
 def merge_into_full_precision(model_dir: Path, adapter_dir: Path):

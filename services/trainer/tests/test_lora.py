@@ -171,3 +171,73 @@ def test_bad_target_modules_and_seq_len(tmp_path):
         )
     with pytest.raises(InvalidArgument, match="context of 512"):
         finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a", LoraTrainConfig(seq_len=1024), print)
+
+
+class MemoryCheckpointer:
+    """Keeps checkpoints in a folder, like the store-backed one, to test the loop's use of them."""
+
+    def __init__(self, folder: Path, every: int = 0):
+        self.folder, self.every, self.saved = folder, every, []
+
+    def draining(self) -> bool:
+        return False
+
+    def restore(self, model, optimizer, scheduler):
+        from tailor_trainer import checkpoint
+
+        return checkpoint.load(self.folder, model, optimizer, scheduler) if self.saved else None
+
+    def save(self, step, model, optimizer, scheduler, losses):
+        from tailor_trainer import checkpoint
+
+        checkpoint.save(self.folder, model, optimizer, scheduler, step, losses)
+        self.saved.append(step)
+
+
+def test_cancel_keeps_the_last_checkpoint_and_a_rerun_resumes(tmp_path):
+    cfg = LoraTrainConfig(steps=12, checkpoint_every=0)
+    ckpt = MemoryCheckpointer(tmp_path / "ckpt")
+
+    def cancel_at_5(percent, phase="", message="", **metrics):
+        if message == "step 5/12":
+            raise Cancelled("cancelled by test")
+
+    with pytest.raises(Cancelled):
+        finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a", cfg, cancel_at_5, ckpt)
+    assert ckpt.saved == [5] and not (tmp_path / "m").exists()
+    resumed = finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a", cfg, lambda *a, **k: None, ckpt)
+    fresh = finetune_lora(MODEL, TRAIN, tmp_path / "m2", tmp_path / "a2", cfg, lambda *a, **k: None)
+    assert resumed["resumed_from_step"] == 5 and fresh["resumed_from_step"] == 0
+    assert resumed["loss_curve"] == pytest.approx(fresh["loss_curve"], abs=1e-5)
+
+
+def test_progress_reports_learning_rate_and_eta(trained):
+    _, _, progress = trained
+    steps = [c[3] for c in progress.calls if c[1] == "training"]
+    assert all({"step", "loss", "learning_rate", "tokens_per_s", "eta_s"} <= m.keys() for m in steps)
+    assert steps[-1]["eta_s"] == 0 and steps[0]["eta_s"] > 0 and steps[0]["learning_rate"] == 1e-3
+
+
+@pytest.mark.parametrize("variant", ["dora", "qlora"])
+def test_dora_and_qlora_train_and_give_a_float_merged_model(variant, tmp_path):
+    preset = {"dora": {"dora": True}, "qlora": {"quantize_base": "nf4"}}[variant]
+    cfg = LoraTrainConfig(steps=12, learning_rate=3e-3, **preset)
+    metrics = finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a", cfg, lambda *a, **k: None)
+    assert metrics["final_loss"] < metrics["initial_loss"]
+    adapter = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert adapter["use_dora"] is (variant == "dora")
+    assert read_format(tmp_path / "a")["quantize_base"] == preset.get("quantize_base")
+    merged, _ = load_causal_lm(tmp_path / "m")
+    assert read_format(tmp_path / "m")["format"] == "hf-safetensors"
+    assert all(type(m).__name__ != "Linear4bit" for m in merged.modules())
+    assert metrics["eval_loss"] > 0
+
+
+def test_alpaca_training_runs_with_packing(tmp_path):
+    alpaca = REPO.parent / "shared" / "data" / "sft" / "alpaca" / "alpaca_100.json"
+    cfg = LoraTrainConfig(steps=6, seq_len=512, batch_size=2, eval_fraction=0.1)
+    metrics = finetune_lora(MODEL, alpaca, tmp_path / "m", tmp_path / "a", cfg, lambda *a, **k: None)
+    assert metrics["data_format"] == "alpaca" and metrics["packing"] is True
+    assert metrics["eval_examples"] == 10 and metrics["train_examples"] + 10 == metrics["examples"]
+    assert metrics["packed_rows"] < metrics["train_examples"]
+    assert metrics["eval_loss"] > 0 and metrics["final_loss"] > 0

@@ -40,11 +40,11 @@ def load(folder: Path, fmt: dict[str, Any]) -> Any:
     model = AutoModelForCausalLM.from_pretrained(
         folder, device_map="cpu", use_safetensors=True, local_files_only=True
     )
-    _disable_cpu_repacking(model)
+    disable_cpu_repacking(model)
     return model.eval()
 
 
-def _disable_cpu_repacking(model: Any) -> None:
+def disable_cpu_repacking(model: Any) -> None:
     """Keep bitsandbytes' standard NF4 layout for CPU inference.
 
     On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight in place on the first no-grad
