@@ -90,6 +90,14 @@ class LoraTrainConfig(BaseModel):
         default=False, description="Recompute activations in backward: less memory, about 30% slower."
     )
     merge: bool = Field(default=True, description="Also publish the base model with the adapter merged in.")
+    fused_kernels: bool = Field(
+        default=True,
+        description="On a GPU, Liger's Triton kernels for RMSNorm, SwiGLU and RoPE when liger-kernel is installed.",
+    )
+    base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto",
+        description="dtype of the frozen base (adapters train in float32); auto: bfloat16 on a GPU, float32 on CPU.",
+    )
 
     @field_validator("alpaca_template", "alpaca_template_no_input", "chat_turn_template")
     @classmethod
@@ -166,7 +174,6 @@ def finetune_lora(
 ) -> dict[str, Any]:
     """Train adapters on `train_text` (any supported format); write the adapter (and the merged model)."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
     from tailor_runtime.ml.formats import HF_SAFETENSORS, PEFT_LORA
     from tailor_runtime.ml.model_io import load_causal_lm, read_format, save_hf_model, write_format
@@ -189,22 +196,11 @@ def finetune_lora(
     if cfg.quantize_base:
         model = load_4bit_base(model_dir, device)
     else:
-        model = model.to(device=device, dtype=torch.float32)  # train in float32 whatever the stored dtype
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.enable_input_require_grads()
-
-    torch.manual_seed(cfg.seed)  # LoRA A matrices are randomly initialised (B starts at zero)
-    lora = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-        use_dora=cfg.dora,
-    )
-    model = get_peft_model(model, lora)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
+            cfg.base_dtype, torch.bfloat16 if device == "cuda" else torch.float32
+        )
+        model = model.to(device=device, dtype=dtype)
+    model = build_peft_model(model, cfg, targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     params = [p for p in model.parameters() if p.requires_grad]
@@ -263,6 +259,48 @@ def finetune_lora(
         "device": device,
         **data_stats,
     }
+
+
+def build_peft_model(model: Any, cfg: LoraTrainConfig, targets: list[str]) -> Any:
+    """The base wrapped with (Do)LoRA adapters, with gradient checkpointing and fused kernels as configured."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    if cfg.fused_kernels and next(model.parameters()).is_cuda:
+        apply_fused_kernels(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are randomly initialised (B starts at zero)
+    lora = LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        use_dora=cfg.dora,
+    )
+    # Adapters in float32 over a bf16 base (peft's autocast_adapter_dtype): updates this small need the
+    # precision, and the base's memory is what matters.
+    return get_peft_model(model, lora, autocast_adapter_dtype=True)
+
+
+def apply_fused_kernels(model: Any) -> bool:
+    """Liger's Triton RMSNorm, SwiGLU and RoPE on a Llama-family model; False when unavailable."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return False
+    _apply_liger_kernel_to_instance(
+        model=model,
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+    )
+    return True
 
 
 def training_batches(path: Path, tokenizer: Any, cfg: LoraTrainConfig):

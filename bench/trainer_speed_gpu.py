@@ -1,0 +1,316 @@
+"""Fine-tuning speed on a GPU: Tailor's trainer against plain Hugging Face PEFT + Trainer, same run.
+
+Model: the Llama-2-7B architecture (published config) with RANDOM weights (speed and memory only).
+Data: the real lengths of `../shared/data/sft/alpaca/alpaca_5000.json` rendered with the Alpaca prompt.
+The Llama-2 tokenizer is not available offline, so lengths are characters / 4 (about 4 characters per
+Llama-2 token on English) and token ids are random; the prompt part of each example carries no loss in
+both paths. Capped at 512 tokens.
+
+  baseline   transformers.Trainer + peft, batch 4, padded to the longest example in the batch, gradient
+             checkpointing, r=16 on all linear layers (the setup the issue measured)
+  tailor     the trainer's own path (tailor_trainer.lora.build_peft_model + datasets.ExampleBatches +
+             loop.train): examples packed into rows of 512 with a block-diagonal mask (no padding),
+             gradient checkpointing, r=16 on all linear layers, Liger's fused kernels when installed
+
+Each (method, path) runs in its own process, so peak GPU memory (torch.cuda.max_memory_allocated) is its
+own. Tokens per second count real (non-padding) tokens; padded tokens are reported for the baseline.
+
+  python3 bench/trainer_speed_gpu.py --out $OUT/trainer_speed.json          # on the H100
+  python3 bench/trainer_speed_gpu.py --small --device cpu --steps 3         # smoke test on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+for sub in ("runtime", "services/trainer"):
+    sys.path.insert(0, str(ROOT / sub))
+
+ALPACA = ROOT.parent / "shared" / "data" / "sft" / "alpaca" / "alpaca_5000.json"
+LLAMA2_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+)
+SMALL = {
+    **LLAMA2_7B,
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 1000,
+}
+SEQ = 512
+CHARS_PER_TOKEN = 4
+
+
+def examples(vocab: int, seed: int = 0):
+    """(input_ids, labels) per Alpaca record: random ids, real lengths, prompt masked."""
+    import os
+
+    alpaca = Path(os.environ.get("TAILOR_ALPACA", ALPACA))
+    from tailor_trainer.datasets import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT, IGNORE, Example
+
+    rng = random.Random(seed)
+    out = []
+    for r in json.loads(alpaca.read_text()):
+        template = ALPACA_PROMPT if r.get("input") else ALPACA_PROMPT_NO_INPUT
+        prompt = template.format(instruction=r["instruction"], input=r.get("input", ""))
+        n_prompt = 1 + max(1, len(prompt) // CHARS_PER_TOKEN)  # + BOS
+        n_response = max(1, len(r["output"]) // CHARS_PER_TOKEN) + 1  # + EOS
+        n_prompt = min(n_prompt, SEQ - 2)
+        n_response = min(n_response, SEQ - n_prompt)
+        ids = [rng.randrange(3, vocab) for _ in range(n_prompt + n_response)]
+        out.append(Example(ids, [IGNORE] * n_prompt + ids[n_prompt:]))
+    return out
+
+
+def build_model(folder: Path, method: str, device: str):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if method == "qlora":
+        qc = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        return AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=qc, device_map={"": 0}, dtype=torch.bfloat16
+        )
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
+
+
+def run_baseline(folder: Path, method: str, device: str, steps: int, warmup: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = build_model(folder, method, device)
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM")
+    )
+    data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples(model.config.vocab_size)]
+
+    def collate(batch):  # pad to the longest in the batch (what DataCollatorForSeq2Seq does)
+        width = max(len(b["input_ids"]) for b in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, b in enumerate(batch):
+            n = len(b["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = (
+                torch.tensor(b["input_ids"]),
+                torch.tensor(b["labels"]),
+                1,
+            )
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    marks: dict = {"real": 0, "padded": 0}
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == warmup:
+                torch.cuda.synchronize() if device == "cuda" else None
+                marks["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == steps + warmup:
+                torch.cuda.synchronize() if device == "cuda" else None
+                marks["t1"] = time.perf_counter()
+
+    class Counting(Trainer):
+        def training_step(self, model, inputs, *a, **k):
+            if self.state.global_step >= warmup:
+                marks["real"] += int(inputs["attention_mask"].sum())
+                marks["padded"] += inputs["input_ids"].numel()
+            return super().training_step(model, inputs, *a, **k)
+
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=4,
+        max_steps=steps + warmup,
+        gradient_checkpointing=True,
+        bf16=device == "cuda",
+        learning_rate=2e-4,
+        logging_steps=1000,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    Counting(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()]).train()
+    seconds = marks["t1"] - marks["t0"]
+    return {
+        "real_tokens_per_s": marks["real"] / seconds,
+        "padded_tokens_per_s": marks["padded"] / seconds,
+        "padding_share": 1 - marks["real"] / marks["padded"],
+        "seconds": seconds,
+    }
+
+
+def run_tailor(folder: Path, method: str, device: str, steps: int, warmup: int, fused: bool) -> dict:
+    import torch
+
+    from tailor_trainer.datasets import ExampleBatches, split
+    from tailor_trainer.loop import train
+    from tailor_trainer.lora import LoraTrainConfig, apply_fused_kernels, build_peft_model
+
+    model = build_model(folder, method, device)
+    cfg = LoraTrainConfig(
+        r=16,
+        alpha=32,
+        gradient_checkpointing=True,
+        fused_kernels=fused,
+        seq_len=SEQ,
+        batch_size=4,
+        quantize_base="nf4" if method == "qlora" else None,
+    )
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    fused_applied = fused and device == "cuda" and apply_fused_kernels.__module__ is not None
+    model = build_peft_model(model, cfg, targets)
+    train_set, _ = split(examples(model.config.vocab_size), 0.0, 0)
+    batches = ExampleBatches(train_set, cfg.batch_size, SEQ, packing=True, seed=0, pad_id=0)
+    marks: dict = {"real": 0}
+
+    def batch_at(step):
+        batch = batches.batch(step)
+        if step == warmup + 1:
+            torch.cuda.synchronize() if device == "cuda" else None
+            marks["t0"] = time.perf_counter()
+        if step > warmup:
+            marks["real"] += batch["real_tokens"]
+        return batch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    to_device = lambda b: {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}  # noqa: E731
+    train(model, params, batch_at, steps + warmup, 2e-4, lambda *a, **k: None, to_device=to_device)
+    torch.cuda.synchronize() if device == "cuda" else None
+    seconds = time.perf_counter() - marks["t0"]
+    return {
+        "real_tokens_per_s": marks["real"] / seconds,
+        "seconds": seconds,
+        "packed_rows": len(batches.rows),
+        "examples": len(train_set),
+        "fused_kernels": fused_applied,
+    }
+
+
+def child(args) -> None:
+    import torch
+
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if args.path == "baseline":
+        result = run_baseline(Path(args.folder), args.method, args.device, args.steps, args.warmup)
+    else:
+        result = run_tailor(
+            Path(args.folder), args.method, args.device, args.steps, args.warmup, not args.no_fused
+        )
+    if args.device == "cuda":
+        result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--methods", default="lora,qlora")
+    parser.add_argument("--small", action="store_true")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--no-fused", action="store_true")
+    parser.add_argument("--child", action="store_true")
+    parser.add_argument("--path")
+    parser.add_argument("--method")
+    parser.add_argument("--folder")
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = Path(tempfile.mkdtemp(prefix="llama7b-random-"))
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = LlamaForCausalLM(LlamaConfig(**(SMALL if args.small else LLAMA2_7B))).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    del model
+    print(f"random model saved in {time.perf_counter() - started:.0f}s", flush=True)
+    results = []
+    for method in args.methods.split(","):
+        for path in ("baseline", "tailor"):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--path",
+                path,
+                "--method",
+                method,
+                "--folder",
+                str(folder),
+                "--device",
+                args.device,
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+            if args.no_fused:
+                cmd.append("--no-fused")
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            row = {"method": method, "path": path}
+            row.update(json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]})
+            print(json.dumps(row), flush=True)
+            results.append(row)
+    by = {(r["method"], r["path"]): r for r in results}
+    print(
+        "\n| method | path | real tokens/s | padded tokens/s | peak GPU GB | vs baseline |\n|---|---|---|---|---|---|"
+    )
+    for r in results:
+        base = by.get((r["method"], "baseline"), {})
+        ratio = (
+            r.get("real_tokens_per_s", 0) / base["real_tokens_per_s"] if base.get("real_tokens_per_s") else 0
+        )
+        print(
+            f"| {r['method']} | {r['path']} | {r.get('real_tokens_per_s', 0):,.0f} | "
+            f"{r.get('padded_tokens_per_s', 0):,.0f} | {r.get('peak_gpu_gb', 0):.1f} | {ratio:.2f}x |"
+        )
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "model": "Llama-2-7B architecture, RANDOM weights" if not args.small else "small random Llama",
+    }
+    if args.out:
+        args.out.write_text(json.dumps({"environment": env, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
