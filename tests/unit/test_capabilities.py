@@ -25,5 +25,10 @@ def test_quantizer_lists_every_method_with_parameters():
 def test_trainer_and_exporter_list_their_options():
     lora = _call(TrainerServicer(None), "ListMethods").methods[0]
     assert lora.name == "lora" and {"r", "steps", "learning_rate"} <= {p.name for p in lora.parameters}
-    onnx = _call(ExporterServicer(None), "ListFormats").formats[0]
-    assert onnx.name == "onnx" and "opset" in {p.name for p in onnx.parameters}
+    formats = {f.name: f for f in _call(ExporterServicer(None), "ListFormats").formats}
+    assert {"onnx", "onnx-fp16", "onnx-int8", "onnx-int8-static", "ort"} <= set(formats)
+    assert "opset" in {p.name for p in formats["onnx"].parameters}
+    static = formats["onnx-int8-static"]
+    assert static.needs_calibration
+    assert {"calibrator", "calibration_data"} <= {p.name for p in static.parameters}
+    assert formats["ort"].output_format == "ort" and "top-1" in formats["onnx-int8"].description

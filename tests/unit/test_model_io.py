@@ -20,11 +20,14 @@ MODEL = Path(__file__).resolve().parents[2] / "examples" / "models" / "stories26
 
 
 def test_missing_format_file_lists_the_formats(tmp_path):
-    with pytest.raises(InvalidArgument, match="no tailor_format.json.*bnb-nf4, hf-safetensors, int8-dynamic"):
+    with pytest.raises(
+        InvalidArgument,
+        match="no tailor_format.json.*bnb-nf4, compressed-tensors, gguf, hf-safetensors, int8-dynamic, onnx",
+    ):
         read_format(tmp_path)
 
 
-@pytest.mark.parametrize("content", ['{"format": "gguf"}', "[1, 2]", "not json", '{"dtype": "float32"}'])
+@pytest.mark.parametrize("content", ['{"format": "ggml"}', "[1, 2]", "not json", '{"dtype": "float32"}'])
 def test_unknown_or_broken_format_is_invalid_argument(tmp_path, content):
     (tmp_path / "tailor_format.json").write_text(content)
     with pytest.raises(InvalidArgument, match="tailor_format.json"):
@@ -43,7 +46,7 @@ def test_write_format_is_reproducible(tmp_path):
     assert (tmp_path / "tailor_format.json").read_bytes() == first
     assert json.loads(first) == {"format": "int8-dynamic", "dtype": "float32", "quantized_layers": 3}
     with pytest.raises(InvalidArgument):
-        write_format(tmp_path, "onnx")
+        write_format(tmp_path, "tflite")
 
 
 def test_hf_safetensors_round_trip_in_bfloat16(tmp_path):

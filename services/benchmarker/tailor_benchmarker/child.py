@@ -30,7 +30,7 @@ from tailor_benchmarker.config import BenchmarkConfig
 from tailor_runtime.ml.model_io import FORMAT_FILE
 
 PROGRESS_PREFIX = "@progress "
-ONNX_FORMAT = "onnx"
+ONNX_FORMATS = ("onnx", "ort")  # run by ONNX Runtime (tailor_runtime.ml.onnx.session)
 
 
 def report(percent: float, phase: str, message: str = "") -> None:
@@ -76,19 +76,22 @@ def _declared_format(model_dir: Path) -> str | None:
 
 
 def _load(model_dir: Path, threads: int | None) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, info) for an ONNX folder or any format load_causal_lm reads."""
-    declared = _declared_format(model_dir)
-    if declared == ONNX_FORMAT:
-        from tailor_benchmarker.onnx_model import OnnxCausalLM
-        from tailor_runtime.ml.model_io import load_tokenizer
-
-        model = OnnxCausalLM(model_dir, threads=threads)
-        info = {"format": ONNX_FORMAT, "runtime": "onnxruntime", "ort_intra_op_threads": model.threads}
-        return model, load_tokenizer(model_dir), {**info, "weight_bytes": model.weight_bytes()}
+    """(model, tokenizer, info) for any format load_causal_lm reads (ONNX ones run in ONNX Runtime)."""
+    import torch
 
     from tailor_runtime.ml.model_io import load_causal_lm
 
+    declared = _declared_format(model_dir)
+    if threads:
+        torch.set_num_threads(threads)  # an ONNX Runtime session takes torch's thread count too
     model, tokenizer = load_causal_lm(model_dir)
+    if declared in ONNX_FORMATS:
+        info = {
+            "format": declared,
+            "runtime": "onnxruntime",
+            "ort_intra_op_threads": model.threads,
+        }
+        return model, tokenizer, {**info, "weight_bytes": model.weight_bytes()}
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     info = {"format": declared, "runtime": "torch", "dtype": dtype}
     return model, tokenizer, {**info, "weight_bytes": torch_weight_bytes(model)}
@@ -239,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    if ONNX_FORMAT in (_declared_format(args.model), args.reference and _declared_format(args.reference)):
+    declared = {_declared_format(args.model), args.reference and _declared_format(args.reference)}
+    if declared & set(ONNX_FORMATS):
         import onnxruntime  # noqa: F401
 
     try:

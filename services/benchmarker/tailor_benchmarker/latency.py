@@ -2,9 +2,10 @@
 
 One run encodes the prompt, runs the prefill (the first new token comes out of it: time to first
 token), then decodes exactly `new_tokens - 1` more tokens one at a time, each timed on its own. EOS is
-ignored so every run and every model decodes the same number of tokens. A Hugging Face model decodes
-with its KV cache; a plain logits callable (ONNX Runtime without cache inputs) recomputes the whole
-sequence per token, and the result says so with `kv_cache: false`.
+ignored so every run and every model decodes the same number of tokens. A Hugging Face model, and an
+ONNX decoder (`tailor_runtime.ml.onnx.session.OnnxCausalLM`, past key/values in and out), decodes with
+its KV cache; a plain logits callable recomputes the whole sequence per token, and the result says so
+with `kv_cache: false`.
 
 Warmup runs are discarded (first-call allocations, lazy kernels); the figures are taken over
 `repetitions` timed runs: TTFT per run, and every decode step of every run for inter-token latency

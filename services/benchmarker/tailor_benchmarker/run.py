@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tailor_benchmarker.child import ONNX_FORMAT, PROGRESS_PREFIX
+from tailor_benchmarker.child import PROGRESS_PREFIX
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_runtime import errors
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TailorError
@@ -93,7 +93,7 @@ def _check_format(model_dir: Path) -> None:
         declared = json.loads(path.read_text()).get("format")
     except (OSError, ValueError, AttributeError):
         raise InvalidArgument(f"{path} is missing or is not a JSON object") from None
-    measurable = [*loadable_formats(), ONNX_FORMAT]
+    measurable = loadable_formats()
     if declared not in measurable:
         raise InvalidArgument(f"cannot benchmark a model in format {declared!r}", choices=measurable)
 

@@ -137,6 +137,31 @@ def test_run_benchmark_measures_in_a_child_process():
     assert calls[0] == 0.0 and calls[-1] == 100.0 and calls == sorted(calls)
 
 
+def test_an_onnx_folder_is_measured_in_onnx_runtime_with_its_kv_cache(tmp_path):
+    from tailor_runtime.ml.onnx import MODEL_FILE, folder, verify
+    from tailor_runtime.ml.onnx.export import export_optimized
+
+    model, tokenizer = load_causal_lm(MODEL)
+    folder.write_config(tmp_path, MODEL, tokenizer)
+    graph, _ = export_optimized(model, tmp_path, 18, verify.sample_batches(tokenizer, 2))
+    graph.rename(tmp_path / MODEL_FILE)
+    folder.write_format(tmp_path, "onnx", MODEL_FILE, "float32", opset=18)
+
+    onnx_result = run_benchmark(tmp_path, EVAL, BenchmarkConfig(**FAST), lambda *a, **k: None)
+    torch_result = run_benchmark(MODEL, EVAL, BenchmarkConfig(**FAST), lambda *a, **k: None)
+    assert (
+        onnx_result["model"]["runtime"] == "onnxruntime" and onnx_result["model"]["ort_intra_op_threads"] == 1
+    )
+    assert (
+        onnx_result["latency"]["kv_cache"]
+        and onnx_result["latency"]["sample"] == torch_result["latency"]["sample"]
+    )
+    assert onnx_result["perplexity"]["perplexity"] == pytest.approx(
+        torch_result["perplexity"]["perplexity"], rel=1e-5
+    )
+    assert onnx_result["model_memory_mb"] == pytest.approx(torch_result["model_memory_mb"], rel=0.05)
+
+
 def test_cancel_kills_the_child(monkeypatch):
     children = []
     real_popen = subprocess.Popen

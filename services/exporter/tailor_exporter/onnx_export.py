@@ -1,73 +1,76 @@
-"""Export a causal LM folder to ONNX, verify it against PyTorch, and only then publish it.
+"""ONNX exports (onnx, onnx-fp16, onnx-int8, onnx-int8-static, ort), verified before they are published.
 
-The graph is the model's forward without a KV cache: (input_ids, attention_mask) -> logits, with
-dynamic batch and sequence axes, exported with the dynamo-based `torch.onnx.export` (the TorchScript
-exporter cannot trace current transformers models). Every export runs in ONNX Runtime on sample
-batches of real text (different batch sizes and lengths, left padding) and is compared with the
-PyTorch logits at the unpadded positions: max |difference| and top-1 agreement. Over the tolerance,
-VerificationFailed is raised and `out_dir` is never created: the export is built in a temporary
-folder beside it and renamed into place only after it passed.
+Every variant takes the same road through `tailor_runtime.ml.onnx`: the source's float32 model is
+exported with past key/values (opset >= 17, dynamic batch, sequence and past length) and checked
+against PyTorch ("exported", float32 tolerance); ONNX Runtime's transformer optimizer fuses it; then the
+variant's transformation (none, FP16, INT8 dynamic, INT8 static QDQ calibrated on a dataset, ORT format)
+gives the published graph, which is checked against the float32 model with the variant's tolerance
+("published"), with and without past, on batches of real text. A quantized source is also compared
+with itself ("source"). Over a tolerance, VerificationFailed names the numbers and `out_dir` is never
+created: the export is built in a temporary folder beside it and renamed into place only after it passed.
 
-Sources: hf-safetensors in any dtype (exported in float32); int8-dynamic (the int8 weights decoded
-to a float graph, then quantized again by ONNX Runtime's dynamic int8 quantizer, or kept float with
-`dequantize=True`); bnb-nf4 only with `dequantize=True`, as its NF4-rounded weights in float32 (ONNX
-Runtime's 4-bit MatMulNBits uses a linear int4 grid, not NF4's code book, so NF4 cannot be carried over).
+Sources: hf-safetensors in any dtype (exported in float32); int8-dynamic (its int8 weights decoded to
+float; the `onnx` variant then quantizes exactly its layers again with ONNX Runtime, on the same grid,
+unless `dequantize=true`); bnb-nf4 only with `dequantize=true`, as its NF4-rounded weights in float32
+(ONNX Runtime's 4-bit MatMulNBits uses a linear int4 grid, not NF4's code book).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tailor_exporter.dequantize import dequantize_bnb_4bit, dequantize_int8_dynamic
-from tailor_exporter.onnx_verify import compare_with_onnxruntime, sample_batches
-from tailor_runtime.errors import FailedPrecondition, InvalidArgument, VerificationFailed
-from tailor_runtime.progress import ProgressFn
+from tailor_exporter.registry import ExportFormat, Job, Tolerance, register
+from tailor_runtime.errors import FailedPrecondition, InvalidArgument
+from tailor_runtime.ml.onnx import MODEL_FILE, ORT_FILE
+from tailor_runtime.ml.onnx.export import FLOAT32_ATOL, FLOAT32_MIN_TOP1
 
-MODEL_FILE = "model.onnx"
 SOURCE_FORMATS = ("hf-safetensors", "int8-dynamic", "bnb-nf4")
-# Copied from the source folder so an export keeps its model's licence and notes.
-_CARRIED_FILES = ("LICENSE*", "README*", "NOTICE*", "generation_config.json")
+LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 
-# An int8 export is checked against the PyTorch int8 model with loose bounds. The int8 weights are the
-# same (ONNX Runtime re-quantizes the decoded weights per output channel, symmetric, max/127: the grid
-# int8-dynamic folders use, so the values come back exactly), but the two engines quantize activations
-# differently on every call (torch's fbgemm: 7-bit reduced range; ONNX Runtime: 8-bit asymmetric). On
-# stories260K, whose 64-wide layers make each activation error large, they pick the same next token at
-# about 90% of the sample positions (torch int8 against its own float32 parent: 91%) and logits differ by
-# up to ~6.5; a broken graph agrees at about 1/vocab. The exact check of the graph is the float32 one.
-INT8_ATOL = 10.0
-INT8_MIN_TOP1_AGREEMENT = 0.85
+# Default tolerances against the float32 model, by the weights of the published graph. float32: the
+# graph computes the same thing in another engine. float16: measured 0.08 max |diff| on stories260K
+# (logits up to ~20), top-1 1.0. int8: the engines quantize activations differently on every call; on
+# stories260K, whose 64-wide layers make each activation error large, dynamic int8 agrees with float32 at
+# ~95% of positions (max |diff| ~2.6), static int8 at 89-95% (max ~4.4, depending on the calibrator); a
+# broken graph agrees at about 1/vocab. Larger models are far closer.
+TOLERANCES = {
+    "float32": Tolerance(atol=FLOAT32_ATOL, min_top1_agreement=FLOAT32_MIN_TOP1),
+    "float16": Tolerance(atol=0.5, min_top1_agreement=0.97),
+    "int8-dynamic": Tolerance(atol=10.0, min_top1_agreement=0.85),
+    "int8-static-qdq": Tolerance(atol=10.0, min_top1_agreement=0.80),
+}
 
 
 class OnnxExportConfig(BaseModel):
-    """Options of an ONNX export (the `config` Struct of an ExportRequest)."""
+    """Options of every ONNX variant (the `config` Struct of an ExportRequest)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     opset: int = Field(18, ge=17, description="ONNX opset of the exported graph.")
     dequantize: bool = Field(
         False,
-        description="Export quantized weights (int8-dynamic, bnb-nf4) decoded to float32 instead of as int8; "
-        "required for bnb-nf4, no effect on float sources.",
+        description="Export quantized weights (int8-dynamic, bnb-nf4) decoded to float32; required for "
+        "bnb-nf4. Without it, an int8-dynamic source keeps its int8 layers in the `onnx` variant.",
     )
-    atol: float = Field(1e-3, ge=0, description="Max |logit difference| of a float32 graph against PyTorch.")
-    min_top1_agreement: float = Field(
-        0.99, ge=0, le=1, description="Share of positions where ONNX and PyTorch pick the same next token."
+    optimize: bool = Field(True, description="Run ONNX Runtime's transformer optimizer (fusions).")
+    atol: float | None = Field(
+        None, ge=0, description="Max |logit difference| against the source; default: the variant's."
     )
-    int8_atol: float = Field(
-        INT8_ATOL, ge=0, description="Max |logit difference| of an int8 graph against PyTorch int8."
+    min_top1_agreement: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Min share of positions with the same next token; default: the variant's.",
     )
-    int8_min_top1_agreement: float = Field(INT8_MIN_TOP1_AGREEMENT, ge=0, le=1)
     verify_batches: int = Field(
         3, ge=2, description="Sample batches of real text (different shapes) to verify on."
     )
@@ -79,13 +82,38 @@ class OnnxExportConfig(BaseModel):
         return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def export_onnx(
-    model_dir: Path, out_dir: Path, cfg: OnnxExportConfig, progress: ProgressFn
-) -> dict[str, Any]:
-    """Export `model_dir` to `out_dir` (which must not exist yet) as a verified ONNX model folder."""
-    from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format
+class Int8Config(OnnxExportConfig):
+    per_channel: bool = Field(
+        True, description="One weight scale per output channel (more accurate) instead of one per tensor."
+    )
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+
+class Int8StaticConfig(Int8Config):
+    calibration_data: str = Field(
+        "", description="Id of a text or JSONL dataset artifact whose tokens calibrate the activation ranges."
+    )
+    calibrator: Literal["minmax", "entropy", "percentile"] = Field(
+        "minmax", description="How activation ranges are chosen: min-max, KL divergence, or a percentile."
+    )
+    percentile: float = Field(99.999, gt=50, le=100, description="The percentile calibrator's percentile.")
+    calibration_samples: int = Field(64, ge=8, le=4096, description="Calibration sequences.")
+    calibration_seq_len: int = Field(256, ge=16, le=8192, description="Tokens per calibration sequence.")
+
+
+class OrtConfig(Int8Config):
+    int8: bool = Field(
+        False, description="Quantize to dynamic int8 before converting (smaller, faster on CPU)."
+    )
+
+
+def export_onnx(
+    model_dir: Path, out_dir: Path, cfg: OnnxExportConfig, job: Job, variant: str = "onnx"
+) -> dict[str, Any]:
+    """Export `model_dir` to `out_dir` (which must not exist yet or be empty) as a verified `variant`."""
+    from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format
+    from tailor_runtime.ml.onnx import folder, verify
+
+    model_dir, out_dir, progress = Path(model_dir), Path(out_dir), job.progress
     source_format = read_format(model_dir)["format"]
     _check_supported(source_format, cfg)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -96,38 +124,22 @@ def export_onnx(
     progress(2.0, "loading", f"loading {model_dir.name} ({source_format})")
     source, tokenizer = load_causal_lm(model_dir)
     float_model = _float_model(source, source_format)
-    batches = sample_batches(tokenizer, cfg.verify_batches)
-    int8 = source_format == "int8-dynamic" and not cfg.dequantize
+    batches = verify.sample_batches(tokenizer, cfg.verify_batches)
+    calibration = _calibration(job, cfg, tokenizer, float_model) if variant == "onnx-int8-static" else None
 
     # Beside out_dir, so publishing is one rename on the same filesystem.
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        progress(10.0, "exporting", f"torch.onnx.export, opset {cfg.opset}")
-        graph = work / ("float.onnx" if int8 else MODEL_FILE)
-        matmul_scopes = _export_graph(float_model, graph, cfg.opset)
-        progress(45.0, "verifying", "ONNX Runtime against PyTorch (float32 graph)")
-        checks = {"float_graph": compare_with_onnxruntime(graph, float_model, batches)}
-        _enforce("float_graph", checks["float_graph"], cfg.atol, cfg.min_top1_agreement)
-        if int8:
-            progress(65.0, "quantizing", "ONNX Runtime dynamic int8")
-            _quantize_int8(graph, work / MODEL_FILE, _nodes_of(_quantized_layers(source), matmul_scopes))
-            _remove_graph(graph)
-            progress(75.0, "verifying", "ONNX Runtime int8 against PyTorch int8")
-        if source is not float_model:
-            # The quantized source itself is the reference for what the published graph must compute.
-            checks["source"] = compare_with_onnxruntime(work / MODEL_FILE, source, batches)
-            if int8:
-                _enforce("source", checks["source"], cfg.int8_atol, cfg.int8_min_top1_agreement)
-            elif source_format == "bnb-nf4":
-                _enforce("source", checks["source"], cfg.atol, cfg.min_top1_agreement)
-            else:
-                # int8 decoded to float is checked exactly by float_graph; against the int8 source
-                # (whose activations are quantized, unlike the graph's) the numbers are informational.
-                checks["source"]["enforced"] = False
-
-        progress(90.0, "writing", "tokenizer, config, verification")
-        weights = "int8-dynamic" if int8 else "float32"
-        fmt = _write_companions(work, model_dir, tokenizer, cfg, source_format, weights, checks, batches)
+        folder.write_config(work, model_dir, tokenizer)  # sessions read config.json while verifying
+        checks, weights, model_file, stats = _build(
+            work, source, source_format, float_model, cfg, variant, batches, calibration, progress
+        )
+        progress(95.0, "writing", "format and verification")
+        name = "ort" if variant == "ort" else "onnx"
+        fmt = folder.write_format(
+            work, name, model_file, weights, opset=cfg.opset, source_format=source_format, variant=variant
+        )
+        folder.write_verification(work, checks, batches)
         files = {p.name: p.stat().st_size for p in sorted(work.iterdir())}
         if out_dir.exists():
             out_dir.rmdir()  # empty (checked above)
@@ -143,12 +155,96 @@ def export_onnx(
         "size_on_disk_mb": folder_size_bytes(out_dir) / 2**20,
         "verification": {**_headline(checks), "checks": checks},
         "export_s": time.monotonic() - started,
+        **stats,
     }
 
 
+def _build(
+    work: Path,
+    source: Any,
+    source_format: str,
+    float_model: Any,
+    cfg: OnnxExportConfig,
+    variant: str,
+    batches: list[Any],
+    calibration: Any,
+    progress: Any,
+) -> tuple[dict[str, Any], str, str, dict[str, Any]]:
+    """The graph of `variant` in `work`, verified: (checks, weights, model file, statistics)."""
+    from tailor_runtime.ml.onnx import optimize, verify
+    from tailor_runtime.ml.onnx.export import export_optimized, kv_shape
+    from tailor_runtime.ml.onnx.session import OnnxCausalLM
+
+    progress(10.0, "exporting", f"torch.onnx.export with past key/values, opset {cfg.opset}, then optimizing")
+    graph, info = export_optimized(float_model, work, cfg.opset, batches, optimize=cfg.optimize)
+    checks = {"exported": info["exported"]}
+    stats: dict[str, Any] = {"fused_operators": info["fused_operators"]}
+    scopes = info["matmul_scopes"]
+
+    weights, carried_int8 = "float32", source_format == "int8-dynamic" and not cfg.dequantize
+    out = work / MODEL_FILE
+    progress(55.0, "transforming", variant)
+    if variant == "onnx-fp16":
+        optimize.to_fp16(graph, out)
+        weights = "float16"
+    elif carried_int8 and variant == "onnx":
+        # Exactly the layers that are int8 in the source (lm_head and embeddings stay float there),
+        # per channel and symmetric: the int8-dynamic folder's own grid, so the values come back exactly.
+        nodes = _nodes_of(_quantized_layers(source), scopes)
+        optimize.quantize_int8_dynamic(graph, out, per_channel=True, nodes=nodes)
+        weights = "int8-dynamic"
+    elif variant == "onnx-int8" or (variant == "ort" and cfg.int8):
+        stats["quantized_matmuls"] = optimize.quantize_int8_dynamic(graph, out, per_channel=cfg.per_channel)
+        weights = "int8-dynamic"
+    elif variant == "onnx-int8-static":
+        progress(55.0, "calibrating", f"{cfg.calibrator}, {len(calibration.sequences)} sequences")
+        reader = optimize.TokenReader(calibration.sequences, *kv_shape(float_model.config))
+        stats["calibration"] = optimize.quantize_int8_static(
+            graph, out, reader, cfg.calibrator, cfg.percentile, cfg.per_channel
+        )
+        stats["calibration"].update(calibration.manifest_stats())
+        weights = "int8-static-qdq"
+    else:
+        optimize.save(optimize.load(graph), out)  # re-saved: an external data file takes the new name
+    if graph.exists():
+        optimize.remove(graph)
+    model_file = MODEL_FILE
+    if variant == "ort":
+        progress(75.0, "converting", "ORT format")
+        optimize.to_ort_format(out, work)
+        optimize.remove(out)
+        model_file = ORT_FILE
+
+    progress(80.0, "verifying", f"the published {weights} graph against PyTorch")
+    tolerance = _tolerance(cfg, weights)
+    checks["published"] = verify.compare(OnnxCausalLM(work, model_file), float_model, batches)
+    verify.enforce("published", checks["published"], tolerance.atol, tolerance.min_top1_agreement)
+    if source is not float_model:
+        # The quantized source is the reference for what the graph must compute when it carries the
+        # source's own weights (int8 layers; NF4 values decoded exactly); otherwise for information.
+        result = verify.compare(OnnxCausalLM(work, model_file), source, batches)
+        if (carried_int8 and variant == "onnx") or source_format == "bnb-nf4":
+            verify.enforce("source", result, tolerance.atol, tolerance.min_top1_agreement)
+        else:
+            result["enforced"] = False
+        checks["source"] = result
+    return checks, weights, model_file, stats
+
+
+def _tolerance(cfg: OnnxExportConfig, weights: str) -> Tolerance:
+    default = TOLERANCES[weights]
+    return Tolerance(
+        atol=default.atol if cfg.atol is None else cfg.atol,
+        min_top1_agreement=default.min_top1_agreement
+        if cfg.min_top1_agreement is None
+        else cfg.min_top1_agreement,
+    )
+
+
 def _headline(checks: dict[str, Any]) -> dict[str, Any]:
-    """The published graph against its source, flat: the enforced source check, else the float32 one."""
-    check = checks["source"] if checks.get("source", {}).get("passed") else checks["float_graph"]
+    """The published graph against its source, flat: the enforced source check, else the published one."""
+    source = checks.get("source", {})
+    check = source if source.get("passed") else checks["published"]
     return {k: check[k] for k in ("max_abs_diff", "top1_agreement", "positions", "passed")}
 
 
@@ -161,9 +257,29 @@ def _check_supported(source_format: str, cfg: OnnxExportConfig) -> None:
         raise InvalidArgument(
             "a bnb-nf4 model cannot be exported to ONNX as NF4 (ONNX Runtime's 4-bit kernels use a linear "
             "int4 grid, not NF4's code book). Either set dequantize=true to export its NF4-rounded weights in "
-            "float32, or export its parent (hf-safetensors) model, or an int8-dynamic model made from it, "
-            "which is exported as ONNX Runtime int8"
+            "float32, or export its parent (hf-safetensors) model with format onnx-int8 (int8 quantized by "
+            "ONNX Runtime), or an int8-dynamic model made from it"
         )
+
+
+def _calibration(job: Job, cfg: Int8StaticConfig, tokenizer: Any, model: Any) -> Any:
+    """The CalibrationSet of onnx-int8-static, sampled from the request's dataset file with its seed."""
+    from tailor_runtime.ml.calibration import build_calibration_set, file_sha256, read_documents
+
+    if job.calibration_file is None:
+        raise InvalidArgument(
+            "onnx-int8-static needs calibration_data: the id of a text or JSONL dataset artifact whose text "
+            "calibrates the activation ranges (or export with onnx-int8, which needs none)"
+        )
+    return build_calibration_set(
+        tokenizer,
+        read_documents(job.calibration_file),
+        cfg.calibration_samples,
+        cfg.calibration_seq_len,
+        job.seed,
+        file_sha256(job.calibration_file),
+        max_seq_len=model.config.max_position_embeddings,
+    )
 
 
 def _float_model(source: Any, source_format: str) -> Any:
@@ -177,53 +293,6 @@ def _float_model(source: Any, source_format: str) -> Any:
     if replaced == 0:
         raise FailedPrecondition(f"the {source_format} model has no quantized Linear layers to decode")
     return model.float().eval()
-
-
-def _export_graph(model: Any, path: Path, opset: int) -> dict[str, set[str]]:
-    """Export `model`'s forward to `path`; returns the module paths each MatMul/Gemm node came from."""
-    import ast
-
-    import torch
-    from torch.export import Dim
-
-    class LogitsOnly(torch.nn.Module):
-        """forward(input_ids, attention_mask) -> logits: the graph's whole interface, no cache."""
-
-        def __init__(self, lm: Any):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    # A sample batch of 2 rows: with 1 the exporter specializes the batch axis to a constant 1.
-    ids = torch.arange(3, 19, dtype=torch.long).reshape(2, 8) % model.config.vocab_size
-    axes = {0: Dim("batch"), 1: Dim("sequence")}
-    try:
-        program = torch.onnx.export(
-            LogitsOnly(model).eval(),
-            (ids, torch.ones_like(ids)),
-            dynamo=True,
-            opset_version=opset,
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": axes, "attention_mask": axes},
-            verbose=False,
-        )
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FailedPrecondition(f"torch.onnx.export could not export this model: {first}") from exc
-    matmul_scopes = {}
-    for node in program.model.graph.all_nodes():
-        if node.op_type in ("MatMul", "Gemm"):
-            scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
-            matmul_scopes[node.name] = {scope.removeprefix("lm.") for scope in scopes}  # the wrapper's `lm`
-        # Debug metadata (stack traces with this machine's paths and per-process counters, FX names)
-        # would make exports differ run to run and weighs a third of a small model's file.
-        node.metadata_props.clear()
-    program.model.graph.metadata_props.clear()
-    program.save(str(path))  # weights over 2 GB go to an external data file beside it, automatically
-    return matmul_scopes
 
 
 def _quantized_layers(model: Any) -> set[str]:
@@ -243,86 +312,57 @@ def _nodes_of(layers: set[str], matmul_scopes: dict[str, set[str]]) -> list[str]
     return nodes
 
 
-def _quantize_int8(float_path: Path, int8_path: Path, nodes: list[str]) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _register(
+    name: str, config: type[OnnxExportConfig], weights: str, description: str, **extra: Any
+) -> None:
+    def run(model_dir: Path, out_dir: Path, cfg: OnnxExportConfig, job: Job) -> dict[str, Any]:
+        return export_onnx(model_dir, out_dir, cfg, job, variant=name)
 
-    external = any(p != float_path for p in float_path.parent.glob(float_path.name + "*"))
-    quantize_dynamic(
-        model_input=str(float_path),
-        model_output=str(int8_path),
-        op_types_to_quantize=["MatMul", "Gemm"],
-        # Exactly the layers that are int8 in the source (lm_head and embeddings stay float there).
-        nodes_to_quantize=nodes,
-        per_channel=True,  # the int8-dynamic folder's grid: symmetric, one scale per output channel
-        reduce_range=False,
-        weight_type=QuantType.QInt8,
-        use_external_data_format=external,
-        extra_options={"MatMulConstBOnly": True},
-    )
-
-
-def _remove_graph(path: Path) -> None:
-    for p in path.parent.glob(path.name + "*"):
-        p.unlink()
-
-
-def _enforce(name: str, check: dict[str, Any], atol: float, min_top1: float) -> None:
-    failures = []
-    if not check["max_abs_diff"] <= atol:  # written so that NaN fails too
-        failures.append(f"max |logit difference| {check['max_abs_diff']:.3g} > atol {atol:g}")
-    if not check["top1_agreement"] >= min_top1:
-        failures.append(f"top-1 agreement {check['top1_agreement']:.4f} < {min_top1:g}")
-    check.update(atol=atol, min_top1_agreement=min_top1, passed=not failures)
-    if failures:
-        raise VerificationFailed(
-            f"ONNX export does not compute what its source computes ({name} check over "
-            f"{check['positions']} positions): {'; '.join(failures)}; nothing was published"
+    register(
+        ExportFormat(
+            name=name,
+            Config=config,
+            run=run,
+            tolerance=TOLERANCES[weights],
+            description=description,
+            output_format="ort" if name == "ort" else "onnx",
+            libraries=LIBRARIES,
+            **extra,
         )
-
-
-def _write_companions(
-    work: Path,
-    model_dir: Path,
-    tokenizer: Any,
-    cfg: OnnxExportConfig,
-    source_format: str,
-    weights: str,
-    checks: dict[str, Any],
-    batches: list[Any],
-) -> dict[str, Any]:
-    """Tokenizer, config.json, carried files, verification.json and tailor_format.json; returns the format."""
-    tokenizer.save_pretrained(work)
-    config = json.loads((model_dir / "config.json").read_text())
-    config.pop("quantization_config", None)  # the graph holds its own (ONNX Runtime) quantization
-    config["dtype"] = "float32"
-    _write_json(work / "config.json", config)
-    for pattern in _CARRIED_FILES:
-        for path in model_dir.glob(pattern):
-            if path.is_file():
-                shutil.copyfile(path, work / path.name)
-    # No timings here: the folder's bytes depend only on the source, the config and the versions.
-    _write_json(
-        work / "verification.json",
-        {
-            "checks": checks,
-            "batches": [list(ids.shape) for ids, _ in batches],
-            "versions": {
-                name: metadata.version(name) for name in ("torch", "onnx", "onnxscript", "onnxruntime")
-            },
-        },
     )
-    fmt = {
-        "format": "onnx",
-        "opset": cfg.opset,
-        "weights": weights,
-        "source_format": source_format,
-        "inputs": ["input_ids", "attention_mask"],
-        "outputs": ["logits"],
-        "kv_cache": False,
-    }
-    _write_json(work / "tailor_format.json", fmt)
-    return fmt
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+_register(
+    "onnx",
+    OnnxExportConfig,
+    "float32",
+    "ONNX (opset >= 17) with past key/values, float32, fused by ONNX Runtime's transformer optimizer; "
+    "an int8-dynamic source keeps its int8 layers",
+)
+_register("onnx-fp16", OnnxExportConfig, "float16", "ONNX with past key/values, float16 weights and compute")
+_register(
+    "onnx-int8",
+    Int8Config,
+    "int8-dynamic",
+    "ONNX with past key/values, int8 weights (output embedding included), activations quantized per call "
+    "(ONNX Runtime quantize_dynamic): the fastest CPU variant",
+)
+_register(
+    "onnx-int8-static",
+    Int8StaticConfig,
+    "int8-static-qdq",
+    "ONNX with past key/values, int8 weights and activations in QDQ form, activation ranges calibrated "
+    "on a dataset (min-max, entropy or percentile)",
+    needs_calibration=True,
+)
+_register(
+    "ort",
+    OrtConfig,
+    "float32",
+    "ORT format for ONNX Runtime Mobile (Android, iOS), float32 or dynamic int8, with the operator list "
+    "a reduced mobile build needs",
+    # ONNX Runtime 1.31 writes the same graph in a different byte order on every conversion (measured:
+    # three conversions of one file, at every optimization level, gave three files), so only the ONNX
+    # variants are byte-reproducible; every ORT file is still verified against PyTorch.
+    deterministic=False,
+)

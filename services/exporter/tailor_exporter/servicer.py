@@ -2,26 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.exporter.v1 import exporter_service_pb2 as pb
 from tailor.exporter.v1 import exporter_service_pb2_grpc as pb_grpc
-from tailor_exporter.onnx_export import OnnxExportConfig
+from tailor_exporter.registry import Job, get_format, list_formats
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
     config_from_struct,
     config_parameters,
+    dataset_file,
     read_format_name,
     recipe,
     require_artifact,
     workspace,
 )
 
-FORMATS = {"onnx": OnnxExportConfig}
-LIBRARIES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+CALIBRATION_SUFFIXES = (".txt", ".text", ".jsonl", ".json")
 
 
 def verification_metrics(checks: dict[str, Any]) -> dict[str, Any]:
@@ -30,42 +31,54 @@ def verification_metrics(checks: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def format_info(fmt) -> common.MethodInfo:
+    tolerance = f"max |logit diff| <= {fmt.tolerance.atol:g}, top-1 >= {fmt.tolerance.min_top1_agreement:g}"
+    return common.MethodInfo(
+        name=fmt.name,
+        available=True,
+        description=f"{fmt.description}; verified against its source before publishing ({tolerance})",
+        output_format=fmt.output_format,
+        libraries=list(fmt.libraries),
+        devices=list(fmt.devices),
+        parameters=config_parameters(fmt.Config),
+        needs_calibration=fmt.needs_calibration,
+        deterministic=fmt.deterministic,
+    )
+
+
 class ExporterServicer(pb_grpc.ExporterServiceServicer):
     def __init__(self, ctx: ServiceContext):
         self.ctx = ctx
 
     async def ListFormats(self, request, context):
-        return pb.ListFormatsResponse(
-            formats=[
-                common.MethodInfo(
-                    name=name,
-                    available=True,
-                    description="ONNX (opset >= 17), verified in onnxruntime",
-                    output_format=name,
-                    libraries=list(LIBRARIES),
-                    devices=["cpu", "cuda"],
-                    parameters=config_parameters(config),
-                )
-                for name, config in FORMATS.items()
-            ]
-        )
+        return pb.ListFormatsResponse(formats=[format_info(fmt) for fmt in list_formats()])
 
     async def Export(self, request: pb.ExportRequest, context):
-        from tailor_exporter.onnx_export import export_onnx
-
-        if request.format not in FORMATS:
-            raise InvalidArgument(f"unknown export format {request.format!r}", choices=FORMATS)
-        cfg = config_from_struct(FORMATS[request.format], request.config, f"{request.format} export")
+        fmt = get_format(request.format)
+        cfg = config_from_struct(fmt.Config, request.config, f"{request.format} export")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         require_artifact(store, request.model, "model", ("model",))
-        the_recipe = recipe("export", request.format, cfg, [request.model.id], 0, LIBRARIES)
+        inputs, calibration = [request.model.id], None
+        if fmt.needs_calibration:
+            if not cfg.calibration_data:
+                raise InvalidArgument(
+                    f"{fmt.name} needs config.calibration_data: the id of a text or JSONL dataset artifact"
+                )
+            ref = common.ArtifactRef(id=cfg.calibration_data)
+            manifest = require_artifact(store, ref, "config.calibration_data", ("dataset",))
+            calibration = (ref.id, dataset_file(manifest, CALIBRATION_SUFFIXES))
+            inputs.append(ref.id)
+        the_recipe = recipe("export", request.format, cfg, inputs, 0, fmt.libraries)
 
         def work(progress) -> WorkResult:
             progress(1.0, "fetching", "model from the store")
             model_dir = store.materialize(request.model.id, cache_dir)
+            job = Job(progress=progress)
+            if calibration is not None:
+                job.calibration_file = Path(store.materialize(calibration[0], cache_dir)) / calibration[1]
             with workspace(cache_dir) as scratch:
                 out = scratch / "export"
-                result = export_onnx(model_dir, out, cfg, progress)
+                result = fmt.run(model_dir, out, cfg, job)
                 metrics = verification_metrics(result.get("verification", {}))
                 metrics["size_on_disk_mb"] = result.get("size_on_disk_mb", 0.0)
                 progress(99.0, "publishing", "")

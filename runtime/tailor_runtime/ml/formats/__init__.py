@@ -21,6 +21,9 @@ BNB_FP4 = "bnb-fp4"
 BNB_INT8 = "bnb-int8"
 COMPRESSED_TENSORS = "compressed-tensors"
 PEFT_LORA = "peft-lora"
+GGUF = "gguf"
+ONNX = "onnx"  # ONNX Runtime decoder graph with a KV cache (tailor_runtime.ml.onnx)
+ORT = "ort"  # the same in ONNX Runtime Mobile's ORT format
 
 # Full models that `load_causal_lm` can load.
 _LOADERS: dict[str, str] = {
@@ -30,6 +33,9 @@ _LOADERS: dict[str, str] = {
     BNB_FP4: "tailor_runtime.ml.formats.bnb",
     BNB_INT8: "tailor_runtime.ml.formats.bnb",
     COMPRESSED_TENSORS: "tailor_runtime.ml.formats.compressed_tensors",
+    GGUF: "tailor_runtime.ml.formats.gguf",
+    ONNX: "tailor_runtime.ml.formats.onnx",
+    ORT: "tailor_runtime.ml.formats.onnx",
 }
 
 # Formats a folder may declare. A LoRA adapter is a valid artifact but not a model on its own.

@@ -11,6 +11,6 @@ from tailor_quantizer.methods.registry import (
 )
 
 # Each import registers its method; the order does not matter (list_methods sorts by name).
-from tailor_quantizer.methods import bnb, float_cast, int8_dynamic  # noqa: E402, F401  isort: skip
+from tailor_quantizer.methods import auto_mixed, bnb, compressed, float_cast, gguf, int8_dynamic, onnx_static  # noqa: E402, F401  isort: skip
 
 __all__ = ["Caps", "Job", "Method", "get_method", "list_methods", "parse_config", "register"]

@@ -1,0 +1,84 @@
+"""The registry of export formats: a name -> its Config, its run function and its verification tolerance.
+
+    register(ExportFormat(name="onnx", Config=..., run=..., tolerance=Tolerance(...), ...))
+
+`run(model_dir, out_dir, cfg, job) -> dict` builds the export in `out_dir` (which must not exist yet or
+be empty) only after it has been verified against its source, and returns at least `format` (the
+tailor_format.json written), `files`, `size_on_disk_mb` and `verification` (flat headline numbers:
+`max_abs_diff`, `top1_agreement`, `positions`, `passed`, and the detailed `checks`). `tolerance` is the
+default bound of that verification, shown to users; a format's Config may let a request override it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.progress import ProgressFn
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """An export passes when max |logit difference| <= atol and top-1 agreement >= min_top1_agreement."""
+
+    atol: float
+    min_top1_agreement: float
+
+
+@dataclass
+class Job:
+    """What a format's run() gets besides its folders and config."""
+
+    progress: ProgressFn
+    calibration_file: Path | None = None  # text or JSONL (formats with needs_calibration)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    name: str
+    Config: type[BaseModel]
+    run: Callable[[Path, Path, Any, Job], dict[str, Any]]
+    tolerance: Tolerance
+    description: str
+    output_format: str  # the tailor_format.json format it writes
+    libraries: tuple[str, ...]  # their versions go into the recipe of every export
+    needs_calibration: bool = False  # the Config names a dataset artifact in `calibration_data`
+    devices: tuple[str, ...] = ("cpu",)
+    deterministic: bool = True  # the same input and config give the same bytes (tested)
+
+
+_FORMATS: dict[str, ExportFormat] = {}
+# Modules whose import registers their formats; imported on first use of the registry.
+FORMAT_MODULES = ("tailor_exporter.onnx_export", "tailor_exporter.gguf_export")
+
+
+def _import_formats() -> None:
+    import importlib
+
+    for module in FORMAT_MODULES:
+        importlib.import_module(module)
+
+
+def register(fmt: ExportFormat) -> ExportFormat:
+    if fmt.name in _FORMATS:
+        raise ValueError(f"export format {fmt.name!r} is registered twice")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> ExportFormat:
+    _import_formats()
+    if name not in _FORMATS:
+        raise InvalidArgument(f"unknown export format {name!r}", choices=_FORMATS)
+    return _FORMATS[name]
+
+
+def list_formats() -> list[ExportFormat]:
+    _import_formats()
+    return [_FORMATS[name] for name in sorted(_FORMATS)]
