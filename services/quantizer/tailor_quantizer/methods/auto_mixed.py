@@ -23,6 +23,10 @@ uniform 5-bit, per-layer widths from {3,4,5,6,8} give 3.949 against 3.991 with R
 isolated sensitivities underestimate how 3-bit layers compound. What auto always gives is sizes between
 the uniform widths: the default (4- and 8-bit layers, 0.30 of bf16, GPTQ) reaches 4.109 at 301 KiB,
 between uniform 4-bit GPTQ (4.182, 288 KiB) and 8-bit (3.824, 398 KiB).
+
+Memory: the sensitivity pass holds the whole model on the job's device (16 GiB peak for a bf16
+Llama-2-7B on an H100, bench/results_quantize_7b_h100.json); the quantization itself then runs one
+decoder layer at a time like the other llm-compressor methods.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ model runs through transformers' dequantizing path, not vLLM.
 
 Measured on stories260K (bench/quantize_methods.py; perplexity on 32768 held-out tokens, float 3.820):
 GPTQ beats round-to-nearest at the same bits and group size (4-bit per channel 4.18 vs 4.38, group 4
-3.98 vs 4.07). AWQ beats it with symmetric per-channel scales (tests/test_compressed_methods.py) but not
+3.98 vs 4.07). AWQ beats it with symmetric per-channel scales (4.32 vs 4.38) but not
 with zero points, where RTN is already better on this tiny model (per channel 4.24 vs 4.19, group 4
 3.90 vs 3.87): its activation outliers, which AWQ exists for, are mild, and with grouped-query attention
 the v_proj -> o_proj mapping is skipped. SmoothQuant W8A8 and weight-only INT8 stay within 0.1%.
