@@ -241,3 +241,26 @@ def test_alpaca_training_runs_with_packing(tmp_path):
     assert metrics["eval_examples"] == 10 and metrics["train_examples"] + 10 == metrics["examples"]
     assert metrics["packed_rows"] < metrics["train_examples"]
     assert metrics["eval_loss"] > 0 and metrics["final_loss"] > 0
+
+
+def test_draining_worker_checkpoints_to_the_store_and_a_new_run_resumes(tmp_path):
+    """SIGTERM sets the runner's draining flag (server.py); the store checkpointer then saves once."""
+    from tailor_runtime.stage import recipe
+    from tailor_runtime.store import open_store
+    from tailor_trainer.servicer import StoreCheckpointer
+
+    store = open_store(str(tmp_path / "store"))
+    cfg = LoraTrainConfig(steps=8, checkpoint_every=0)
+    the_recipe = recipe("finetune", "lora", cfg, ["a" * 64], 0)
+    seen = {"step": 0}
+
+    def progress(percent, phase="", message="", **metrics):
+        seen["step"] = metrics.get("step", seen["step"])
+
+    draining = StoreCheckpointer(store, tmp_path / "cache", the_recipe, 0, [], lambda: seen["step"] >= 3)
+    finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a", cfg, progress, draining)
+    assert draining.saved_steps == [4], "one checkpoint, at the first step after draining began"
+    assert [m.name for _, m in store.list_manifests("checkpoint")] == ["checkpoint-step4"]
+    again = StoreCheckpointer(store, tmp_path / "cache", the_recipe, 0, [], lambda: False)
+    resumed = finetune_lora(MODEL, TRAIN, tmp_path / "m2", tmp_path / "a2", cfg, lambda *a, **k: None, again)
+    assert resumed["resumed_from_step"] == 4
