@@ -48,6 +48,11 @@ TOLERANCES = {
     "int8-dynamic": Tolerance(atol=10.0, min_top1_agreement=0.85),
     "int8-static-qdq": Tolerance(atol=10.0, min_top1_agreement=0.80),
 }
+# An int8 graph checked against its int8 PyTorch source: two engines, each rounding activations its own
+# way, so their disagreements add up. Measured on the pipeline's 4-step fine-tune of stories260K: 0.825
+# (each about 0.9 against float32). The published graph is also checked against float32 above, which is
+# what catches a broken graph (about 1/vocab agreement).
+INT8_CROSS_ENGINE = Tolerance(atol=10.0, min_top1_agreement=0.75)
 
 
 class OnnxExportConfig(BaseModel):
@@ -224,7 +229,10 @@ def _build(
         # source's own weights (int8 layers; NF4 values decoded exactly); otherwise for information.
         result = verify.compare(OnnxCausalLM(work, model_file), source, batches)
         if (carried_int8 and variant == "onnx") or source_format == "bnb-nf4":
-            verify.enforce("source", result, tolerance.atol, tolerance.min_top1_agreement)
+            bound = tolerance
+            if source_format == "int8-dynamic" and cfg.min_top1_agreement is None:
+                bound = INT8_CROSS_ENGINE
+            verify.enforce("source", result, bound.atol, bound.min_top1_agreement)
         else:
             result["enforced"] = False
         checks["source"] = result
