@@ -25,7 +25,6 @@ tensor with gguf-py, so Tailor can measure a GGUF's quality with its own PyTorch
 from __future__ import annotations
 
 import ctypes
-import functools
 import json
 import logging
 import shutil
@@ -241,15 +240,11 @@ def _finish(writer: Any) -> None:
 # --- llama.cpp's quantizer -----------------------------------------------------------------------------
 
 
-@functools.cache
 def llama_cpp_availability() -> tuple[bool, str]:
-    """Whether llama-cpp-python (llama.cpp's library) imports here. A real import: its native library
-    must load. Cached: the answer does not change within a process."""
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception as exc:  # ImportError, or a native library that fails to load
-        return False, f"llama-cpp-python is not importable ({type(exc).__name__}: {str(exc)[:200]})"
-    return True, ""
+    """Whether llama-cpp-python (llama.cpp's library, native code included) loads here."""
+    from tailor_runtime.libraries import importable
+
+    return importable("llama_cpp")
 
 
 def _write_with_llama_cpp(model_dir: Path, out_path: Path, gguf_type: str, name: str | None) -> dict:

@@ -52,11 +52,9 @@ class QatTrainConfig(BaseModel):
 
 
 def _availability() -> tuple[bool, str]:
-    try:
-        import torchao.quantization.qat  # noqa: F401
-    except Exception as exc:  # a missing package or a broken native extension
-        return False, f"torchao cannot be imported here: {exc}"
-    return True, ""
+    from tailor_runtime.libraries import importable
+
+    return importable("torchao.quantization.qat")
 
 
 def prepare_fake_quantization(model: Any, cfg: QatTrainConfig) -> int:

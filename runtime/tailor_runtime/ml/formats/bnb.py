@@ -10,23 +10,15 @@ rebuilds the Linear4bit / Linear8bitLt layers on CPU. tailor_format.json:
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 
-@functools.cache
 def availability() -> tuple[bool, str]:
-    """Whether bitsandbytes can be imported here (it runs NF4 on CPU since 0.46).
+    """Whether bitsandbytes can run here (it runs NF4, FP4 and LLM.int8 on CPU since 0.46)."""
+    from tailor_runtime.libraries import importable
 
-    A real import, not a find_spec: a wheel whose native library does not load must count as unavailable.
-    It costs seconds (bitsandbytes imports torch._dynamo), hence the cache.
-    """
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as exc:  # an ImportError, or a broken native library raising anything
-        return False, f"bitsandbytes cannot be imported: {exc}"
-    return True, ""
+    return importable("bitsandbytes")
 
 
 def load(folder: Path, fmt: dict[str, Any]) -> Any:

@@ -10,18 +10,14 @@ right for measuring quality, not for speed (vLLM is the fast runtime). tailor_fo
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
 
-@functools.cache
 def availability() -> tuple[bool, str]:
-    try:
-        import compressed_tensors  # noqa: F401
-    except Exception as exc:
-        return False, f"compressed-tensors cannot be imported: {exc}"
-    return True, ""
+    from tailor_runtime.libraries import importable
+
+    return importable("compressed_tensors")
 
 
 def load(folder: Path, fmt: dict[str, Any]) -> Any:

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 from pydantic import BaseModel
 
 from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.libraries import importable  # noqa: F401  (methods import it from here)
 
 
 @dataclass(frozen=True)
@@ -111,19 +112,6 @@ def require_full_precision(model_dir: Any) -> dict[str, Any]:
             f"{fmt['format']!r}"
         )
     return fmt
-
-
-def importable(*modules: str) -> tuple[bool, str]:
-    """(True, "") when every module imports; else why not. A real import: a wheel whose native
-    library does not load must count as unavailable. Callers cache the result."""
-    import importlib
-
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception as exc:  # ImportError, or a broken native library raising anything
-            return False, f"{name} cannot be imported here ({type(exc).__name__}: {str(exc)[:200]})"
-    return True, ""
 
 
 def cuda_at_least(capability: str) -> tuple[bool, str]:
