@@ -77,6 +77,18 @@ class PermissionDenied(TailorError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Python's MemoryError, torch's (CUDA) OutOfMemoryError, or the CPU allocator refusing ("can't
+    allocate memory"), recognised without importing torch."""
+    text = str(exc).lower()
+    return (
+        isinstance(exc, MemoryError)
+        or type(exc).__name__ == "OutOfMemoryError"
+        or "out of memory" in text
+        or "can't allocate memory" in text
+    )
+
+
 class Cancelled(TailorError):
     """Raised inside work when its operation was cancelled (cooperative cancellation)."""
 

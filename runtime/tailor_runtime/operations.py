@@ -22,7 +22,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from opentelemetry import trace
 
 from tailor.common.v1 import common_pb2 as common
-from tailor_runtime.errors import Cancelled, NotFound, TailorError, WorkerBusy
+from tailor_runtime.errors import Cancelled, NotFound, TailorError, WorkerBusy, is_out_of_memory
 from tailor_runtime.logs import bind
 from tailor_runtime.store import ArtifactStore, Manifest
 from tailor_runtime.telemetry import OPERATIONS, STAGE_SECONDS, tracer
@@ -48,6 +48,17 @@ def to_struct(values: dict[str, Any]) -> struct_pb2.Struct:
     struct = struct_pb2.Struct()
     struct.update(_jsonable(values))
     return struct
+
+
+def _free_accelerator_memory() -> None:
+    """Return cached GPU memory after an out-of-memory failure (only if torch is already loaded)."""
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _jsonable(value):
@@ -221,10 +232,13 @@ class OperationRunner:
                     # Numbers behind a refusal (an accuracy gate's measurements) travel with the failure.
                     if getattr(exc, "metrics", None):
                         op.metrics.update(_jsonable(exc.metrics))
-                elif isinstance(exc, MemoryError):
+                elif is_out_of_memory(exc):
+                    _free_accelerator_memory()  # so that the worker's next operation has it back
+                    detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                     status = common.Status(
                         code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
-                        message="out of memory: use a smaller batch or sequence length",
+                        message=f"{op.kind} ran out of memory ({detail}): use a worker with more memory or "
+                        "smaller inputs (batch, sequence length, calibration samples)",
                     )
                 else:
                     status = common.Status(

@@ -2,8 +2,8 @@
 
 The operation: fetch the model (and calibration / evaluation text), run the method into a scratch
 folder, measure the result against its parent (gate.py), and only then publish. A refusal by the gate,
-a bad calibration set or running out of memory fails the operation with the reason; nothing is
-published and the worker keeps serving.
+a bad calibration set or running out of memory (reported by the operation runner) fails the operation
+with the reason; nothing is published and the worker keeps serving.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tailor.quantizer.v1 import quantizer_service_pb2_grpc as pb_grpc
 from tailor_quantizer.gate import GateSettings, enforce, measure
 from tailor_quantizer.methods import get_method, list_methods
 from tailor_quantizer.methods.registry import Job
-from tailor_runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.hardware import hardware_profile
 from tailor_runtime.ml.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from tailor_runtime.operations import WorkResult
@@ -64,17 +64,6 @@ def worker_device(method) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator refusing ("can't allocate")."""
-    text = str(exc).lower()
-    return (
-        isinstance(exc, MemoryError)
-        or type(exc).__name__ == "OutOfMemoryError"
-        or "out of memory" in text
-        or "can't allocate memory" in text
-    )
 
 
 class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
@@ -140,27 +129,14 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
             )
             job = Job(progress=progress, seed=request.seed, calibration=calibration, device=device)
             with workspace(cache_dir) as out:
-                try:
-                    metrics = method.run(model_dir, out, cfg, job)
-                    if not gate.disabled:
-                        progress(90.0, "gate", "measuring against the parent")
-                        metrics.update(
-                            enforce(
-                                gate,
-                                measure(model_dir, out, eval_text, gate.eval_tokens, device),
-                                method.name,
-                            )
-                        )
-                    else:
-                        metrics["gate"] = "disabled"
-                except Exception as exc:
-                    if _is_out_of_memory(exc):
-                        _free_gpu_memory()
-                        raise ResourceExhausted(
-                            f"{method.name} ran out of {'GPU' if device == 'cuda' else ''} memory: {exc}. Use a "
-                            "worker with more memory, fewer calibration samples or a shorter seq_len"
-                        ) from None
-                    raise
+                # Out of memory is the runner's to report (RESOURCE_EXHAUSTED, GPU cache emptied).
+                metrics = method.run(model_dir, out, cfg, job)
+                if not gate.disabled:
+                    progress(90.0, "gate", "measuring against the parent")
+                    measured = measure(model_dir, out, eval_text, gate.eval_tokens, device)
+                    metrics.update(enforce(gate, measured, method.name))
+                else:
+                    metrics["gate"] = "disabled"
                 if calibration is not None:
                     metrics.update(calibration.manifest_stats())
                 metrics.update(job.stats)
@@ -219,19 +195,6 @@ def _context_of(model_dir) -> int:
 
     config = json.loads((Path(model_dir) / "config.json").read_text())
     return int(config.get("max_position_embeddings") or 2048)
-
-
-def _free_gpu_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
 
 
 def register(server, ctx: ServiceContext) -> list[str]:

@@ -133,9 +133,9 @@ def test_list_methods_says_what_runs_here_and_why_not(worker):
 def test_out_of_memory_is_recognised_from_a_real_allocation_failure():
     import torch
 
-    from tailor_quantizer.servicer import _is_out_of_memory
+    from tailor_runtime.errors import is_out_of_memory
 
     with pytest.raises(RuntimeError) as err:
         torch.empty(1 << 62, dtype=torch.uint8)  # a real allocator refusal, not a fabricated exception
-    assert _is_out_of_memory(err.value)
-    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+    assert is_out_of_memory(err.value)
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
