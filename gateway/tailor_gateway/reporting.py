@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tailor_gateway import state as st
 from tailor_gateway.report import render_report_html, render_report_json
 from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec
 from tailor_runtime.store import ArtifactStore
@@ -30,10 +31,10 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
     candidates = []
     environment: dict[str, Any] = {}
     for stage in stages.values():
-        if stage.kind == "quantize" and stage.state == "REJECTED":
+        if stage.kind == "quantize" and stage.state == st.REJECTED:
             candidates.append(gate_rejected_candidate(stage))
             continue
-        if stage.kind != "benchmark" or stage.state != "SUCCEEDED":
+        if stage.kind != "benchmark" or stage.state != st.SUCCEEDED:
             continue
         name = stage.params["candidate"]
         verdict = verdicts.get(name, {})

@@ -21,6 +21,7 @@ from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
 from tailor.selector.v1 import selector_service_pb2 as select_pb
 from tailor.trainer.v1 import trainer_service_pb2 as train_pb
 from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
+from tailor_gateway import state as st
 from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec
 from tailor_runtime.errors import FailedPrecondition
 from tailor_runtime.operations import to_struct
@@ -140,7 +141,7 @@ def select_request(spec: PipelineSpec, stages) -> tuple[select_pb.SelectRequest,
     candidate's model, so the recommendation can be exported."""
     candidates, models = [], {}
     for stage in stages.values():
-        if stage.kind != "benchmark" or stage.state != "SUCCEEDED":  # a rejected candidate's is SKIPPED
+        if stage.kind != "benchmark" or stage.state != st.SUCCEEDED:  # a rejected candidate's is SKIPPED
             continue
         candidate = stage.params["candidate"]
         metrics = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, int | float)}

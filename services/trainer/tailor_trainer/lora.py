@@ -175,20 +175,11 @@ def finetune_lora(
     """Train adapters on `train_text` (any supported format); write the adapter (and the merged model)."""
     import torch
 
-    from tailor_runtime.ml.formats import HF_SAFETENSORS, PEFT_LORA
-    from tailor_runtime.ml.model_io import load_causal_lm, read_format, save_hf_model, write_format
+    from tailor_runtime.ml.formats import PEFT_LORA
+    from tailor_runtime.ml.model_io import save_hf_model, write_format
     from tailor_trainer.loop import train
 
-    fmt = read_format(model_dir)
-    if fmt["format"] != HF_SAFETENSORS:
-        raise InvalidArgument(
-            f"LoRA training needs a full-precision model (format {HF_SAFETENSORS!r}); {model_dir} is {fmt['format']!r}"
-        )
-    progress(0.0, "loading", f"loading {Path(model_dir).name}")
-    model, tokenizer = load_causal_lm(model_dir)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.seq_len > max_pos:
-        raise InvalidArgument(f"seq_len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
+    model, tokenizer = load_full_precision_base(model_dir, cfg.seq_len, "LoRA training", progress)
     targets = resolve_target_modules(model, cfg.target_modules)
     # All data is read and validated before the (possibly 4-bit, possibly GPU) model is built.
     batch_at, eval_batches, data_stats = training_batches(train_text, tokenizer, cfg)
@@ -259,6 +250,24 @@ def finetune_lora(
         "device": device,
         **data_stats,
     }
+
+
+def load_full_precision_base(model_dir: Path, seq_len: int, what: str, progress: ProgressFn):
+    """(model, tokenizer) of a plain HF folder, refusing quantized folders and a seq_len beyond its context."""
+    from tailor_runtime.ml.formats import HF_SAFETENSORS
+    from tailor_runtime.ml.model_io import load_causal_lm, read_format
+
+    fmt = read_format(model_dir)
+    if fmt["format"] != HF_SAFETENSORS:
+        raise InvalidArgument(
+            f"{what} needs a full-precision model (format {HF_SAFETENSORS!r}); {model_dir} is {fmt['format']!r}"
+        )
+    progress(0.0, "loading", f"loading {Path(model_dir).name}")
+    model, tokenizer = load_causal_lm(model_dir)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise InvalidArgument(f"seq_len {seq_len} exceeds the model's context of {max_pos} tokens")
+    return model, tokenizer
 
 
 def build_peft_model(model: Any, cfg: LoraTrainConfig, targets: list[str]) -> Any:

@@ -111,24 +111,16 @@ def finetune_qat(
     import torch
 
     from tailor_runtime.ml.formats import HF_SAFETENSORS
-    from tailor_runtime.ml.model_io import load_causal_lm, read_format, save_hf_model, write_format
+    from tailor_runtime.ml.model_io import save_hf_model, write_format
     from tailor_trainer.data import BatchSampler, load_token_stream
     from tailor_trainer.loop import train
+    from tailor_trainer.lora import load_full_precision_base
 
     ok, why = _availability()
     if not ok:
         raise FailedPrecondition(f"qat cannot run on this worker: {why}")
-    fmt = read_format(model_dir)
-    if fmt["format"] != HF_SAFETENSORS:
-        raise InvalidArgument(
-            f"QAT needs a full-precision model (format {HF_SAFETENSORS!r}); {model_dir} is {fmt['format']!r}"
-        )
-    progress(0.0, "loading", f"loading {Path(model_dir).name}")
-    model, tokenizer = load_causal_lm(model_dir)
+    model, tokenizer = load_full_precision_base(model_dir, cfg.seq_len, "QAT", progress)
     model = model.to(torch.float32)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and cfg.seq_len > max_pos:
-        raise InvalidArgument(f"seq_len {cfg.seq_len} exceeds the model's context of {max_pos} tokens")
     stream = load_token_stream(train_text, tokenizer, cfg.seq_len)
     layers = prepare_fake_quantization(model, cfg)
     sampler = BatchSampler(stream, cfg.batch_size, cfg.seq_len, cfg.seed)

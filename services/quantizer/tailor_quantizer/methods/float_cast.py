@@ -45,7 +45,7 @@ def cast_and_save(model_dir: Path, out_dir: Path, dtype: str, job: Job) -> dict[
     return {"quantized_layers": linears, "cast_tensors": tensors, "weight_bytes": weight_bytes}
 
 
-def _caps(dtype: str, description: str) -> Caps:
+def _caps(description: str) -> Caps:
     return Caps(
         bits=(16,),
         needs_calibration=False,
@@ -56,9 +56,7 @@ def _caps(dtype: str, description: str) -> Caps:
     )
 
 
-@register(
-    "bf16", caps=_caps("bfloat16", "Cast all weights to bfloat16 (round to nearest even); a plain HF folder.")
-)
+@register("bf16", caps=_caps("Cast all weights to bfloat16 (round to nearest even); a plain HF folder."))
 class Bf16:
     Config = _NoOptions
 
@@ -74,7 +72,6 @@ class Bf16:
 @register(
     "fp16",
     caps=_caps(
-        "float16",
         "Cast all weights to float16 (IEEE half; refuses weights beyond ±65504); a plain HF folder.",
     ),
 )
