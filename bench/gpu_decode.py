@@ -9,6 +9,9 @@ quality meaning. Paths, all greedy, batch 1, same prompt:
                          group size 128, tinygemm kernels)
   static_int4_gemlite    4-bit weights bit-packed (torchao UIntxWeightOnlyConfig, group size 128),
                          multiplied by gemlite's Triton kernels (fp16 activations, which gemlite needs)
+  static_int4_packed     Tailor's packed 4-bit layers (runtime/tailor_runtime/ml/packed_int4.py, group
+                         128, symmetric): the batch-1 product compiles to one fused GEMV kernel; bf16 head
+  static_int4_packed_head  the same with the output head packed too
 Carried to the device as wheels/sources: torchao 0.18.0, gemlite 0.5.1.post1 (0.6 changed an API
 torchao 0.18 calls).
 Ceiling: device-to-device copy bandwidth (bytes read + written per second) / the model's weight bytes.
@@ -93,7 +96,7 @@ def build_model(shape: dict, device, dtype):
 def weight_bytes(model) -> int:
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    total = 0
+    total = sum(b.numel() * b.element_size() for b in model.buffers())  # packed int4 weights are buffers
     for p in model.parameters():
         if is_traceable_wrapper_subclass(p):
             # Quantized tensor subclasses: count their inner (packed) tensors.
@@ -183,10 +186,26 @@ def _int4_gemlite(model) -> None:
     quantize_(model, UIntxWeightOnlyConfig(group_size=128, bit_width=4))
 
 
+def _int4_packed(model) -> None:
+    """Tailor's own packed 4-bit layers (group 128), whose batch-1 product compiles to one fused GEMV;
+    the output head stays bf16."""
+    from tailor_runtime.ml.packed_int4 import pack_linear_layers
+
+    pack_linear_layers(model, group_size=128)
+
+
+def _int4_packed_with_head(model) -> None:
+    from tailor_runtime.ml.packed_int4 import pack_linear_layers
+
+    pack_linear_layers(model, group_size=128, skip=())
+
+
 # name -> (quantize function, activation dtype). gemlite's kernels take fp16 activations.
 INT4_PATHS = {
     "static_int4_tinygemm": (_int4_tinygemm, "bfloat16"),
     "static_int4_gemlite": (_int4_gemlite, "float16"),
+    "static_int4_packed": (_int4_packed, "bfloat16"),
+    "static_int4_packed_head": (_int4_packed_with_head, "bfloat16"),
 }
 
 

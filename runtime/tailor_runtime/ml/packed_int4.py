@@ -1,0 +1,112 @@
+"""4-bit weight-only linear layers whose batch-1 product compiles into one fused GEMV kernel.
+
+Why our own: at batch 1 a decode step is a chain of matrix-vector products, bound by the bytes of the
+weights. The int4 kernels we could use here (torchao's tinygemm, gemlite) are tuned for larger tiles and
+reach only ~540 GB/s on an H100 at batch 1, slower end to end than bf16 (BENCHMARKS.md, issue 5). Written
+as "unpack, scale, multiply by the activation vector, sum", the product is a plain reduction that
+`torch.compile` (inductor) fuses into a single kernel reading each packed byte once; nothing
+dequantized is ever written to memory.
+
+Layout of a [N, K] weight, symmetric round-to-nearest with one scale per group of `group_size` inputs:
+  packed  uint8 [N, K/2]: the low nibble holds column j, the high nibble column j + K/2 (each q + 8, q in
+          [-8, 7]), so both halves are contiguous runs that line up with the two halves of x;
+  scales  [N, K/group_size] in the activation dtype.
+With more than one row of activations (prefill), the weight is dequantized and multiplied with F.linear.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+QMIN, QMAX = -8, 7
+
+
+def quantize_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 [N, K/2], scales [N, K/group_size]) of a [N, K] weight (round to nearest)."""
+    n, k = weight.shape
+    if k % (2 * group_size):
+        raise ValueError(f"in_features {k} must be a multiple of 2 x group_size ({2 * group_size})")
+    w = weight.float().reshape(n, k // group_size, group_size)
+    scales = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / QMAX
+    q = torch.clamp(torch.round(w / scales), QMIN, QMAX).to(torch.int16).reshape(n, k) + 8
+    half = k // 2
+    packed = (q[:, :half] | (q[:, half:] << 4)).to(torch.uint8)
+    return packed.contiguous(), scales.squeeze(-1).to(weight.dtype).contiguous()
+
+
+def dequantize_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The [N, K] weight the packed form stands for, in the scales' dtype."""
+    n = packed.shape[0]
+    q = torch.cat([packed & 0x0F, packed >> 4], dim=1).to(torch.int16) - 8
+    w = q.reshape(n, -1, group_size).to(scales.dtype) * scales.unsqueeze(-1)
+    return w.reshape(n, -1)
+
+
+class PackedInt4Linear(nn.Module):
+    """A Linear with 4-bit packed weights (see the module docstring for the layout)."""
+
+    def __init__(
+        self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+    ):
+        super().__init__()
+        self.out_features, half = packed.shape
+        self.in_features = 2 * half
+        self.group_size = group_size
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> PackedInt4Linear:
+        packed, scales = quantize_weight(linear.weight.detach(), group_size)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(packed, scales, bias, group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features:  # one row: the fused GEMV
+            out = self._gemv(x.reshape(self.in_features)).to(x.dtype)
+            out = out.reshape(*x.shape[:-1], self.out_features)
+        else:
+            weight = dequantize_weight(self.packed, self.scales, self.group_size)
+            out = torch.nn.functional.linear(x, weight.to(x.dtype))
+        return out if self.bias is None else out + self.bias
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        # [N, 2, K/2 / g, g]: both nibble halves, grouped; x viewed the same way. One reduction over
+        # the last three axes, accumulated in float32; inductor fuses the unpacking into its loads.
+        n, half, g = self.out_features, self.in_features // 2, self.group_size
+        q = torch.stack([self.packed & 0x0F, self.packed >> 4], dim=1).to(torch.int16) - 8
+        q = q.reshape(n, 2, half // g, g).float()
+        s = self.scales.reshape(n, 2, half // g, 1).float()
+        xs = x.float().reshape(1, 2, half // g, g)
+        return (q * s * xs).sum(dim=(1, 2, 3))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+        )
+
+
+def pack_linear_layers(model: nn.Module, group_size: int = 128, skip: tuple[str, ...] = ("lm_head",)) -> int:
+    """Replace every nn.Linear (except the names in `skip`) whose width fits the group size by a
+    PackedInt4Linear, in place; returns how many were replaced."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if not isinstance(child, nn.Linear) or any(full.endswith(s) for s in skip):
+                continue
+            if child.in_features % (2 * group_size):
+                continue
+            setattr(module, child_name, PackedInt4Linear.from_linear(child, group_size))
+            replaced += 1
+    return replaced
+
+
+def packed_bytes(model: Any) -> int:
+    """Bytes of parameters and buffers (packed weights count at their packed size)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,65 @@
+"""The packed 4-bit linear layer against a reference: the float matmul of its dequantized weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tailor_runtime.ml.packed_int4 import (
+    PackedInt4Linear,
+    dequantize_weight,
+    pack_linear_layers,
+    quantize_weight,
+)
+
+
+def test_round_trip_is_round_to_nearest_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(48, 256)
+    packed, scales = quantize_weight(w, group_size=32)
+    assert packed.dtype == torch.uint8 and packed.shape == (48, 128) and scales.shape == (48, 8)
+    back = dequantize_weight(packed, scales, 32)
+    step = scales.repeat_interleave(32, dim=1)
+    assert torch.all((back - w).abs() <= step / 2 + 1e-6)
+    # Each group's largest magnitude is representable exactly (the scale is set by it).
+    assert torch.allclose(
+        back.abs().reshape(48, 8, 32).amax(-1), w.abs().reshape(48, 8, 32).amax(-1), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_forward_equals_the_dequantized_matmul(rows):
+    torch.manual_seed(1)
+    linear = nn.Linear(256, 96, bias=True)
+    layer = PackedInt4Linear.from_linear(linear, group_size=64)
+    x = torch.randn(1, rows, 256)
+    reference = nn.functional.linear(x, dequantize_weight(layer.packed, layer.scales, 64), linear.bias)
+    out = layer(x)
+    assert out.shape == (1, rows, 96)
+    assert torch.allclose(out, reference, atol=1e-4, rtol=1e-4)
+    # And it is close to the float layer (4-bit rounding only).
+    assert torch.nn.functional.cosine_similarity(out.flatten(), linear(x).detach().flatten(), dim=0) > 0.98
+
+
+def test_compiled_gemv_matches_eager():
+    torch.manual_seed(2)
+    layer = PackedInt4Linear.from_linear(nn.Linear(128, 64, bias=False), group_size=32)
+    x = torch.randn(1, 1, 128)
+    compiled = torch.compile(layer, fullgraph=True)
+    assert torch.allclose(compiled(x), layer(x), atol=1e-4)
+
+
+def test_pack_linear_layers_skips_the_head_and_odd_widths():
+    model = nn.Sequential()
+    model.add_module("a", nn.Linear(128, 64))
+    model.add_module("odd", nn.Linear(96, 64))
+    model.add_module("lm_head", nn.Linear(64, 10))
+    assert pack_linear_layers(model, group_size=32) == 1
+    assert isinstance(model.a, PackedInt4Linear)
+    assert isinstance(model.odd, nn.Linear) and isinstance(model.lm_head, nn.Linear)
+
+
+def test_width_not_a_multiple_of_two_groups_is_refused():
+    with pytest.raises(ValueError, match="multiple of 2 x group_size"):
+        quantize_weight(torch.randn(4, 96), group_size=64)
