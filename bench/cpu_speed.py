@@ -9,15 +9,19 @@ an hf-safetensors folder, then makes the CPU artifacts the platform produces fro
 - pytorch-int8_dynamic: the quantizer's int8_dynamic method (torch dynamic-int8 Linear layers);
 - onnx-fp32, onnx-int8, onnx-int8-static: the exporter's `onnx`, `onnx-int8` (dynamic, per channel) and
   `onnx-int8-static` (QDQ, min-max calibration on 16 x 128 tokens of tinystories_train.txt) formats: ONNX
-  decoders with past key/values, fused by ONNX Runtime's transformer optimizer, run by OnnxCausalLM.
+  decoders with past key/values, fused by ONNX Runtime's transformer optimizer, run by OnnxCausalLM;
+- gguf-q8_0, gguf-q4_0: the exporter's `gguf` format, types Q8_0 and Q4_0 (Q4_0 keeps the tied
+  embedding/output matrix in Q8_0, as llama-quantize does), run in llama.cpp by LlamaCppCausalLM (the
+  benchmarker's gguf runtime; its own KV cache); skipped, saying so, where llama-cpp-python is missing.
 
 Each is timed with the benchmarker's own decode-latency code (greedy, batch 1, EOS ignored, KV cache,
-median), with the same prompt and thread count (torch intra-op threads = ONNX Runtime intra-op threads),
-all loaded in this process and timed in interleaved rounds (every artifact once per round, a warm-up
-run each in the first), so that drift on a shared machine hits them alike; the figure is the median of
-the rounds. Verification of the int8 exports is relaxed here (top-1 agreement not enforced): with random
-weights the logits are nearly flat, so the agreement the exporter asks of real models means nothing; the
-float32 export is still checked at 1e-3. Writes a Markdown table to stdout and, with --json, all results.
+median), with the same prompt and thread count (torch intra-op threads = ONNX Runtime intra-op threads =
+llama.cpp threads), all loaded in this process and timed in interleaved rounds (every artifact once per
+round, a warm-up run each in the first), so that drift on a shared machine hits them alike; the figure is
+the median of the rounds. Verification of the int8 and GGUF exports is relaxed here (top-1 and greedy
+agreement not enforced): with random weights the logits are nearly flat, so the agreement the exporter asks
+of real models means nothing; the float32 export is still checked at 1e-3, the GGUF ones at their types'
+logit bounds. Writes a Markdown table to stdout and, with --json, all results.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ ARCH = dict(
     max_position_embeddings=512,
     tie_word_embeddings=True,
 )
+GGUF_TYPES = ("Q8_0", "Q4_0")  # the exporter's gguf types llama.cpp runs fast on CPU (gguf-py writes both)
 SMALL = dict(ARCH, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
              intermediate_size=688)  # fmt: skip
 
@@ -100,6 +105,22 @@ def make_artifacts(root: Path, arch: dict) -> dict[str, Path]:
         started = time.monotonic()
         job = Job(no_progress, calibration_file=CALIBRATION)
         fmt.run(folders["pytorch-fp32"], folders[name], fmt.Config(**config), job)
+        print(f"exported {name} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+    from tailor_runtime.libraries import importable
+
+    has_llama_cpp, why_not = importable("llama_cpp")
+    if not has_llama_cpp:
+        print(f"no GGUF rows: {why_not} (requirements-llamacpp.txt)", file=sys.stderr, flush=True)
+        return folders
+    gguf = get_format("gguf")
+    for gguf_type in GGUF_TYPES:
+        name = f"gguf-{gguf_type.lower()}"
+        folders[name] = root / name
+        started = time.monotonic()
+        config = gguf.Config(
+            type=gguf_type, min_top1_agreement=0.0, min_greedy_agreement=0.0, verify_batches=2
+        )
+        gguf.run(folders["pytorch-fp32"], folders[name], config, Job(no_progress))
         print(f"exported {name} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     return folders
 
@@ -163,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         results = measure(folders, args.threads, args.new_tokens, args.rounds)
 
     base = results["pytorch-fp32"]["tokens_per_s"]
-    versions = {n: metadata.version(n) for n in ("torch", "transformers", "onnxruntime", "onnx")}
+    versions = {}
+    for n in ("torch", "transformers", "onnxruntime", "onnx", "llama-cpp-python"):
+        try:
+            versions[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            versions[n] = None
     print(f"model: Llama, {parameter_count(arch) / 1e6:.1f}M parameters, RANDOM weights, {arch}")
     print(f"machine: {cpu_model()}, {len(os.sched_getaffinity(0))} usable cores, load average "
           f"{os.getloadavg()[0]:.1f}; threads {args.threads}; {versions}")  # fmt: skip

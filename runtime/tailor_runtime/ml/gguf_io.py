@@ -247,6 +247,16 @@ def llama_cpp_availability() -> tuple[bool, str]:
     return importable("llama_cpp")
 
 
+def require_llama_cpp(purpose: str) -> None:
+    """FailedPrecondition naming the package to install unless llama-cpp-python loads here."""
+    ok, why = llama_cpp_availability()
+    if not ok:
+        raise FailedPrecondition(
+            f"{purpose} needs llama.cpp (llama-cpp-python), and {why}; install it: "
+            "pip install -r requirements-llamacpp.txt"
+        )
+
+
 def _write_with_llama_cpp(model_dir: Path, out_path: Path, gguf_type: str, name: str | None) -> dict:
     """F32 GGUF written here, then quantized by llama.cpp itself (the only K-quant writer available)."""
     ok, why = llama_cpp_availability()

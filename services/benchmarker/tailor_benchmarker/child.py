@@ -7,11 +7,15 @@ survive it crashing. Progress goes to stdout as lines `@progress {"percent": ..,
 (anything else printed there is ignored). The result, or `{"error": {...}}`, is written to --out
 atomically; the exit status is 0 only with a result.
 
+Runtimes: an ONNX folder runs in ONNX Runtime, a `gguf` folder in llama.cpp (llama-cpp-python,
+`tailor_runtime.ml.llama_cpp_model`: the folder's tokenizer ids fed to llama.cpp, its context sized for
+this benchmark's longest sequence), every other format in PyTorch.
+
 Memory: `baseline_rss_mb` is the process after importing torch and transformers (and onnxruntime for
-an ONNX folder), before the model; `peak_rss_mb` is ru_maxrss, the most the process held before it
-loaded the reference model (with --reference, for agreement, which is measured last);
+an ONNX folder, llama_cpp for a gguf one), before the model; `peak_rss_mb` is ru_maxrss, the most the
+process held before it loaded the reference model (with --reference, for agreement, which is measured last);
 `model_memory_mb` counts weight bytes (parameters, buffers, packed int8 weights, 4-bit block scales; for
-ONNX the graph's initializers). All sizes are MiB (2**20 bytes).
+ONNX the graph's initializers; for GGUF llama.cpp's tensors). All sizes are MiB (2**20 bytes).
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from tailor_benchmarker.config import BenchmarkConfig
 from tailor_runtime.ml.model_io import FORMAT_FILE
 
 PROGRESS_PREFIX = "@progress "
-ONNX_FORMATS = ("onnx", "ort")  # run by ONNX Runtime (tailor_runtime.ml.onnx.session)
+ONNX_FORMATS = ("onnx", "ort", "triton-repository")  # run by ONNX Runtime (tailor_runtime.ml.onnx.session)
+GGUF_FORMAT = "gguf"  # run by llama.cpp (tailor_runtime.ml.llama_cpp_model)
+# llama.cpp's own tokenizer is checked against the folder's on this text (recorded, not enforced).
+VOCAB_SAMPLE = 'Once upon a time, there was a little girl named Lily. She said: "Look, 3 red birds!"'
 
 
 def report(percent: float, phase: str, message: str = "") -> None:
@@ -75,15 +82,20 @@ def _declared_format(model_dir: Path) -> str | None:
         return None
 
 
-def _load(model_dir: Path, threads: int | None) -> tuple[Any, Any, dict[str, Any]]:
-    """(model, tokenizer, info) for any format load_causal_lm reads (ONNX ones run in ONNX Runtime)."""
+def _load(
+    model_dir: Path, threads: int | None, llama_cpp: dict[str, int] | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """(model, tokenizer, info) for any format load_causal_lm reads (ONNX ones run in ONNX Runtime, GGUF in
+    llama.cpp, opened with the context sizes `llama_cpp` gives, see `llama_cpp_sizes`)."""
     import torch
 
     from tailor_runtime.ml.model_io import load_causal_lm
 
     declared = _declared_format(model_dir)
     if threads:
-        torch.set_num_threads(threads)  # an ONNX Runtime session takes torch's thread count too
+        torch.set_num_threads(threads)  # ONNX Runtime and llama.cpp take torch's thread count too
+    if declared == GGUF_FORMAT:
+        return _load_llama_cpp(model_dir, threads, llama_cpp or {})
     model, tokenizer = load_causal_lm(model_dir)
     if declared in ONNX_FORMATS:
         info = {
@@ -95,6 +107,43 @@ def _load(model_dir: Path, threads: int | None) -> tuple[Any, Any, dict[str, Any
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     info = {"format": declared, "runtime": "torch", "dtype": dtype}
     return model, tokenizer, {**info, "weight_bytes": torch_weight_bytes(model)}
+
+
+def _load_llama_cpp(model_dir: Path, threads: int | None, sizes: dict[str, int]) -> tuple[Any, Any, dict]:
+    from tailor_runtime.ml.llama_cpp_model import LlamaCppCausalLM
+    from tailor_runtime.ml.model_io import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)  # the source's, copied beside the GGUF: its ids go to llama.cpp
+    model = LlamaCppCausalLM(model_dir, threads=threads, **sizes)
+    vocab = model.check_vocab(tokenizer, sample=VOCAB_SAMPLE)
+    info = {"format": GGUF_FORMAT, **model.info(), "vocab_check": vocab}
+    return model, tokenizer, {**info, "weight_bytes": model.weight_bytes()}
+
+
+def llama_cpp_sizes(model_dir: Path, cfg: BenchmarkConfig, choice_file: Path | None = None) -> dict[str, int]:
+    """The llama.cpp context this benchmark needs: the longest sequence it evaluates at batch 1 (`n_ctx`,
+    capped by the model at load), and the decode runs' length per row for the larger batches.
+
+    llama.cpp allocates (and clears) its KV cache for the whole context when it opens it, where PyTorch and
+    ONNX Runtime grow theirs with the sequence; opening the model's full context would put memory the
+    measurement never uses into its peak RSS."""
+    from tailor_benchmarker import tasks
+    from tailor_runtime.ml.model_io import load_tokenizer
+    from tailor_runtime.ml.perplexity import encode_eval_text
+
+    tokenizer = load_tokenizer(model_dir)
+    prompt = len(tokenizer(cfg.latency_prompt, add_special_tokens=True)["input_ids"])
+    decode = prompt + cfg.latency_new_tokens
+    needs = [cfg.context_length, decode]
+    if cfg.generation_examples:
+        needs.append(cfg.generation_prompt_tokens + 1 + cfg.generation_new_tokens)
+    if choice_file is not None:
+        for context, choices, _ in tasks.read_sst2(choice_file, cfg.choice_max_examples):
+            needs += [
+                len(encode_eval_text(tokenizer, context + choice, 10**9, split_documents=False)[0])
+                for choice in choices
+            ]
+    return {"n_ctx": max(needs), "max_batch": max(cfg.batch_sizes), "batch_n_ctx": decode}
 
 
 def measure(
@@ -114,7 +163,10 @@ def measure(
     torch.manual_seed(0)
     baseline = current_rss_mb()
     report(2, "loading", f"loading {model_dir.name}")
-    model, tokenizer, info = _load(model_dir, cfg.threads)
+    sizes = (
+        llama_cpp_sizes(model_dir, cfg, choice_file) if _declared_format(model_dir) == GGUF_FORMAT else None
+    )
+    model, tokenizer, info = _load(model_dir, cfg.threads, sizes)
     after_load = current_rss_mb()
 
     report(10, "perplexity", "tokenizing")
@@ -147,6 +199,9 @@ def measure(
     if reference_dir is not None:
         report(90, "agreement", f"loading the reference {reference_dir.name}")
         result["agreement"] = _agreement(model, tokenizer, reference_dir, text, cfg)
+    threads = {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()}
+    if "llama_cpp_threads" in info:
+        threads["llama_cpp"] = info["llama_cpp_threads"]
     return {
         "model": info,
         "model_memory_mb": info.pop("weight_bytes") / 2**20,
@@ -157,10 +212,7 @@ def measure(
             "peak_rss_over_baseline_mb": peak - baseline,
         },
         **result,
-        "threads": {
-            "torch_intra_op": torch.get_num_threads(),
-            "torch_inter_op": torch.get_num_interop_threads(),
-        },
+        "threads": threads,
     }
 
 
@@ -195,7 +247,8 @@ def _tasks(
 def _agreement(model: Any, tokenizer: Any, reference_dir: Path, text: str, cfg: BenchmarkConfig) -> dict:
     from tailor_runtime.ml.agreement import agreement
 
-    reference, _, ref_info = _load(reference_dir, cfg.threads)
+    # A gguf reference runs in llama.cpp too, opened for the agreement windows.
+    reference, _, ref_info = _load(reference_dir, cfg.threads, {"n_ctx": cfg.context_length})
     result = agreement(
         model,
         reference,
@@ -245,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     declared = {_declared_format(args.model), args.reference and _declared_format(args.reference)}
     if declared & set(ONNX_FORMATS):
         import onnxruntime  # noqa: F401
+    if GGUF_FORMAT in declared:
+        from tailor_runtime.libraries import importable
+
+        importable("llama_cpp")  # imports it where it loads; loading the model says why where it does not
 
     try:
         cfg = BenchmarkConfig.model_validate_json(args.config)

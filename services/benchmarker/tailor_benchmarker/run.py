@@ -32,7 +32,15 @@ from tailor_runtime.progress import ProgressFn
 # Progress (and with it the cancellation check) is called at least this often while the child runs.
 POLL_S = 0.25
 STDERR_TAIL_LINES = 8
-_VERSIONED = ("torch", "transformers", "onnxruntime", "tokenizers", "bitsandbytes", "numpy")
+_VERSIONED = (
+    "torch",
+    "transformers",
+    "onnxruntime",
+    "llama-cpp-python",
+    "tokenizers",
+    "bitsandbytes",
+    "numpy",
+)
 
 
 def run_benchmark(
@@ -85,7 +93,7 @@ def run_benchmark(
 
 def _check_format(model_dir: Path) -> None:
     """Fail before starting a child (seconds of imports) on a folder no child could load."""
-    from tailor_runtime.ml.formats import loadable_formats
+    from tailor_runtime.ml.formats import GGUF, loadable_formats
     from tailor_runtime.ml.model_io import FORMAT_FILE
 
     path = model_dir / FORMAT_FILE
@@ -96,6 +104,10 @@ def _check_format(model_dir: Path) -> None:
     measurable = loadable_formats()
     if declared not in measurable:
         raise InvalidArgument(f"cannot benchmark a model in format {declared!r}", choices=measurable)
+    if declared == GGUF:
+        from tailor_runtime.ml.gguf_io import require_llama_cpp
+
+        require_llama_cpp(f"benchmarking {model_dir.name} (format 'gguf', measured in llama.cpp)")
 
 
 def _child_command(model_dir: Path, eval_text: Path, cfg: BenchmarkConfig, out: Path) -> list[str]:
