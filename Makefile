@@ -72,15 +72,25 @@ $(VENV)/.llamacpp: requirements-llamacpp.txt | $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q --disable-pip-version-check -r requirements-llamacpp.txt
 	touch $@
 
-# TAILOR_REQUIRE_LLAMA_CPP=1: a missing llama.cpp fails the GGUF tests instead of skipping them.
-test: install system-deps $(VENV)/.llamacpp
-	TAILOR_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+# MLServer, a real KServe v2 server, stands in for Triton (not installable here) in the Triton client
+# tests (integration; tests/support/mlserver.py). Its own environment: it needs protobuf < 7, the project
+# pins 7. About a minute the first time.
+VENV_MLSERVER := .venv-mlserver
+$(VENV_MLSERVER)/.installed: requirements-mlserver.txt
+	test -x $(VENV_MLSERVER)/bin/python || $(PYTHON) -m venv $(VENV_MLSERVER)
+	$(VENV_MLSERVER)/bin/pip install -q --disable-pip-version-check -r requirements-mlserver.txt
+	touch $@
+
+# TAILOR_REQUIRE_LLAMA_CPP=1: a missing llama.cpp fails the GGUF tests instead of skipping them; likewise
+# TAILOR_REQUIRE_MLSERVER=1 for the Triton client tests.
+test: install system-deps $(VENV)/.llamacpp $(VENV_MLSERVER)/.installed
+	TAILOR_REQUIRE_LLAMA_CPP=1 TAILOR_REQUIRE_MLSERVER=1 $(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-unit: install $(HELM) $(VENV)/.llamacpp
 	TAILOR_REQUIRE_LLAMA_CPP=1 $(BIN)/python -m pytest -m "not gpu and not integration" $(PYTEST_ARGS)
 
-test-integration: install system-deps
-	$(BIN)/python -m pytest -m "integration" $(PYTEST_ARGS)
+test-integration: install system-deps $(VENV_MLSERVER)/.installed
+	TAILOR_REQUIRE_MLSERVER=1 $(BIN)/python -m pytest -m "integration" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

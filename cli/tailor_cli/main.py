@@ -30,6 +30,8 @@ from tailor_cli.render import pipeline_state, render_gate, stages_table, summary
 from tailor_cli.select import add_parser as add_select_parser
 from tailor_cli.select import cmd_select
 from tailor_cli.stack import Stack
+from tailor_cli.triton import add_parser as add_triton_parser
+from tailor_cli.triton import cmd_triton
 from tailor_gateway.spec import parse_spec
 from tailor_runtime.errors import TailorError
 from tailor_runtime.operations import to_struct
@@ -351,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
     add_admin_parsers(sub)
     add_select_parser(sub)
+    add_triton_parser(sub)
     return parser
 
 
@@ -364,6 +367,7 @@ COMMANDS = {
     "tokens": cmd_tokens,
     "audit": cmd_audit,
     "select": lambda args: cmd_select(args, console),
+    "triton": lambda args: cmd_triton(args, console),
 }
 
 

@@ -28,9 +28,11 @@ from tailor_runtime.errors import InvalidArgument
 
 log = logging.getLogger("tailor.gateway.capabilities")
 
-# pool -> (what the names are, the call that lists them on one worker's channel)
+# kind of name -> (the pool that lists it, what the names are, the call listing them on one worker's
+# channel, the reply's field). The exporter's one reply lists both its formats and its targets.
 _LISTERS = {
     "quantizer": (
+        "quantizer",
         "quantization method",
         lambda ch, t: quant_grpc.QuantizerServiceStub(ch).ListMethods(
             quant_pb.ListMethodsRequest(), timeout=t
@@ -38,16 +40,26 @@ _LISTERS = {
         "methods",
     ),
     "trainer": (
+        "trainer",
         "fine-tuning method",
         lambda ch, t: train_grpc.TrainerServiceStub(ch).ListMethods(train_pb.ListMethodsRequest(), timeout=t),
         "methods",
     ),
     "exporter": (
+        "exporter",
         "export format",
         lambda ch, t: export_grpc.ExporterServiceStub(ch).ListFormats(
             export_pb.ListFormatsRequest(), timeout=t
         ),
         "formats",
+    ),
+    "export-target": (
+        "exporter",
+        "export target",
+        lambda ch, t: export_grpc.ExporterServiceStub(ch).ListFormats(
+            export_pb.ListFormatsRequest(), timeout=t
+        ),
+        "targets",
     ),
 }
 
@@ -59,19 +71,20 @@ class Capabilities:
         self._cache: dict[str, tuple[float, frozenset[str] | None]] = {}
         self._inflight: dict[str, asyncio.Future] = {}
 
-    async def offered(self, pool: str) -> frozenset[str] | None:
-        """Names the pool's workers list (the union over those that answered); None if none answered."""
-        cached = self._cache.get(pool)
+    async def offered(self, kind: str) -> frozenset[str] | None:
+        """Names of a kind the pool's workers list (the union over those that answered); None if none
+        answered."""
+        cached = self._cache.get(kind)
         if cached and time.monotonic() - cached[0] < self.ttl_s:
             return cached[1]
         # Concurrent submissions share one round of calls.
-        if pool not in self._inflight:
-            self._inflight[pool] = asyncio.ensure_future(self._ask(pool))
-            self._inflight[pool].add_done_callback(lambda _f: self._inflight.pop(pool, None))
-        return await asyncio.shield(self._inflight[pool])
+        if kind not in self._inflight:
+            self._inflight[kind] = asyncio.ensure_future(self._ask(kind))
+            self._inflight[kind].add_done_callback(lambda _f: self._inflight.pop(kind, None))
+        return await asyncio.shield(self._inflight[kind])
 
-    async def _ask(self, pool: str) -> frozenset[str] | None:
-        _, call, field = _LISTERS[pool]
+    async def _ask(self, kind: str) -> frozenset[str] | None:
+        pool, _, call, field = _LISTERS[kind]
         addresses = list(self.pools.pools.get(pool) or [])
         replies = await asyncio.gather(
             *(call(self.pools.channel(a), self.timeout_s) for a in addresses), return_exceptions=True
@@ -88,23 +101,25 @@ class Capabilities:
             answered = True
             names.update(m.name for m in getattr(reply, field))
         result = frozenset(names) if answered else None
-        self._cache[pool] = (time.monotonic(), result)
+        self._cache[kind] = (time.monotonic(), result)
         return result
 
     async def check(self, spec: PipelineSpec) -> None:
         """INVALID_ARGUMENT for the first name in the spec that its pool does not offer."""
-        wanted: list[tuple[str, str, str]] = []  # (field path, pool, name)
+        wanted: list[tuple[str, str, str]] = []  # (field path, kind of name, name)
         if spec.finetune is not None:
             wanted.append(("finetune.method", "trainer", spec.finetune.method))
         wanted += [(f"quantize.{i}.method", "quantizer", q.method) for i, q in enumerate(spec.quantize)]
-        if spec.export is not None:
+        if spec.export is not None and spec.export.format is not None:
             wanted.append(("export.format", "exporter", spec.export.format))
-        pools = sorted({pool for _, pool, _ in wanted})
-        offered = dict(zip(pools, await asyncio.gather(*(self.offered(p) for p in pools)), strict=True))
-        for path, pool, name in wanted:
-            names = offered[pool]
+        if spec.export is not None and spec.export.target is not None:
+            wanted.append(("export.target", "export-target", spec.export.target))
+        kinds = sorted({kind for _, kind, _ in wanted})
+        offered = dict(zip(kinds, await asyncio.gather(*(self.offered(k) for k in kinds)), strict=True))
+        for path, kind, name in wanted:
+            names = offered[kind]
             if names is None:
                 continue  # no worker of the pool answered: accepted; dispatch checks it on the worker
             if name not in names:
-                what = _LISTERS[pool][0]
+                what = _LISTERS[kind][1]
                 raise InvalidArgument(f"{path}: unknown {what} {name!r}", choices=names)

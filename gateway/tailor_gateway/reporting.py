@@ -93,7 +93,7 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
     if "export" in stages and stages["export"].results:
         ex = stages["export"]
         summary["export"] = {
-            "format": ex.params["format"],
+            "format": ex.metrics.get("export_format") or ex.params.get("format") or "",
             "artifact_id": ex.results[0]["id"],
             **{k: v for k, v in ex.metrics.items() if isinstance(v, int | float | str)},
         }

@@ -118,8 +118,20 @@ class Select(BaseModel):
 
 class Export(BaseModel):
     model_config = _STRICT
-    format: str = "onnx"
+    format: str | None = Field(
+        None, description="Export format; default: the target's default format, or onnx without a target."
+    )
+    target: str | None = Field(
+        None, description="Named hardware target (cpu-x86, cpu-arm64, cuda, android, ios, raspberry-pi)."
+    )
     config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_format(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") is None and data.get("target") is None:
+            return {**data, "format": "onnx"}
+        return data
 
 
 class PipelineSpec(BaseModel):

@@ -126,7 +126,8 @@ def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
             raise FailedPrecondition("nothing to export: no candidate met the constraints")
         request = export_pb.ExportRequest(
             model=ref_dict(chosen),
-            format=s.params["format"],
+            format=s.params.get("format") or "",
+            target=s.params.get("target") or "",
             config=to_struct(s.params["config"]),
             labels=labels,
         )

@@ -51,7 +51,7 @@ SHORT_SPEC = {
         }
     },
     "select": {"constraints": {"max_memory_mb": 4096, "max_perplexity_increase_pct": 5}},
-    "export": {"format": "onnx"},
+    "export": {"target": "cpu-x86"},  # its default format: onnx-int8
 }
 
 
@@ -180,6 +180,8 @@ def test_artifacts_lineage_and_manifests_on_s3(finished, stack, s3_server, conn)
         assert all(len(f["sha256"]) == 64 and f["size"] > 0 for f in q["files"])
     export = manifest(stages["export"].results[0].id)
     assert export["kind"] == "export" and export["format"] == "onnx"
+    assert export["recipe"]["method"] == "onnx-int8"  # the cpu-x86 target's default format
+    assert _struct(p.summary)["export"]["format"] == "onnx-int8"
     assert any(f["path"].endswith(".onnx") for f in export["files"])
     # The bytes really are in the S3 bucket, under the configured prefix.
     s3 = boto3.client(

@@ -47,7 +47,10 @@ class Trainer(train_grpc.TrainerServiceServicer):
 
 class Exporter(export_grpc.ExporterServiceServicer):
     async def ListFormats(self, request, context):
-        return export_pb.ListFormatsResponse(formats=[common.MethodInfo(name="onnx")])
+        return export_pb.ListFormatsResponse(
+            formats=[common.MethodInfo(name="onnx")],
+            targets=[export_pb.TargetInfo(name="cpu-x86", default_format="onnx", formats=["onnx"])],
+        )
 
 
 async def _serve(*servicers):
@@ -63,7 +66,7 @@ async def _serve(*servicers):
     return server, f"127.0.0.1:{port}"
 
 
-def _spec(methods=("bf16",), finetune=None, export=None) -> str:
+def _spec(methods=("bf16",), finetune=None, export=None, target=None) -> str:
     spec = {
         "name": "caps",
         "model": {"artifact": A},
@@ -74,6 +77,8 @@ def _spec(methods=("bf16",), finetune=None, export=None) -> str:
         spec["finetune"] = {"method": finetune}
     if export:
         spec["export"] = {"format": export}
+    if target:
+        spec["export"] = {"target": target}
     return yaml.safe_dump(spec)
 
 
@@ -96,7 +101,12 @@ def test_unknown_names_are_refused_with_the_field_path_and_choices():
                 await caps.check(parse_spec(_spec(finetune="qlora")))
             with pytest.raises(InvalidArgument, match=r"^export\.format: .*'gguf'.*valid choices: onnx"):
                 await caps.check(parse_spec(_spec(export="gguf")))
-            # One round of calls answered all of that (cached).
+            await caps.check(parse_spec(_spec(target="cpu-x86")))
+            with pytest.raises(
+                InvalidArgument, match=r"^export\.target: unknown export target 'tpu'.*cpu-x86"
+            ):
+                await caps.check(parse_spec(_spec(target="tpu")))
+            # One round of calls per kind of name answered all of that (cached).
             assert (q1.calls, q2.calls) == (1, 1)
         finally:
             await pools.close()

@@ -55,7 +55,12 @@ class ExportFormat:
 
 _FORMATS: dict[str, ExportFormat] = {}
 # Modules whose import registers their formats; imported on first use of the registry.
-FORMAT_MODULES = ("tailor_exporter.onnx_export", "tailor_exporter.gguf_export")
+FORMAT_MODULES = (
+    "tailor_exporter.onnx_export",
+    "tailor_exporter.gguf_export",
+    "tailor_exporter.triton_export",
+    "tailor_exporter.mobile_export",
+)
 
 
 def _import_formats() -> None:

@@ -5,20 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+
 from tailor.common.v1 import common_pb2 as common
 from tailor.exporter.v1 import exporter_service_pb2 as pb
 from tailor.exporter.v1 import exporter_service_pb2_grpc as pb_grpc
 from tailor_exporter.registry import Job, get_format, list_formats
+from tailor_exporter.targets import TARGETS, resolve
 from tailor_runtime.errors import InvalidArgument
-from tailor_runtime.operations import WorkResult
+from tailor_runtime.operations import WorkResult, to_struct
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
-    config_from_struct,
     config_parameters,
     dataset_file,
     read_format_name,
     recipe,
     require_artifact,
+    validate_config,
     workspace,
 )
 
@@ -46,16 +49,31 @@ def format_info(fmt) -> common.MethodInfo:
     )
 
 
+def target_info(target) -> pb.TargetInfo:
+    return pb.TargetInfo(
+        name=target.name,
+        description=target.description,
+        default_format=target.default_format,
+        formats=list(target.formats),
+        settings={name: to_struct(values) for name, values in target.settings.items()},
+    )
+
+
 class ExporterServicer(pb_grpc.ExporterServiceServicer):
     def __init__(self, ctx: ServiceContext):
         self.ctx = ctx
 
     async def ListFormats(self, request, context):
-        return pb.ListFormatsResponse(formats=[format_info(fmt) for fmt in list_formats()])
+        return pb.ListFormatsResponse(
+            formats=[format_info(fmt) for fmt in list_formats()],
+            targets=[target_info(TARGETS[name]) for name in sorted(TARGETS)],
+        )
 
     async def Export(self, request: pb.ExportRequest, context):
-        fmt = get_format(request.format)
-        cfg = config_from_struct(fmt.Config, request.config, f"{request.format} export")
+        requested = json_format.MessageToDict(request.config) if request.HasField("config") else {}
+        format_name, config = resolve(request.format, request.target, requested)
+        fmt = get_format(format_name)
+        cfg = validate_config(fmt.Config, config, f"{format_name} export")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         require_artifact(store, request.model, "model", ("model",))
         inputs, calibration = [request.model.id], None
@@ -68,7 +86,7 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
             manifest = require_artifact(store, ref, "config.calibration_data", ("dataset",))
             calibration = (ref.id, dataset_file(manifest, CALIBRATION_SUFFIXES))
             inputs.append(ref.id)
-        the_recipe = recipe("export", request.format, cfg, inputs, 0, fmt.libraries)
+        the_recipe = recipe("export", format_name, cfg, inputs, 0, fmt.libraries)
 
         def work(progress) -> WorkResult:
             progress(1.0, "fetching", "model from the store")
@@ -81,23 +99,26 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
                 result = fmt.run(model_dir, out, cfg, job)
                 metrics = verification_metrics(result.get("verification", {}))
                 metrics["size_on_disk_mb"] = result.get("size_on_disk_mb", 0.0)
+                metrics["export_format"] = format_name
                 progress(99.0, "publishing", "")
                 manifest = store.publish_directory(
                     out,
                     kind="export",
                     format=read_format_name(out),
-                    name=f"{request.format}-export",
+                    name=f"{format_name}-export",
                     parents=[request.model.id],
                     recipe=the_recipe,
                     metrics=metrics,
                 )
-            return WorkResult(
-                results=[manifest], metrics={**metrics, "export_s": result.get("export_s", 0.0)}
-            )
+            run_facts = {"export_s": result.get("export_s", 0.0)}
+            if request.target:
+                run_facts["target"] = request.target
+            return WorkResult(results=[manifest], metrics={**metrics, **run_facts})
 
-        return self.ctx.runner.start(
-            "export", work, labels={**request.labels, "method": request.format}, recipe=the_recipe
-        )
+        labels = {**request.labels, "method": format_name}
+        if request.target:
+            labels["target"] = request.target
+        return self.ctx.runner.start("export", work, labels=labels, recipe=the_recipe)
 
 
 def register(server, ctx: ServiceContext) -> list[str]:

@@ -24,6 +24,9 @@ PEFT_LORA = "peft-lora"
 GGUF = "gguf"
 ONNX = "onnx"  # ONNX Runtime decoder graph with a KV cache (tailor_runtime.ml.onnx)
 ORT = "ort"  # the same in ONNX Runtime Mobile's ORT format
+# A Triton model repository (<name>/config.pbtxt, <name>/<version>/model.onnx) whose tailor_format.json
+# names the graph: Tailor runs it as an `onnx` folder.
+TRITON_REPOSITORY = "triton-repository"
 
 # Full models that `load_causal_lm` can load.
 _LOADERS: dict[str, str] = {
@@ -36,10 +39,16 @@ _LOADERS: dict[str, str] = {
     GGUF: "tailor_runtime.ml.formats.gguf",
     ONNX: "tailor_runtime.ml.formats.onnx",
     ORT: "tailor_runtime.ml.formats.onnx",
+    TRITON_REPOSITORY: "tailor_runtime.ml.formats.onnx",
 }
 
+# On-device programs (tailor_exporter.mobile_export): published and verified, but run by their own
+# runtimes on phones, not loaded back into Tailor.
+EXECUTORCH = "executorch"  # an ExecuTorch .pte (XNNPACK) with a static KV cache
+COREML = "coreml"  # a Core ML .mlpackage ML program with its KV cache as model states
+
 # Formats a folder may declare. A LoRA adapter is a valid artifact but not a model on its own.
-KNOWN_FORMATS: frozenset[str] = frozenset({*_LOADERS, PEFT_LORA})
+KNOWN_FORMATS: frozenset[str] = frozenset({*_LOADERS, PEFT_LORA, EXECUTORCH, COREML})
 
 LoaderFn = Callable[[Path, dict[str, Any]], Any]
 
@@ -53,6 +62,11 @@ def get_loader(name: str) -> LoaderFn:
         raise InvalidArgument(
             "this folder is a LoRA adapter (format 'peft-lora'), not a complete model; "
             "load the merged model folder instead, or apply the adapter to its base model"
+        )
+    if name in (EXECUTORCH, COREML):
+        raise InvalidArgument(
+            f"a {name!r} folder is a program for its on-device runtime (see docs/export-mobile.md), which "
+            "Tailor does not load back; load the model it was exported from instead"
         )
     if name not in _LOADERS:
         raise InvalidArgument(f"unknown model format {name!r}", choices=loadable_formats())
