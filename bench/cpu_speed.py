@@ -7,9 +7,11 @@ an architecture do not depend on its weights; no real model of this size is avai
 an hf-safetensors folder, then makes the CPU artifacts the platform produces from it, with its own code:
 
 - pytorch-int8_dynamic: the quantizer's int8_dynamic method (torch dynamic-int8 Linear layers);
-- onnx-fp32, onnx-int8, onnx-int8-static: the exporter's `onnx`, `onnx-int8` (dynamic, per channel) and
-  `onnx-int8-static` (QDQ, min-max calibration on 16 x 128 tokens of tinystories_train.txt) formats: ONNX
-  decoders with past key/values, fused by ONNX Runtime's transformer optimizer, run by OnnxCausalLM;
+- onnx-fp32, onnx-fp16, onnx-int8, onnx-int8-static, ort-int8: the exporter's `onnx`, `onnx-fp16`,
+  `onnx-int8` (dynamic, per channel), `onnx-int8-static` (QDQ, min-max calibration on 16 x 128 tokens of
+  tinystories_train.txt) and `ort` (int8, ONNX Runtime Mobile's format) formats: ONNX decoders with past
+  key/values, fused by ONNX Runtime's transformer optimizer, run by OnnxCausalLM (a `triton` export serves
+  the same graph as its variant, so it has no row of its own; `executorch` and `coreml` run on phones);
 - gguf-q8_0, gguf-q4_0: the exporter's `gguf` format, types Q8_0 and Q4_0 (Q4_0 keeps the tied
   embedding/output matrix in Q8_0, as llama-quantize does), run in llama.cpp by LlamaCppCausalLM (the
   benchmarker's gguf runtime; its own KV cache); skipped, saying so, where llama-cpp-python is missing.
@@ -93,7 +95,9 @@ def make_artifacts(root: Path, arch: dict) -> dict[str, Path]:
     relaxed = {"min_top1_agreement": 0.0, "verify_batches": 2}
     exports = {
         "onnx-fp32": ("onnx", {"verify_batches": 2}),
+        "onnx-fp16": ("onnx-fp16", relaxed),
         "onnx-int8": ("onnx-int8", relaxed),
+        "ort-int8": ("ort", {**relaxed, "int8": True}),
         "onnx-int8-static": (
             "onnx-int8-static",
             {**relaxed, "calibration_samples": 16, "calibration_seq_len": 128},

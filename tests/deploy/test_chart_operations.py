@@ -228,3 +228,20 @@ def test_grafana_dashboard_charts_every_tailor_metric(helm):
     for metric in METRICS:
         assert metric in exprs, metric
     assert "sum by (pool) (tailor_gateway_queue_depth" in exprs
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected", "absent"),
+    [
+        ("explicit", ["--model-control-mode=explicit", "--load-model=*"], "--repository-poll-secs="),
+        ("poll", ["--model-control-mode=poll", "--repository-poll-secs=30"], "--load-model=*"),
+    ],
+)
+def test_triton_model_control_mode(helm, tmp_path, mode, expected, absent):
+    """explicit (default): deploy/undeploy through the model-repository API; poll: Triton polls."""
+    values = tmp_path / "values.yaml"
+    values.write_text(f"tritonServer:\n  modelControlMode: {mode}\n")
+    triton = next(d for d in _kind(rendered(values), "Deployment") if _component(d) == "triton")
+    args = triton["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert all(a in args for a in expected), args
+    assert not any(a.startswith(absent) for a in args), args
