@@ -249,7 +249,7 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, Any]:
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segments = torch.full((len(rows), width), -1, dtype=torch.long)  # padding: a segment of its own
-    real = 0
+    row_tokens = torch.zeros(len(rows), dtype=torch.long)
     for r, row in enumerate(rows):
         offset = 0
         for s, example in enumerate(row):
@@ -260,7 +260,7 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, Any]:
             segments[r, offset : offset + n] = s
             offset += n
         position_ids[r, offset:] = torch.arange(width - offset)
-        real += offset
+        row_tokens[r] = offset
     causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
     attention_mask = (segments[:, :, None] == segments[:, None, :]) & causal
     return {
@@ -268,7 +268,8 @@ def collate(rows: list[list[Example]], pad_id: int) -> dict[str, Any]:
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": attention_mask[:, None],
-        "real_tokens": real,
+        "real_tokens": int(row_tokens.sum()),
+        "row_tokens": row_tokens,  # per row, so a data-parallel shard can count its own
     }
 
 

@@ -80,6 +80,15 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
     )
 
 
+def _silent(percent: float, phase: str = "", message: str = "", **metrics: float) -> None:
+    """Progress of a rank other than 0: rank 0 reports for the run."""
+
+
+def _check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise InvalidArgument(f"training diverged at step {step} (loss {loss}); lower learning_rate")
+
+
 def evaluate(model: Any, batches: list[dict[str, Any]]) -> float:
     """Mean loss per scored token over `batches` (no gradients)."""
     import torch
@@ -108,9 +117,19 @@ def train(
     checkpointer: Checkpointer | None = None,
     eval_batches: list[dict[str, Any]] | None = None,
     to_device: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b,
+    parallel: Any = None,
 ) -> LoopResult:
-    """Train for `steps` optimizer steps (resuming from the checkpointer's latest state if it has one)."""
+    """Train for `steps` optimizer steps (resuming from the checkpointer's latest state if it has one).
+
+    With `parallel` (a parallel.DataParallel), this process is one rank of a data-parallel run: it trains
+    on its shard of each step's batch, gradients are averaged over all labelled tokens of the full batch
+    (the step equals the one-process step), rank 0 alone saves checkpoints and reports progress, every
+    rank restores from the same checkpoint, and tokens/s counts the whole batch. Rank 0 alone evaluates."""
     import torch
+
+    main = parallel is None or parallel.is_main
+    if not main:
+        progress = _silent
 
     # On a GPU, the fused AdamW kernel: faster, and without the foreach implementation's temporary copies
     # of every parameter (measured: 0.2 GB of peak memory on a 7B LoRA run).
@@ -131,25 +150,40 @@ def train(
     step = start - 1
     try:
         for step in range(start, steps + 1):
-            batch = to_device(batch_at(step))
-            loss = batch_loss(model, batch)
-            if not math.isfinite(loss.item()):
-                raise InvalidArgument(
-                    f"training diverged at step {step} (loss {loss.item()}); lower learning_rate"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if parallel is None:
+                batch = to_device(batch_at(step))
+                loss = batch_loss(model, batch)
+                loss_value = loss.item()
+                _check_finite(loss_value, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                step_tokens = int(batch.get("real_tokens", batch["input_ids"].numel()))
+            else:
+                full = batch_at(step)
+                step_tokens = int(full.get("real_tokens", full["input_ids"].numel()))
+                batch = to_device(parallel.shard(full))
+                optimizer.zero_grad(set_to_none=True)
+                labelled = int((batch["labels"] != IGNORE).sum())
+                local = 0.0
+                if labelled:  # no rows or nothing labelled: zeros, but still part of the all-reduce
+                    loss = batch_loss(model, batch)
+                    loss.backward()
+                    local = loss.item()
+                loss_value, _ = parallel.average_gradients(params, labelled, local)
+                _check_finite(loss_value, step)  # the same value on every rank: all stop together
             # Clip: an occasional odd batch (the data has some mojibake) must not undo the steps before it.
             torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
             rates.append(scheduler.get_last_lr()[0])
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.item()))
-            real_tokens += int(batch.get("real_tokens", batch["input_ids"].numel()))
+            losses.append(float(loss_value))
+            real_tokens += step_tokens
             elapsed = max(time.perf_counter() - started, 1e-9)
             done_here = step - start + 1
-            if checkpointer and (
-                (checkpointer.every and step % checkpointer.every == 0) or checkpointer.draining()
+            if (
+                main
+                and checkpointer
+                and ((checkpointer.every and step % checkpointer.every == 0) or checkpointer.draining())
             ):
                 checkpointer.save(step, model, optimizer, scheduler, losses)
             progress(
@@ -164,7 +198,7 @@ def train(
             )
     except Cancelled:
         # Cancelled (by the user, or by a shutdown past its grace): keep what was learned so far.
-        if checkpointer and step >= start and losses:
+        if main and checkpointer and step >= start and losses:
             checkpointer.save(step, model, optimizer, scheduler, losses)
         raise
     except torch.OutOfMemoryError as exc:
@@ -174,5 +208,5 @@ def train(
         ) from None
     seconds = time.perf_counter() - started
     model.eval()
-    eval_loss = evaluate(model, [to_device(b) for b in eval_batches]) if eval_batches else None
+    eval_loss = evaluate(model, [to_device(b) for b in eval_batches]) if eval_batches and main else None
     return LoopResult(losses, seconds, real_tokens, start - 1, eval_loss, rates)

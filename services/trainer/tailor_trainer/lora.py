@@ -171,8 +171,13 @@ def finetune_lora(
     cfg: LoraTrainConfig,
     progress: ProgressFn,
     checkpointer: Any = None,
+    parallel: Any = None,
 ) -> dict[str, Any]:
-    """Train adapters on `train_text` (any supported format); write the adapter (and the merged model)."""
+    """Train adapters on `train_text` (any supported format); write the adapter (and the merged model).
+
+    With `parallel` (parallel.DataParallel) this is one rank of a data-parallel run (see parallel.py):
+    rank r trains on cuda:r (or the CPU), and only rank 0 writes the outputs and returns the metrics
+    (the others return {})."""
     import torch
 
     from tailor_runtime.ml.formats import PEFT_LORA
@@ -184,11 +189,13 @@ def finetune_lora(
     # All data is read and validated before the (possibly 4-bit, possibly GPU) model is built.
     batch_at, eval_batches, data_stats = training_batches(train_text, tokenizer, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and parallel is not None:
+        device = f"cuda:{parallel.rank}"
     if cfg.quantize_base:
         model = load_4bit_base(model_dir, device)
     else:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(
-            cfg.base_dtype, torch.bfloat16 if device == "cuda" else torch.float32
+            cfg.base_dtype, torch.bfloat16 if device.startswith("cuda") else torch.float32
         )
         model = model.to(device=device, dtype=dtype)
     model = build_peft_model(model, cfg, targets)
@@ -211,7 +218,10 @@ def finetune_lora(
         checkpointer=checkpointer,
         eval_batches=eval_batches,
         to_device=to_device,
+        parallel=parallel,
     )
+    if parallel is not None and not parallel.is_main:
+        return {}
 
     progress(96.0, "saving", "writing the adapter" + (" and the merged model" if cfg.merge else ""))
     adapter_out, merged_out = Path(adapter_out), Path(merged_out)
@@ -250,6 +260,15 @@ def finetune_lora(
         "device": device,
         **data_stats,
     }
+
+
+def lora_rank(
+    parallel: Any, model_dir, train_text, merged_out, adapter_out, cfg, checkpointer=None, *, progress
+):
+    """One rank of a data-parallel LoRA run (the target parallel.launch runs in each rank process)."""
+    return finetune_lora(
+        model_dir, train_text, merged_out, adapter_out, cfg, progress, checkpointer, parallel
+    )
 
 
 def load_full_precision_base(model_dir: Path, seq_len: int, what: str, progress: ProgressFn):
@@ -368,7 +387,7 @@ def load_4bit_base(model_dir: Path, device: str):
     ok, why = availability()
     if not ok:
         raise FailedPrecondition(f"QLoRA needs bitsandbytes: {why}")
-    compute = torch.bfloat16 if device == "cuda" else torch.float32
+    compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=BitsAndBytesConfig(
@@ -377,7 +396,7 @@ def load_4bit_base(model_dir: Path, device: str):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
         ),
-        device_map={"": device if device == "cpu" else 0},
+        device_map={"": device if device == "cpu" else (torch.device(device).index or 0)},
         dtype=compute,
         use_safetensors=True,
         local_files_only=True,
