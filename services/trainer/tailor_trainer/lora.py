@@ -94,6 +94,13 @@ class LoraTrainConfig(BaseModel):
         default=True,
         description="On a GPU, Liger's Triton kernels for RMSNorm, SwiGLU and RoPE when liger-kernel is installed.",
     )
+    data_parallel: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Data-parallel ranks (processes): one per GPU on a GPU pod, gloo processes on CPU; "
+        "1 = one process. Same run, same loss curve, faster (parallel.py).",
+    )
     base_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto",
         description="dtype of the frozen base (adapters train in float32); auto: bfloat16 on a GPU, float32 on CPU.",

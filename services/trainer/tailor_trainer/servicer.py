@@ -8,7 +8,11 @@ a restarted worker or another one) finds the latest checkpoint of its recipe and
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from google.protobuf import json_format
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.trainer.v1 import trainer_service_pb2 as pb
@@ -18,11 +22,11 @@ from tailor_runtime.hardware import hardware_profile
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
-    config_from_struct,
     config_parameters,
     dataset_file,
     recipe,
     require_artifact,
+    validate_config,
     workspace,
 )
 from tailor_runtime.store.manifest import recipe_key
@@ -71,6 +75,7 @@ class StoreCheckpointer:
 
     def __init__(self, store, cache_dir: Path, the_recipe: dict, every: int, parents: list[str], draining):
         self.store, self.cache_dir, self.every, self.parents = store, cache_dir, every, parents
+        self.the_recipe = the_recipe
         self.pointer = {"checkpoint_of": recipe_key(the_recipe)}
         self._draining, self._saved_for_drain = draining, False
         self.saved_steps: list[int] = []
@@ -107,6 +112,79 @@ class StoreCheckpointer:
         self.store.remember_recipe(self.pointer, manifest.id)
         self.saved_steps.append(step)
 
+    def latest_folder(self) -> Path | None:
+        """A local copy of this run's latest checkpoint (None: there is none yet)."""
+        manifest = self.store.lookup_recipe(self.pointer)
+        return None if manifest is None else self.store.materialize(manifest.id, self.cache_dir)
+
+
+@dataclass
+class RankCheckpointer:
+    """The checkpointer of one data-parallel rank, made of parts that survive pickling into a spawned
+    rank process (a store object and the runner's draining callable do not).
+
+    Every rank restores from `folder`, the run's latest checkpoint, fetched once by the parent before the
+    ranks start (so N ranks neither race on the cache nor ask the store N times). Only rank 0 saves
+    (loop.train calls save/draining on rank 0 alone): it opens the store from its URL in its own process
+    on the first save, and learns that the worker is draining through `drain`, a multiprocessing Event
+    the parent sets from the runner's flag while it forwards rank 0's progress."""
+
+    folder: Path | None
+    every: int
+    store_url: str
+    store_options: dict[str, Any]
+    cache_dir: Path
+    the_recipe: dict
+    parents: list[str]
+    drain: Any  # multiprocessing.Event (spawn context)
+    writer: bool = True
+    _writer: Any = None
+
+    def for_rank(self, rank: int) -> RankCheckpointer:
+        return self if rank == 0 else RankCheckpointer(**{**self.__dict__, "writer": False, "_writer": None})
+
+    def _checkpointer(self) -> StoreCheckpointer:
+        if not self.writer:
+            raise RuntimeError("only rank 0 saves checkpoints")
+        if self._writer is None:
+            from tailor_runtime.store import open_store
+
+            self._writer = StoreCheckpointer(
+                open_store(self.store_url, **self.store_options),
+                self.cache_dir,
+                self.the_recipe,
+                self.every,
+                self.parents,
+                self.drain.is_set,
+            )
+        return self._writer
+
+    @property
+    def saved_steps(self) -> list[int]:
+        return self._writer.saved_steps if self._writer is not None else []
+
+    def restore(self, model, optimizer, scheduler):
+        from tailor_trainer import checkpoint
+
+        return None if self.folder is None else checkpoint.load(self.folder, model, optimizer, scheduler)
+
+    def draining(self) -> bool:
+        return self.writer and self._checkpointer().draining()  # a reader never saves
+
+    def save(self, step, model, optimizer, scheduler, losses) -> None:
+        self._checkpointer().save(step, model, optimizer, scheduler, losses)
+
+
+def lora_rank_with_store(parallel, checkpointer: RankCheckpointer, *args, progress):
+    """What each rank of a data-parallel FineTune runs (module level: the spawned ranks import it)."""
+    from tailor_trainer.lora import lora_rank
+
+    mine = checkpointer.for_rank(parallel.rank)
+    metrics = lora_rank(parallel, *args, mine, progress=progress)
+    if parallel.is_main:
+        metrics["checkpoints_saved"] = mine.saved_steps
+    return metrics
+
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
     def __init__(self, ctx: ServiceContext):
@@ -135,8 +213,19 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             raise InvalidArgument(f"unknown fine-tuning method {request.method!r}", choices=METHODS)
         method = request.method
         _description, libraries, preset = METHODS[method]
-        cfg = config_from_struct(_config_class(method), request.config, method)
+        raw = json_format.MessageToDict(request.config)
+        if method == "qat" and "data_parallel" in raw:
+            if raw["data_parallel"] != 1:
+                raise InvalidArgument(
+                    "data_parallel > 1 is LoRA-family only for now (lora, dora, qlora); qat trains in "
+                    "one process: leave data_parallel out or set it to 1"
+                )
+            del raw["data_parallel"]
+        cfg = validate_config(_config_class(method), raw, method)
         cfg = cfg.model_copy(update={"seed": int(request.seed), **preset})
+        world_size = getattr(cfg, "data_parallel", 1)
+        if world_size > 1:
+            _check_gpus(world_size)
         ok, why = _availability(method)
         if not ok:
             from tailor_runtime.errors import FailedPrecondition
@@ -147,7 +236,10 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         data_manifest = require_artifact(store, request.dataset, "dataset", ("dataset",))
         data_path = dataset_file(data_manifest, DATA_SUFFIXES)
         inputs = [request.base_model.id, request.dataset.id]
-        the_recipe = recipe("finetune", method, cfg, inputs, request.seed, libraries)
+        # One process leaves the recipe (and so its checkpoints' key) as it was before data_parallel
+        # existed; N ranks sum in another order, so their run is a recipe of its own.
+        recipe_cfg = cfg.model_dump(mode="json", exclude={"data_parallel"} if world_size == 1 else None)
+        the_recipe = recipe("finetune", method, recipe_cfg, inputs, request.seed, libraries)
         runner = self.ctx.runner
 
         def work(progress) -> WorkResult:
@@ -165,10 +257,18 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 from tailor_trainer.lora import finetune_lora
 
                 merged, adapter = out / "merged", out / "adapter"
-                metrics = finetune_lora(
-                    model_dir, data_dir / data_path, merged, adapter, cfg, progress, checkpointer
-                )
-                metrics["checkpoints_saved"] = checkpointer.saved_steps
+                if world_size > 1:
+                    metrics = self._data_parallel(
+                        world_size,
+                        checkpointer,
+                        (model_dir, data_dir / data_path, merged, adapter, cfg),
+                        progress,
+                    )
+                else:
+                    metrics = finetune_lora(
+                        model_dir, data_dir / data_path, merged, adapter, cfg, progress, checkpointer
+                    )
+                    metrics["checkpoints_saved"] = checkpointer.saved_steps
                 progress(99.0, "publishing", "")
                 stable = _stable(metrics)
                 results = []
@@ -199,6 +299,34 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
         return runner.start("finetune", work, labels={**request.labels, "method": method})
 
+    def _data_parallel(self, world_size: int, checkpointer: StoreCheckpointer, args: tuple, progress) -> dict:
+        """Run `lora_rank` in `world_size` rank processes (parallel.launch); rank 0 writes the outputs
+        into this process's workspace folders and returns the metrics."""
+        import multiprocessing
+
+        from tailor_trainer.parallel import launch
+
+        settings = self.ctx.settings
+        drain = multiprocessing.get_context("spawn").Event()
+        ranks_checkpointer = RankCheckpointer(
+            folder=checkpointer.latest_folder(),
+            every=checkpointer.every,
+            store_url=settings.store_url,
+            store_options=settings.store_options(),
+            cache_dir=checkpointer.cache_dir,
+            the_recipe=checkpointer.the_recipe,
+            parents=checkpointer.parents,
+            drain=drain,
+        )
+        runner = self.ctx.runner
+
+        def forward(percent: float, phase: str = "", message: str = "", **metrics: float) -> None:
+            if runner.draining.is_set():
+                drain.set()
+            progress(percent, phase, message, **metrics)
+
+        return launch(world_size, lora_rank_with_store, (ranks_checkpointer, *args), forward)
+
     def _qat(self, model_dir, text, out, cfg, inputs, the_recipe, progress, checkpointer) -> WorkResult:
         from tailor_trainer.qat import finetune_qat
 
@@ -215,6 +343,18 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             metrics={**_stable(metrics), "qat": metrics["qat"]},
         )
         return WorkResult(results=[manifest], metrics=metrics)
+
+
+def _check_gpus(world_size: int) -> None:
+    """On a GPU worker each rank needs a GPU of its own (on CPU the ranks are gloo processes)."""
+    import torch
+
+    if torch.cuda.is_available() and world_size > torch.cuda.device_count():
+        raise InvalidArgument(
+            f"data_parallel {world_size} needs {world_size} GPUs; this worker has "
+            f"{torch.cuda.device_count()} (torch.cuda.device_count()): set data_parallel to at most that, "
+            "or give the trainer pool more (gpu.count)"
+        )
 
 
 def _stable(metrics: dict) -> dict:

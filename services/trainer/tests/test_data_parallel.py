@@ -231,3 +231,109 @@ def test_cancel_lets_rank_0_checkpoint_then_stops_every_rank(tmp_path):
         launch(2, _rank0_reports_until_cancelled, (str(marker),), progress)
     assert marker.read_text() == "checkpoint saved"
     assert multiprocessing.active_children() == []
+
+
+def _finetune(settings, store, model_id: str, dataset_id: str, method: str, config: dict):
+    """FineTune through the servicer, as the gRPC server calls it (a fresh runner: its asyncio objects
+    belong to one event loop); the finished operation."""
+    import asyncio
+
+    from tailor.common.v1 import common_pb2 as common
+    from tailor.trainer.v1 import trainer_service_pb2 as pb
+    from tailor_runtime.operations import TERMINAL, OperationRunner, to_struct
+    from tailor_runtime.server import ServiceContext
+    from tailor_trainer.servicer import TrainerServicer
+
+    servicer = TrainerServicer(ServiceContext(settings, store, OperationRunner("trainer", store)))
+
+    async def run():
+        request = pb.FineTuneRequest(
+            base_model=common.ArtifactRef(id=model_id),
+            dataset=common.ArtifactRef(id=dataset_id),
+            method=method,
+            config=to_struct(config),
+            seed=3,
+        )
+        started = await servicer.FineTune(request, None)
+        async for op in servicer.ctx.runner.watch(started.id):
+            if op.state in TERMINAL:
+                return op
+
+    return asyncio.run(run())
+
+
+def test_finetune_request_with_data_parallel_2_publishes_the_one_process_adapter(tmp_path):
+    """The servicer path: data_parallel=2 (2 gloo ranks on CPU, rank 0 checkpointing to the store) publishes
+    an adapter whose manifest's final_loss is the one-process run's; bad data_parallel is refused."""
+    import shutil
+
+    from google.protobuf import json_format
+
+    from tailor.common.v1 import common_pb2 as common
+    from tailor_runtime.settings import ServiceSettings
+    from tailor_runtime.store import open_store
+
+    settings = ServiceSettings(
+        service="trainer", store_url=str(tmp_path / "store"), cache_dir=tmp_path / "cache"
+    )
+    store = open_store(settings.store_url)
+    model = store.publish_directory(MODEL, kind="model", format="hf-safetensors", name="stories260K")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(TRAIN, data / "train.txt")
+    dataset = store.publish_directory(data, kind="dataset", format="text", name="train")
+    # checkpoint_every=2: rank 0 opens the store in its own process and saves there.
+    config = {"steps": 4, "batch_size": 5, "seq_len": 128, "merge": False, "checkpoint_every": 2}
+
+    results = {}
+    for ranks in (1, 2):
+        started = time.perf_counter()
+        op = _finetune(settings, store, model.id, dataset.id, "lora", {**config, "data_parallel": ranks})
+        assert op.state == common.OPERATION_STATE_SUCCEEDED, op.error.message
+        assert multiprocessing.active_children() == []
+        (ref,) = op.results
+        manifest = store.get_manifest(ref.id)
+        assert manifest.kind == "adapter" and manifest.name == "lora-adapter"
+        assert any(f.path == "adapter_model.safetensors" for f in manifest.files)
+        results[ranks] = (manifest, json_format.MessageToDict(op.metrics))
+        print(f"data_parallel={ranks}: {time.perf_counter() - started:.1f}s")
+    (one, one_metrics), (two, two_metrics) = results[1], results[2]
+    assert abs(two.metrics["final_loss"] - one.metrics["final_loss"]) < TOLERANCE
+    assert two_metrics["checkpoints_saved"] == [2, 4] == one_metrics["checkpoints_saved"]
+    assert one.recipe["config"].get("data_parallel") is None  # one process: the recipe as before
+    assert two.recipe["config"]["data_parallel"] == 2
+    checkpoints = [m for _, m in store.list_manifests("checkpoint")]
+    assert sorted(m.name for m in checkpoints) == sorted(["checkpoint-step2", "checkpoint-step4"] * 2)
+
+    with pytest.raises(InvalidArgument, match="LoRA-family only"):
+        _finetune(settings, store, model.id, dataset.id, "qat", {"steps": 2, "data_parallel": 2})
+    with pytest.raises(InvalidArgument, match="data_parallel"):
+        _finetune(settings, store, model.id, dataset.id, "lora", {"steps": 2, "data_parallel": 65})
+
+
+def test_rank_checkpointers_rank_0_saves_on_drain_and_every_rank_restores_the_same_checkpoint(tmp_path):
+    """The ranks' checkpointer in one process: rank 0 opens the store from its URL and saves once when the
+    parent sets the drain event; the parent's latest_folder is what every rank (read-only past 0) restores."""
+    from tailor_runtime.stage import recipe
+    from tailor_runtime.store import open_store
+    from tailor_trainer.servicer import RankCheckpointer, StoreCheckpointer
+
+    cfg = CONFIG.model_copy(update={"steps": 3})
+    url = str(tmp_path / "store")
+    the_recipe = recipe("finetune", "lora", cfg, ["a" * 64], 3)
+    parent = StoreCheckpointer(open_store(url), tmp_path / "cache", the_recipe, 0, [], lambda: False)
+    drain = multiprocessing.get_context("spawn").Event()
+    drain.set()
+    spec = RankCheckpointer(parent.latest_folder(), 0, url, {}, tmp_path / "cache", the_recipe, [], drain)
+    assert spec.folder is None and spec.for_rank(0) is spec
+    reader = spec.for_rank(1)
+    with pytest.raises(RuntimeError, match="only rank 0"):
+        reader.save(1, None, None, None, [1.0])
+
+    finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a", cfg, no_progress, spec)
+    assert spec.saved_steps == [1], "one checkpoint, at the first step after draining began"
+    folder = parent.latest_folder()
+    assert folder is not None
+    again = RankCheckpointer(folder, 0, url, {}, tmp_path / "cache", the_recipe, [], drain).for_rank(1)
+    resumed = finetune_lora(MODEL, TRAIN, tmp_path / "m2", tmp_path / "a2", cfg, no_progress, again)
+    assert resumed["resumed_from_step"] == 1
