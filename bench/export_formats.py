@@ -20,7 +20,6 @@ import platform
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tailor_exporter.registry import list_formats
+    from tailor_runtime.stage import library_versions
 
     torch.set_num_threads(1)
     only = set(filter(None, args.only.split(",")))
@@ -97,21 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         "source_size_mb": source_mb,
         "machine": platform.processor() or platform.machine(),
         "python": platform.python_version(),
-        "versions": {
-            name: metadata.version(name)
-            for name in (
-                "torch",
-                "transformers",
-                "onnx",
-                "onnxruntime",
-                "gguf",
-                "llama_cpp_python",
-                "tritonclient",
-                "coremltools",
-                "executorch",
-            )  # fmt: skip
-            if _installed(name)
-        },
+        "versions": library_versions(
+            "torch",
+            "transformers",
+            "onnx",
+            "onnxruntime",
+            "gguf",
+            "llama_cpp_python",
+            "tritonclient",
+            "coremltools",
+            "executorch",
+        ),
         "exports": rows,
         "not_run": not_run,
     }
@@ -132,14 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
-
-
-def _installed(name: str) -> bool:
-    try:
-        metadata.version(name)
-        return True
-    except metadata.PackageNotFoundError:
-        return False
 
 
 if __name__ == "__main__":

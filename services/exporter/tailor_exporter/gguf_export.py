@@ -18,17 +18,22 @@ dequantized weights (their float parent is not at hand; its distance is the quan
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tailor_exporter.registry import ExportFormat, Job, Tolerance, register
-from tailor_runtime.errors import FailedPrecondition, InvalidArgument, VerificationFailed
+from tailor_exporter.registry import (
+    ExportFormat,
+    Job,
+    Tolerance,
+    check_destination,
+    move_into_place,
+    register,
+    staged,
+)
+from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.progress import ProgressFn
 from tailor_runtime.stage import library_versions
 
@@ -131,17 +136,14 @@ def export_gguf(
         llama_hparams(json.loads((model_dir / "config.json").read_text()))  # unsupported models fail early
         if cfg.type == "Q4_K_M" and not has_llama_cpp:
             raise FailedPrecondition(f"GGUF Q4_K_M is made by llama.cpp's quantizer: {why_not}")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FailedPrecondition(f"export destination {out_dir} already exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(out_dir)
 
     started = time.monotonic()
     progress(2.0, "loading", f"loading {model_dir.name}")
     reference, tokenizer = load_causal_lm(model_dir)  # a gguf source: its own dequantized weights
     reference = reference.float()
     tol = cfg.tolerance()
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged(out_dir) as work:
         progress(10.0, "exporting", f"writing GGUF {cfg.type}")
         if source["format"] == "gguf":
             info = copy_gguf_folder(model_dir, work, extra_files=_CARRIED_FILES)
@@ -166,11 +168,7 @@ def export_gguf(
             {"checks": checks, "reference": source["format"], "tolerances": tol, "versions": versions},
         )
         files = {p.name: p.stat().st_size for p in sorted(work.iterdir())}
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        move_into_place(work, out_dir)
 
     progress(100.0, "done", f"exported {out_dir.name}")
     return {
@@ -206,25 +204,18 @@ def _headline(checks: dict[str, Any]) -> dict[str, Any]:
 def _enforce(
     name: str, check: dict, atol: float, min_top1: float, gguf_type: str, min_greedy: float = 0
 ) -> None:
-    failures = []
-    if not check["max_abs_diff"] <= atol:  # written so that NaN fails too
-        failures.append(f"max |logit difference| {check['max_abs_diff']:.3g} > {atol:g}")
-    if not check["top1_agreement"] >= min_top1:
-        failures.append(f"top-1 agreement {check['top1_agreement']:.4f} < {min_top1:g}")
+    from tailor_runtime.ml.onnx.verify import enforce
+
+    more = []
     if "greedy_agreement" in check:
         if not check["greedy_agreement"] >= min_greedy:
-            failures.append(f"greedy token agreement {check['greedy_agreement']:.3f} < {min_greedy:g}")
+            more.append(f"greedy token agreement {check['greedy_agreement']:.3f} < {min_greedy:g}")
         if check["tokenizer_agreement"] != 1.0:  # llama.cpp / Ollama would see other tokens than training did
-            failures.append(
+            more.append(
                 f"llama.cpp tokenizes {1 - check['tokenizer_agreement']:.0%} of the samples differently"
             )
         check["min_greedy_agreement"] = min_greedy
-    check.update(atol=atol, min_top1_agreement=min_top1, passed=not failures)
-    if failures:
-        raise VerificationFailed(
-            f"GGUF {gguf_type} export does not compute what its source computes ({name} check over "
-            f"{check['positions']} positions): {'; '.join(failures)}; nothing was published"
-        )
+    enforce(name, check, atol, min_top1, what=f"GGUF {gguf_type} export", scope="", more_failures=tuple(more))
 
 
 def modelfile(model_dir: Path, gguf_type: str) -> str:

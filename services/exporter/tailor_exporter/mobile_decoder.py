@@ -224,20 +224,3 @@ def program_step(program: Any) -> Any:
             return module(ids, pos)[0].float().numpy()
 
     return step
-
-
-def enforce(what: str, name: str, check: dict[str, Any], atol: float, min_top1: float) -> None:
-    """Record the tolerance in `check`; VerificationFailed with the numbers when over it."""
-    from tailor_runtime.errors import VerificationFailed
-
-    failures = []
-    if not check["max_abs_diff"] <= atol:  # written so that NaN fails too
-        failures.append(f"max |logit difference| {check['max_abs_diff']:.3g} > atol {atol:g}")
-    if not check["top1_agreement"] >= min_top1:
-        failures.append(f"top-1 agreement {check['top1_agreement']:.4f} < {min_top1:g}")
-    check.update(atol=atol, min_top1_agreement=min_top1, passed=not failures)
-    if failures:
-        raise VerificationFailed(
-            f"the {what} does not compute what its source computes ({name} check over "
-            f"{check['positions']} positions, prefill and decode): {'; '.join(failures)}; nothing was published"
-        )

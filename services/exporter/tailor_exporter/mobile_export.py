@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import shutil
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -44,13 +41,20 @@ from tailor_exporter.dequantize import dequantize_bnb_4bit, dequantize_int8_dyna
 from tailor_exporter.mobile_decoder import (
     check_architecture,
     compare_stepwise,
-    enforce,
     export_program,
     first_line,
     program_step,
     sample_sequences,
 )
-from tailor_exporter.registry import ExportFormat, Job, Tolerance, register
+from tailor_exporter.registry import (
+    ExportFormat,
+    Job,
+    Tolerance,
+    check_destination,
+    move_into_place,
+    register,
+    staged,
+)
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, VerificationFailed
 from tailor_runtime.stage import library_versions
 
@@ -162,17 +166,14 @@ def export_mobile(
     check_architecture(config, name)
     max_seq_len = _max_seq_len(cfg, config)
     _require_tool(target)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FailedPrecondition(f"export destination {out_dir} already exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(out_dir)
 
     started = time.monotonic()
     progress(2.0, "loading", f"loading {model_dir.name} ({source_format})")
     source, tokenizer = load_causal_lm(model_dir)
     float_model = _float_model(source, source_format)
     sequences = sample_sequences(tokenizer, cfg.verify_texts, max_seq_len)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged(out_dir) as work:
         write_config(work, model_dir, tokenizer)  # config.json (float32), tokenizer files, licence
         progress(10.0, "exporting", f"torch.export of the static-cache decoder, max_seq_len {max_seq_len}")
         build = _build_executorch if target == "executorch" else _build_coreml
@@ -205,11 +206,7 @@ def export_mobile(
             },
         )
         files = {str(p.relative_to(work)): p.stat().st_size for p in sorted(work.rglob("*")) if p.is_file()}
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        move_into_place(work, out_dir)
 
     progress(100.0, "done", f"exported {out_dir.name}")
     return {
@@ -224,11 +221,24 @@ def export_mobile(
     }
 
 
+def _enforce(what: str, name: str, check: dict[str, Any], tolerance: Tolerance) -> None:
+    from tailor_runtime.ml.onnx.verify import enforce
+
+    enforce(
+        name,
+        check,
+        tolerance.atol,
+        tolerance.min_top1_agreement,
+        what=f"the {what}",
+        scope=", prefill and decode",
+    )
+
+
 def _build_executorch(work, float_model, tokenizer, cfg, max_seq_len, sequences, progress):
     program = export_program(float_model, max_seq_len, "float32", "ExecuTorch")
     tolerance = cfg.tolerance(EXECUTORCH_TOLERANCE)
     checks = {"exported": compare_stepwise(program_step(program), float_model, sequences)}
-    enforce("exported program", "exported", checks["exported"], tolerance.atol, tolerance.min_top1_agreement)
+    _enforce("exported program", "exported", checks["exported"], tolerance)
 
     progress(30.0, "lowering", "to ExecuTorch's XNNPACK backend")
     metadata = _runner_metadata(float_model, tokenizer, max_seq_len)
@@ -238,9 +248,7 @@ def _build_executorch(work, float_model, tokenizer, cfg, max_seq_len, sequences,
 
     progress(80.0, "verifying", "the .pte in ExecuTorch's runtime against PyTorch")
     checks["published"] = compare_stepwise(executorch_step(work / PTE_FILE), float_model, sequences)
-    enforce(
-        "ExecuTorch program", "published", checks["published"], tolerance.atol, tolerance.min_top1_agreement
-    )
+    _enforce("ExecuTorch program", "published", checks["published"], tolerance)
     progress(88.0, "verifying", "greedy generation with ExecuTorch's LLM runner")
     checks["runner"] = compare_runner(
         work / PTE_FILE,
@@ -267,13 +275,7 @@ def _build_coreml(work, float_model, tokenizer, cfg, max_seq_len, sequences, pro
     program = export_program(float_model, max_seq_len, "float16", "Core ML")
     tolerance = cfg.tolerance(COREML_TOLERANCE)
     checks = {"exported": compare_stepwise(program_step(program), float_model, sequences)}
-    enforce(
-        "program converted to Core ML",
-        "exported",
-        checks["exported"],
-        tolerance.atol,
-        tolerance.min_top1_agreement,
-    )
+    _enforce("program converted to Core ML", "exported", checks["exported"], tolerance)
     progress(40.0, "converting", "coremltools: ML program, iOS 18 states")
     package = work / MLPACKAGE
     convert_to_coreml(program, package)

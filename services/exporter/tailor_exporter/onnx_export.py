@@ -18,9 +18,6 @@ unless `dequantize=true`); bnb-nf4 only with `dequantize=true`, as its NF4-round
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +25,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tailor_exporter.dequantize import dequantize_bnb_4bit, dequantize_int8_dynamic
-from tailor_exporter.registry import ExportFormat, Job, Tolerance, register
+from tailor_exporter.registry import (
+    ExportFormat,
+    Job,
+    Tolerance,
+    check_destination,
+    move_into_place,
+    register,
+    staged,
+)
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.ml.onnx import MODEL_FILE, ORT_FILE
 from tailor_runtime.ml.onnx.export import FLOAT32_ATOL, FLOAT32_MIN_TOP1
@@ -121,9 +126,7 @@ def export_onnx(
     model_dir, out_dir, progress = Path(model_dir), Path(out_dir), job.progress
     source_format = read_format(model_dir)["format"]
     _check_supported(source_format, cfg)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FailedPrecondition(f"export destination {out_dir} already exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    check_destination(out_dir)
 
     started = time.monotonic()
     progress(2.0, "loading", f"loading {model_dir.name} ({source_format})")
@@ -132,9 +135,7 @@ def export_onnx(
     batches = verify.sample_batches(tokenizer, cfg.verify_batches)
     calibration = _calibration(job, cfg, tokenizer, float_model) if variant == "onnx-int8-static" else None
 
-    # Beside out_dir, so publishing is one rename on the same filesystem.
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged(out_dir) as work:
         folder.write_config(work, model_dir, tokenizer)  # sessions read config.json while verifying
         checks, weights, model_file, stats = _build(
             work, source, source_format, float_model, cfg, variant, batches, calibration, progress
@@ -146,11 +147,7 @@ def export_onnx(
         )
         folder.write_verification(work, checks, batches)
         files = {p.name: p.stat().st_size for p in sorted(work.iterdir())}
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        move_into_place(work, out_dir)
 
     progress(100.0, "done", f"exported {out_dir.name}")
     return {

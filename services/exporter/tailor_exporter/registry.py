@@ -11,14 +11,18 @@ default bound of that verification, shown to users; a format's Config may let a 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
-from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.progress import ProgressFn
 
 
@@ -87,3 +91,28 @@ def get_format(name: str) -> ExportFormat:
 def list_formats() -> list[ExportFormat]:
     _import_formats()
     return [_FORMATS[name] for name in sorted(_FORMATS)]
+
+
+def check_destination(out_dir: Path) -> None:
+    """An export's destination must not exist yet or be empty; its parent is made."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FailedPrecondition(f"export destination {out_dir} already exists and is not empty")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A scratch folder beside `out_dir` (so publishing is one rename on the same filesystem), removed
+    whatever happens: an export that fails leaves nothing behind."""
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def move_into_place(folder: Path, out_dir: Path) -> None:
+    """Publish a verified export: `folder` becomes `out_dir` (empty if it exists: check_destination)."""
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.rename(folder, out_dir)

@@ -23,8 +23,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -33,9 +31,18 @@ from pydantic import Field, field_validator, model_validator
 
 from tailor_exporter.onnx_export import LIBRARIES as ONNX_LIBRARIES
 from tailor_exporter.onnx_export import TOLERANCES, Int8Config
-from tailor_exporter.registry import ExportFormat, Job, get_format, register
+from tailor_exporter.registry import (
+    ExportFormat,
+    Job,
+    check_destination,
+    get_format,
+    move_into_place,
+    register,
+    staged,
+)
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.ml.onnx import MODEL_FILE
+from tailor_runtime.stage import library_versions
 
 FORMAT = "triton-repository"
 CONFIG_FILE = "config.pbtxt"
@@ -269,10 +276,8 @@ def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: 
     from tailor_runtime.ml.onnx.folder import tool_versions
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FailedPrecondition(f"export destination {out_dir} already exists and is not empty")
+    check_destination(out_dir)
     model_config_pb2()  # fail before exporting when it cannot be validated
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     variant = get_format(cfg.variant)
     variant_cfg = variant.Config.model_validate({k: getattr(cfg, k) for k in variant.Config.model_fields})
@@ -280,8 +285,7 @@ def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: 
     def progress(percent: float, phase: str = "", message: str = "", **metrics: float) -> None:
         job.progress(percent * 0.9, phase, f"{cfg.variant}: {message}", **metrics)
 
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with staged(out_dir) as work:
         onnx_dir, repo = work / "onnx", work / "repository"
         result = variant.run(model_dir, onnx_dir, variant_cfg, Job(progress, job.calibration_file, job.seed))
         job.progress(90.0, "laying out", f"Triton model repository {cfg.model_name}/{cfg.version}")
@@ -324,16 +328,12 @@ def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: 
         )
         verification = json.loads((onnx_dir / "verification.json").read_text())
         verification["checks"] = checks
-        verification["versions"] = {**tool_versions(), **_versions("tritonclient", "protobuf")}
+        verification["versions"] = {**tool_versions(), **library_versions("tritonclient", "protobuf")}
         (repo / "verification.json").write_text(json.dumps(verification, indent=2, sort_keys=True) + "\n")
         files = {
             p.relative_to(repo).as_posix(): p.stat().st_size for p in sorted(repo.rglob("*")) if p.is_file()
         }
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.rename(repo, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        move_into_place(repo, out_dir)
 
     job.progress(100.0, "done", f"exported {out_dir.name}")
     return {
@@ -357,12 +357,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _versions(*names: str) -> dict[str, str]:
-    from importlib import metadata
-
-    return {name: metadata.version(name) for name in names}
 
 
 register(

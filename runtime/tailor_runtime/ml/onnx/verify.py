@@ -135,17 +135,27 @@ def compare(onnx_model: Any, reference: Any, batches: list[tuple[Any, Any]], dec
     return {**overall, **checks}
 
 
-def enforce(name: str, check: dict[str, Any], atol: float, min_top1: float) -> None:
-    """Record the tolerance in `check` and raise VerificationFailed, with the numbers, when over it."""
+def enforce(
+    name: str,
+    check: dict[str, Any],
+    atol: float,
+    min_top1: float,
+    *,
+    what: str = "the ONNX model",
+    scope: str = ", with and without past",
+    more_failures: tuple[str, ...] = (),
+) -> None:
+    """Record the tolerance in `check` and raise VerificationFailed, with the numbers, when over it (or
+    when a format's own rules found `more_failures`). Every export format verifies through this."""
     failures = []
     if not check["max_abs_diff"] <= atol:  # written so that NaN fails too
         failures.append(f"max |logit difference| {check['max_abs_diff']:.3g} > atol {atol:g}")
     if not check["top1_agreement"] >= min_top1:
         failures.append(f"top-1 agreement {check['top1_agreement']:.4f} < {min_top1:g}")
+    failures += more_failures
     check.update(atol=atol, min_top1_agreement=min_top1, passed=not failures)
     if failures:
         raise VerificationFailed(
-            f"the ONNX model does not compute what its source computes ({name} check over "
-            f"{check['positions']} positions, with and without past): {'; '.join(failures)}; "
-            "nothing was published"
+            f"{what} does not compute what its source computes ({name} check over "
+            f"{check['positions']} positions{scope}): {'; '.join(failures)}; nothing was published"
         )
