@@ -28,69 +28,61 @@ from tailor_runtime.errors import InvalidArgument
 
 log = logging.getLogger("tailor.gateway.capabilities")
 
-# kind of name -> (the pool that lists it, what the names are, the call listing them on one worker's
-# channel, the reply's field). The exporter's one reply lists both its formats and its targets.
+# pool -> the call that lists its names on one worker's channel.
 _LISTERS = {
-    "quantizer": (
-        "quantizer",
-        "quantization method",
-        lambda ch, t: quant_grpc.QuantizerServiceStub(ch).ListMethods(
-            quant_pb.ListMethodsRequest(), timeout=t
-        ),
-        "methods",
+    "quantizer": lambda ch, t: quant_grpc.QuantizerServiceStub(ch).ListMethods(
+        quant_pb.ListMethodsRequest(), timeout=t
     ),
-    "trainer": (
-        "trainer",
-        "fine-tuning method",
-        lambda ch, t: train_grpc.TrainerServiceStub(ch).ListMethods(train_pb.ListMethodsRequest(), timeout=t),
-        "methods",
+    "trainer": lambda ch, t: train_grpc.TrainerServiceStub(ch).ListMethods(
+        train_pb.ListMethodsRequest(), timeout=t
     ),
-    "exporter": (
-        "exporter",
-        "export format",
-        lambda ch, t: export_grpc.ExporterServiceStub(ch).ListFormats(
-            export_pb.ListFormatsRequest(), timeout=t
-        ),
-        "formats",
+    "exporter": lambda ch, t: export_grpc.ExporterServiceStub(ch).ListFormats(
+        export_pb.ListFormatsRequest(), timeout=t
     ),
-    "export-target": (
-        "exporter",
-        "export target",
-        lambda ch, t: export_grpc.ExporterServiceStub(ch).ListFormats(
-            export_pb.ListFormatsRequest(), timeout=t
-        ),
-        "targets",
-    ),
+}
+# kind of name -> (the pool that lists it, what the names are, the reply's field). The exporter's one
+# reply lists both its formats and its targets.
+_KINDS = {
+    "quantizer": ("quantizer", "quantization method", "methods"),
+    "trainer": ("trainer", "fine-tuning method", "methods"),
+    "exporter": ("exporter", "export format", "formats"),
+    "export-target": ("exporter", "export target", "targets"),
 }
 
 
 class Capabilities:
     def __init__(self, pools: WorkerPools, timeout_s: float = 2.0, ttl_s: float = 5.0):
         self.pools, self.timeout_s, self.ttl_s = pools, timeout_s, ttl_s
-        # pool -> (when asked, names offered or None when no worker answered)
-        self._cache: dict[str, tuple[float, frozenset[str] | None]] = {}
+        # pool -> (when asked, the replies of the workers that answered, or None when none did)
+        self._cache: dict[str, tuple[float, list | None]] = {}
         self._inflight: dict[str, asyncio.Future] = {}
 
     async def offered(self, kind: str) -> frozenset[str] | None:
         """Names of a kind the pool's workers list (the union over those that answered); None if none
         answered."""
-        cached = self._cache.get(kind)
+        pool, _, field = _KINDS[kind]
+        replies = await self._replies(pool)
+        if replies is None:
+            return None
+        return frozenset(item.name for reply in replies for item in getattr(reply, field))
+
+    async def _replies(self, pool: str) -> list | None:
+        cached = self._cache.get(pool)
         if cached and time.monotonic() - cached[0] < self.ttl_s:
             return cached[1]
-        # Concurrent submissions share one round of calls.
-        if kind not in self._inflight:
-            self._inflight[kind] = asyncio.ensure_future(self._ask(kind))
-            self._inflight[kind].add_done_callback(lambda _f: self._inflight.pop(kind, None))
-        return await asyncio.shield(self._inflight[kind])
+        # Concurrent submissions (and several kinds of name of one pool) share one round of calls.
+        if pool not in self._inflight:
+            self._inflight[pool] = asyncio.ensure_future(self._ask(pool))
+            self._inflight[pool].add_done_callback(lambda _f: self._inflight.pop(pool, None))
+        return await asyncio.shield(self._inflight[pool])
 
-    async def _ask(self, kind: str) -> frozenset[str] | None:
-        pool, _, call, field = _LISTERS[kind]
+    async def _ask(self, pool: str) -> list | None:
+        call = _LISTERS[pool]
         addresses = list(self.pools.pools.get(pool) or [])
         replies = await asyncio.gather(
             *(call(self.pools.channel(a), self.timeout_s) for a in addresses), return_exceptions=True
         )
-        names: set[str] = set()
-        answered = False
+        answered = []
         for address, reply in zip(addresses, replies, strict=True):
             if isinstance(reply, grpc.aio.AioRpcError):
                 log.info("%s %s did not list its names: %s", pool, address, reply.code().name)
@@ -98,10 +90,9 @@ class Capabilities:
             if isinstance(reply, BaseException):
                 log.warning("%s %s: listing failed", pool, address, exc_info=reply)
                 continue
-            answered = True
-            names.update(m.name for m in getattr(reply, field))
-        result = frozenset(names) if answered else None
-        self._cache[kind] = (time.monotonic(), result)
+            answered.append(reply)
+        result = answered or None
+        self._cache[pool] = (time.monotonic(), result)
         return result
 
     async def check(self, spec: PipelineSpec) -> None:
@@ -121,5 +112,5 @@ class Capabilities:
             if names is None:
                 continue  # no worker of the pool answered: accepted; dispatch checks it on the worker
             if name not in names:
-                what = _LISTERS[kind][1]
+                what = _KINDS[kind][1]
                 raise InvalidArgument(f"{path}: unknown {what} {name!r}", choices=names)

@@ -46,7 +46,10 @@ class Trainer(train_grpc.TrainerServiceServicer):
 
 
 class Exporter(export_grpc.ExporterServiceServicer):
+    calls = 0
+
     async def ListFormats(self, request, context):
+        self.calls += 1
         return export_pb.ListFormatsResponse(
             formats=[common.MethodInfo(name="onnx")],
             targets=[export_pb.TargetInfo(name="cpu-x86", default_format="onnx", formats=["onnx"])],
@@ -84,8 +87,8 @@ def _spec(methods=("bf16",), finetune=None, export=None, target=None) -> str:
 
 def test_unknown_names_are_refused_with_the_field_path_and_choices():
     async def main():
-        q1, q2 = Quantizer(["bf16", "nf4"]), Quantizer(["int8_dynamic"])
-        s1, a1 = await _serve(q1, Trainer(), Exporter())
+        q1, q2, exporter = Quantizer(["bf16", "nf4"]), Quantizer(["int8_dynamic"]), Exporter()
+        s1, a1 = await _serve(q1, Trainer(), exporter)
         s2, a2 = await _serve(q2)
         pools = WorkerPools({"quantizer": [a1, a2], "trainer": [a1], "exporter": [a1]})
         caps = Capabilities(pools, timeout_s=2, ttl_s=60)
@@ -107,7 +110,8 @@ def test_unknown_names_are_refused_with_the_field_path_and_choices():
             ):
                 await caps.check(parse_spec(_spec(target="tpu")))
             # One round of calls per kind of name answered all of that (cached).
-            assert (q1.calls, q2.calls) == (1, 1)
+            # The exporter's formats and targets come from one ListFormats reply.
+            assert (q1.calls, q2.calls, exporter.calls) == (1, 1, 1)
         finally:
             await pools.close()
             await s1.stop(None)
