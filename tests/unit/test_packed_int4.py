@@ -63,3 +63,17 @@ def test_pack_linear_layers_skips_the_head_and_odd_widths():
 def test_width_not_a_multiple_of_two_groups_is_refused():
     with pytest.raises(ValueError, match="multiple of 2 x group_size"):
         quantize_weight(torch.randn(4, 96), group_size=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_gemv_on_a_gpu_equals_the_dequantized_matmul_at_7b_widths():
+    """The shapes of a Llama-2-7B decode step (run through the device tool: pytest -m gpu)."""
+    torch.manual_seed(3)
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008)]:
+        layer = PackedInt4Linear.from_linear(nn.Linear(k, n, bias=False).cuda().to(torch.bfloat16))
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+        reference = x.float() @ dequantize_weight(layer.packed, layer.scales, 128).float().T
+        out = torch.compile(layer, fullgraph=True)(x)
+        assert out.dtype == torch.bfloat16
+        assert torch.allclose(out.float(), reference, atol=2e-2, rtol=2e-2)

@@ -4,7 +4,7 @@ Why our own: at batch 1 a decode step is a chain of matrix-vector products, boun
 weights. The int4 kernels we could use here (torchao's tinygemm, gemlite) are tuned for larger tiles and
 reach only ~540 GB/s on an H100 at batch 1, slower end to end than bf16 (BENCHMARKS.md, issue 5). Written
 as "unpack, scale, multiply by the activation vector, sum", the product is a plain reduction that
-`torch.compile` (inductor) fuses into a single kernel reading each packed byte once; nothing
+`torch.compile` (inductor) fuses into a single kernel that loads each packed byte once; nothing
 dequantized is ever written to memory.
 
 Layout of a [N, K] weight, symmetric round-to-nearest with one scale per group of `group_size` inputs:
@@ -75,14 +75,20 @@ class PackedInt4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        # [N, 2, K/2 / g, g]: both nibble halves, grouped; x viewed the same way. One reduction over
-        # the last three axes, accumulated in float32; inductor fuses the unpacking into its loads.
+        # One reduction over [N, K/2 / g, g] whose every element uses both nibbles of one packed byte:
+        # the low one against the first half of x, the high one against the second. So each byte is
+        # loaded once, and inductor fuses the unpacking and scaling into the loads (float32 accumulation).
         n, half, g = self.out_features, self.in_features // 2, self.group_size
-        q = torch.stack([self.packed & 0x0F, self.packed >> 4], dim=1).to(torch.int16) - 8
-        q = q.reshape(n, 2, half // g, g).float()
-        s = self.scales.reshape(n, 2, half // g, 1).float()
-        xs = x.float().reshape(1, 2, half // g, g)
-        return (q * s * xs).sum(dim=(1, 2, 3))
+        groups = half // g
+        low = ((self.packed & 0x0F).to(torch.int16) - 8).reshape(n, groups, g).float()
+        high = ((self.packed >> 4).to(torch.int16) - 8).reshape(n, groups, g).float()
+        scales = self.scales.float()
+        s_low = scales[:, :groups].unsqueeze(-1)
+        s_high = scales[:, groups:].unsqueeze(-1)
+        xf = x.float()
+        x_low = xf[:half].reshape(1, groups, g)
+        x_high = xf[half:].reshape(1, groups, g)
+        return (low * s_low * x_low + high * s_high * x_high).sum(dim=(1, 2))
 
     def extra_repr(self) -> str:
         return (

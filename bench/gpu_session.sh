@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU work of a session in as few device calls as possible (each call starts a machine: minutes).
+# Run from the repository root on the device machine, carrying the wheels in .whl (bitsandbytes,
+# liger-kernel, torchao, pydantic, ...; .whl/data/alpaca_5000.json for the trainer bench):
+#   bash bench/gpu_session.sh tests decode     # gpu-marked tests, then bench/gpu_decode.py
+#   bash bench/gpu_session.sh train            # bench/trainer_speed_gpu.py (LoRA and QLoRA)
+# Results go to $OUT (the device tool brings them back).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+pip install --no-index --no-deps -q --target /tmp/site .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH=/tmp/site:$PWD/runtime:$PWD/services/trainer:$PWD/services/quantizer
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+
+for part in "$@"; do
+  case "$part" in
+    tests)
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider \
+        tests/unit/test_packed_int4.py services/trainer/tests/test_gpu_training.py \
+        services/quantizer/tests/test_gpu_methods.py 2>&1 | tail -25
+      ;;
+    decode)
+      python3 bench/gpu_decode.py --skip hf,static_int4_tinygemm,static_int4_gemlite \
+        --out "$OUT/gpu_decode.json" 2>&1 | grep -v Warning | tail -30
+      ;;
+    train)
+      TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps 20 --warmup 3 \
+        --out "$OUT/trainer_speed.json" 2>&1 | tail -20
+      ;;
+    *) echo "unknown part $part (tests, decode, train)"; exit 2 ;;
+  esac
+done
