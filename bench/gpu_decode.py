@@ -12,6 +12,8 @@ quality meaning. Paths, all greedy, batch 1, same prompt:
   static_int4_packed     Tailor's packed 4-bit layers (runtime/tailor_runtime/ml/packed_int4.py, group
                          128, symmetric): the batch-1 product compiles to one fused GEMV kernel; bf16 head
   static_int4_packed_head  the same with the output head packed too
+On CUDA the packed layers' batch-1 product is the Triton kernel of runtime/tailor_runtime/ml/int4_gemv.py;
+"gemv" first times it per 7B layer shape against bf16 F.linear and the inductor reduction.
 Carried to the device as wheels/sources: torchao 0.18.0, gemlite 0.5.1.post1 (0.6 changed an API
 torchao 0.18 calls).
 Ceiling: device-to-device copy bandwidth (bytes read + written per second) / the model's weight bytes.
@@ -172,6 +174,51 @@ def time_static(model, prompt, new_tokens, reps, compile_step: bool) -> tuple[li
     return runs, warmup_s, tokens
 
 
+GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)]  # q/k/v/o, gate/up, down, head
+
+
+def gemv_bandwidth(device, shapes=GEMV_SHAPES, reps: int = 200) -> list[dict]:
+    """Per 7B layer shape, batch-1 product time and the weight bytes read per second: bf16 F.linear,
+    the packed 4-bit Triton kernel (int4_gemv) and the same product as packed_int4's compiled inductor
+    reduction. Each is timed with CUDA events over `reps` calls after a warm-up."""
+    import torch
+
+    from tailor_runtime.ml.int4_gemv import int4_gemv
+    from tailor_runtime.ml.packed_int4 import PackedInt4Linear
+
+    def timed(fn) -> float:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1000 / reps
+
+    def one_shape(n: int, k: int) -> dict:
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+        layer = PackedInt4Linear.from_linear(linear)
+        x = torch.randn(k, device=device, dtype=torch.bfloat16)
+        reduction = torch.compile(layer._gemv)
+        packed_bytes = layer.packed.numel() + layer.scales.numel() * 2
+        times = {
+            "bf16_linear": (timed(lambda: torch.nn.functional.linear(x, linear.weight)), n * k * 2),
+            "int4_triton": (timed(lambda: int4_gemv(layer.packed, layer.scales, x, 128)), packed_bytes),
+            "int4_inductor_reduction": (timed(lambda: reduction(x)), packed_bytes),
+        }
+        row = {"shape": [n, k]}
+        for name, (seconds, nbytes) in times.items():
+            row[name] = {"us": seconds * 1e6, "weight_gb_per_s": nbytes / seconds / 1e9}
+        print(json.dumps(row), flush=True)
+        return row
+
+    return [one_shape(n, k) for n, k in shapes]
+
+
 def _int4_tinygemm(model) -> None:
     from torchao.quantization import Int4WeightOnlyConfig, quantize_
 
@@ -248,6 +295,9 @@ def main() -> int:
     bw = copy_bandwidth(device, gib=2.0 if device.type == "cuda" else 0.1)
     result["copy_bandwidth_gb_s"] = bw / 1e9
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + written)", flush=True)
+
+    if device.type == "cuda" and "gemv" not in skip:
+        result["gemv"] = gemv_bandwidth(device)
 
     model = build_model(TINY if args.tiny else LLAMA2_7B, device, torch.bfloat16)
     bf16_bytes = weight_bytes(model)

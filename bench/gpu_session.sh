@@ -15,12 +15,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 for part in "$@"; do
   case "$part" in
     tests)
-      python3 -m pytest -m gpu -q -s -p no:cacheprovider \
+      python3 -m pytest -m gpu -q -s -p no:cacheprovider --noconftest \
         tests/unit/test_packed_int4.py services/trainer/tests/test_gpu_training.py \
         services/quantizer/tests/test_gpu_methods.py 2>&1 | tail -25
       ;;
     decode)
-      python3 bench/gpu_decode.py --skip hf,static_int4_tinygemm,static_int4_gemlite \
+      python3 bench/gpu_decode.py --skip hf,static_int4_tinygemm,static_int4_gemlite,static_int4_packed \
         --out "$OUT/gpu_decode.json" 2>&1 | grep -v Warning | tail -30
       ;;
     train)

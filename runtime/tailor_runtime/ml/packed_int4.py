@@ -12,6 +12,8 @@ Layout of a [N, K] weight, symmetric round-to-nearest with one scale per group o
           [-8, 7]), so both halves are contiguous runs that line up with the two halves of x;
   scales  [N, K/group_size] in the activation dtype.
 With more than one row of activations (prefill), the weight is dequantized and multiplied with F.linear.
+On a CUDA device with Triton, the batch-1 product is int4_gemv's kernel instead (BENCHMARKS.md, issue 5,
+compares the two on an H100); the reduction remains for other devices.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from tailor_runtime.ml import int4_gemv
 
 QMIN, QMAX = -8, 7
 
@@ -67,7 +71,11 @@ class PackedInt4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:  # one row: the fused GEMV
-            out = self._gemv(x.reshape(self.in_features)).to(x.dtype)
+            row = x.reshape(self.in_features)
+            if x.is_cuda and int4_gemv.available():
+                out = int4_gemv.int4_gemv(self.packed, self.scales, row, self.group_size)
+            else:
+                out = self._gemv(row).to(x.dtype)
             out = out.reshape(*x.shape[:-1], self.out_features)
         else:
             weight = dequantize_weight(self.packed, self.scales, self.group_size)
