@@ -12,6 +12,7 @@ quality meaning. Paths, all greedy, batch 1, same prompt:
   static_int4_packed     Tailor's packed 4-bit layers (runtime/tailor_runtime/ml/packed_int4.py, group
                          128, symmetric): the batch-1 product compiles to one fused GEMV kernel; bf16 head
   static_int4_packed_head  the same with the output head packed too
+  static_int4_packed_head_inductor  the same, the product as packed_int4's inductor reduction
 On CUDA the packed layers' batch-1 product is the Triton kernel of runtime/tailor_runtime/ml/int4_gemv.py;
 "gemv" first times it per 7B layer shape against bf16 F.linear and the inductor reduction.
 Carried to the device as wheels/sources: torchao 0.18.0, gemlite 0.5.1.post1 (0.6 changed an API
@@ -177,41 +178,67 @@ def time_static(model, prompt, new_tokens, reps, compile_step: bool) -> tuple[li
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096)]  # q/k/v/o, gate/up, down, head
 
 
-def gemv_bandwidth(device, shapes=GEMV_SHAPES, reps: int = 200) -> list[dict]:
-    """Per 7B layer shape, batch-1 product time and the weight bytes read per second: bf16 F.linear,
-    the packed 4-bit Triton kernel (int4_gemv) and the same product as packed_int4's compiled inductor
-    reduction. Each is timed with CUDA events over `reps` calls after a warm-up."""
+def gemv_bandwidth(device, shapes=GEMV_SHAPES, reps: int = 20) -> list[dict]:
+    """Per 7B layer shape, the batch-1 product's GPU time and weight bytes read per second: bf16
+    F.linear, the packed 4-bit Triton kernel (int4_gemv) and packed_int4's compiled inductor reduction.
+
+    Timed as a decode step runs them: launched from a CUDA graph (no Python or launch overhead), over
+    enough copies of the layer (at least 512 MB) that the weights come from HBM, not the 50 MB L2."""
+    import math
+
     import torch
 
-    from tailor_runtime.ml.int4_gemv import int4_gemv
-    from tailor_runtime.ml.packed_int4 import PackedInt4Linear
+    from tailor_runtime.ml.packed_int4 import PackedInt4Linear, reduction_gemv
 
-    def timed(fn) -> float:
-        for _ in range(10):
-            fn()
+    def graph_time(calls) -> float:
+        """GPU seconds per call of `calls` (a list of thunks), replayed from one CUDA graph."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compilation and autotuning happen here, not in capture
+            for _ in range(3):
+                for call in calls:
+                    call()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
-            fn()
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
-        return start.elapsed_time(end) / 1000 / reps
+        return start.elapsed_time(end) / 1000 / reps / len(calls)
+
+    reduce = torch.compile(reduction_gemv)
 
     def one_shape(n: int, k: int) -> dict:
         torch.manual_seed(0)
-        linear = torch.nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
-        layer = PackedInt4Linear.from_linear(linear)
+        copies = math.ceil(512e6 / (n * k * 2))
         x = torch.randn(k, device=device, dtype=torch.bfloat16)
-        reduction = torch.compile(layer._gemv)
-        packed_bytes = layer.packed.numel() + layer.scales.numel() * 2
-        times = {
-            "bf16_linear": (timed(lambda: torch.nn.functional.linear(x, linear.weight)), n * k * 2),
-            "int4_triton": (timed(lambda: int4_gemv(layer.packed, layer.scales, x, 128)), packed_bytes),
-            "int4_inductor_reduction": (timed(lambda: reduction(x)), packed_bytes),
-        }
-        row = {"shape": [n, k]}
-        for name, (seconds, nbytes) in times.items():
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        row: dict = {"shape": [n, k], "copies": copies}
+        bf16 = [lambda w=w: torch.nn.functional.linear(x, w) for w in weights]
+        row["bf16_linear"] = (graph_time(bf16), n * k * 2)
+        for kernel in ("triton", "inductor"):
+            layers = []
+            for w in weights:
+                linear = torch.nn.Linear(k, n, bias=False, device="meta")
+                linear.weight = torch.nn.Parameter(w, requires_grad=False)
+                layers.append(PackedInt4Linear.from_linear(linear, 128, kernel))
+            if kernel == "triton":
+                calls = [lambda layer=layer: layer(x) for layer in layers]
+            else:
+                calls = [lambda layer=layer: reduce(layer.packed, layer.scales, x, 128) for layer in layers]
+            nbytes = layers[0].packed.numel() + layers[0].scales.numel() * 2
+            row[f"int4_{kernel}"] = (graph_time(calls), nbytes)
+            del layers
+        for name in ("bf16_linear", "int4_triton", "int4_inductor"):
+            seconds, nbytes = row[name]
             row[name] = {"us": seconds * 1e6, "weight_gb_per_s": nbytes / seconds / 1e9}
         print(json.dumps(row), flush=True)
         return row
@@ -247,12 +274,20 @@ def _int4_packed_with_head(model) -> None:
     pack_linear_layers(model, group_size=128, skip=())
 
 
+def _int4_packed_with_head_inductor(model) -> None:
+    """The same, with the batch-1 product as the compiled inductor reduction instead of the Triton kernel."""
+    from tailor_runtime.ml.packed_int4 import pack_linear_layers
+
+    pack_linear_layers(model, group_size=128, skip=(), kernel="inductor")
+
+
 # name -> (quantize function, activation dtype). gemlite's kernels take fp16 activations.
 INT4_PATHS = {
     "static_int4_tinygemm": (_int4_tinygemm, "bfloat16"),
     "static_int4_gemlite": (_int4_gemlite, "float16"),
     "static_int4_packed": (_int4_packed, "bfloat16"),
     "static_int4_packed_head": (_int4_packed_with_head, "bfloat16"),
+    "static_int4_packed_head_inductor": (_int4_packed_with_head_inductor, "bfloat16"),
 }
 
 

@@ -17,7 +17,8 @@ for part in "$@"; do
     tests)
       python3 -m pytest -m gpu -q -s -p no:cacheprovider --noconftest \
         tests/unit/test_packed_int4.py services/trainer/tests/test_gpu_training.py \
-        services/quantizer/tests/test_gpu_methods.py 2>&1 | tail -25
+        services/quantizer/tests/test_gpu_methods.py > "$OUT/pytest_gpu.txt" 2>&1
+      grep -E "passed|failed|^FAILED|^E " "$OUT/pytest_gpu.txt" | head -30
       ;;
     decode)
       python3 bench/gpu_decode.py --skip hf,static_int4_tinygemm,static_int4_gemlite,static_int4_packed \

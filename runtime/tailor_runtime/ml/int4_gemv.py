@@ -48,50 +48,55 @@ def _kernel() -> Any:
         GROUPS_HALF,
         GROUP: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        BLOCK_G: tl.constexpr,  # groups per tile: a tile is BLOCK_N rows x BLOCK_G * GROUP bytes
     ):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for start in range(0, HALF, BLOCK_K):
-            cols = start + tl.arange(0, BLOCK_K)
-            col_ok = cols < HALF
-            ok = row_ok[:, None] & col_ok[None, :]
-            byte = tl.load(packed + rows[:, None] * HALF + cols[None, :], mask=ok, other=0x88)
+        in_group = tl.arange(0, GROUP)
+        acc = tl.zeros((BLOCK_N, BLOCK_G, GROUP), dtype=tl.float32)
+        for g0 in range(0, GROUPS_HALF, BLOCK_G):
+            groups = g0 + tl.arange(0, BLOCK_G)
+            group_ok = groups < GROUPS_HALF
+            cols = groups[:, None] * GROUP + in_group[None, :]  # [BLOCK_G, GROUP], contiguous bytes
+            ok = row_ok[:, None, None] & group_ok[None, :, None]
+            byte = tl.load(packed + rows[:, None, None] * HALF + cols[None, :, :], mask=ok, other=0x88)
             low = (byte & 0x0F).to(tl.float32) - 8.0
             high = (byte >> 4).to(tl.float32) - 8.0
-            group = cols // GROUP
-            row_scales = scales + rows[:, None] * (2 * GROUPS_HALF) + group[None, :]
-            s_low = tl.load(row_scales, mask=ok, other=0.0).to(tl.float32)
-            s_high = tl.load(row_scales + GROUPS_HALF, mask=ok, other=0.0).to(tl.float32)
-            x_low = tl.load(x + cols, mask=col_ok, other=0.0).to(tl.float32)
-            x_high = tl.load(x + HALF + cols, mask=col_ok, other=0.0).to(tl.float32)
-            acc += low * s_low * x_low[None, :] + high * s_high * x_high[None, :]
-        tl.store(out + rows, tl.sum(acc, axis=1).to(out.dtype.element_ty), mask=row_ok)
+            # One scale per (row, group): loaded once per tile, broadcast over the group in registers.
+            scale_at = scales + rows[:, None] * (2 * GROUPS_HALF) + groups[None, :]
+            scale_ok = row_ok[:, None] & group_ok[None, :]
+            s_low = tl.load(scale_at, mask=scale_ok, other=0.0).to(tl.float32)
+            s_high = tl.load(scale_at + GROUPS_HALF, mask=scale_ok, other=0.0).to(tl.float32)
+            x_low = tl.load(x + cols, mask=group_ok[:, None], other=0.0).to(tl.float32)
+            x_high = tl.load(x + HALF + cols, mask=group_ok[:, None], other=0.0).to(tl.float32)
+            acc += (
+                low * x_low[None, :, :] * s_low[:, :, None] + high * x_high[None, :, :] * s_high[:, :, None]
+            )
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+        tl.store(out + rows, total.to(out.dtype.element_ty), mask=row_ok)
 
     return kernel
 
 
+CONFIGS = [  # (BLOCK_N, BLOCK_G, num_warps, num_stages) tried by the autotuner, per weight shape
+    (bn, bg, w, st) for bn in (2, 4, 8, 16) for bg in (1, 2, 4) for w in (2, 4, 8) for st in (2, 3)
+]
+
+
 @functools.cache
-def _op() -> Any:
-    """The torch op tailor::int4_gemv around the kernel, autotuned per weight shape on first use (so
-    torch.compile and CUDA graphs see one op)."""
+def register() -> Any:
+    """Define the torch op tailor::int4_gemv (autotuned per weight shape on first use). Call it outside
+    any torch.compile region; the compiled code then calls torch.ops.tailor.int4_gemv like any op."""
     import triton
     from torch.library import triton_op, wrap_triton
 
     configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bn in (4, 8, 16)
-        for bk in (128, 256, 512)
-        for w in (2, 4)
-        for s in (2, 4)
+        triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=st) for bn, bg, w, st in CONFIGS
     ]
     kernel = triton.autotune(configs=configs, key=["N", "HALF"])(_kernel())
 
     @triton_op("tailor::int4_gemv", mutates_args=())
-    def int4_gemv(
-        packed: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int
-    ) -> torch.Tensor:
+    def op(packed: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
         n, half = packed.shape
         out = torch.empty(n, dtype=x.dtype, device=x.device)
 
@@ -101,16 +106,15 @@ def _op() -> Any:
         wrap_triton(kernel)[grid](packed, scales, x, out, n, half, half // group_size, GROUP=group_size)
         return out
 
-    return int4_gemv
+    return op
 
 
 def int4_gemv(packed: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """out[n] = sum_k W[n, k] x[k] for the packed weight W (see the module docstring); x is [K], contiguous."""
+    """out[n] = sum_k W[n, k] x[k] for the packed weight W (see the module docstring); x is [K].
+    register() must have run (PackedInt4Linear does it when it is built)."""
     n, half = packed.shape
-    if x.shape != (2 * half,) or not (packed.is_contiguous() and scales.is_contiguous()):
-        raise ValueError(
-            f"int4_gemv needs contiguous packed [N, K/2], scales and x [K]; got x {tuple(x.shape)}"
-        )
-    if half % group_size:
-        raise ValueError(f"K/2 ({half}) must be a multiple of group_size ({group_size})")
-    return _op()(packed, scales, x.contiguous(), group_size)
+    if x.shape != (2 * half,):
+        raise ValueError(f"int4_gemv needs x of shape ({2 * half},); got {tuple(x.shape)}")
+    if half % group_size or group_size & (group_size - 1):
+        raise ValueError(f"K/2 ({half}) must be a multiple of group_size ({group_size}), a power of two")
+    return torch.ops.tailor.int4_gemv(packed, scales, x.contiguous(), group_size)

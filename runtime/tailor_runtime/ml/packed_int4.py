@@ -26,6 +26,9 @@ from torch import nn
 from tailor_runtime.ml import int4_gemv
 
 QMIN, QMAX = -8, 7
+# The batch-1 product on CUDA: "triton" (int4_gemv's kernel), "inductor" (the reduction below, which
+# torch.compile fuses), or "auto" (triton where it can run).
+KERNELS = ("auto", "triton", "inductor")
 
 
 def quantize_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +52,45 @@ def dequantize_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: in
     return w.reshape(n, -1)
 
 
+def reduction_gemv(
+    packed: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """W x for the packed W and one row x [K], written as one reduction for inductor to fuse (float32)."""
+    # One reduction over [N, K/2 / g, g] whose every element uses both nibbles of one packed byte:
+    # the low one against the first half of x, the high one against the second. So each byte is
+    # loaded once, and inductor fuses the unpacking and scaling into the loads (float32 accumulation).
+    n, half = packed.shape
+    groups = half // group_size
+    low = ((packed & 0x0F).to(torch.int16) - 8).reshape(n, groups, group_size).float()
+    high = ((packed >> 4).to(torch.int16) - 8).reshape(n, groups, group_size).float()
+    s = scales.float()
+    s_low = s[:, :groups].unsqueeze(-1)
+    s_high = s[:, groups:].unsqueeze(-1)
+    xf = x.float()
+    x_low = xf[:half].reshape(1, groups, group_size)
+    x_high = xf[half:].reshape(1, groups, group_size)
+    return (low * s_low * x_low + high * s_high * x_high).sum(dim=(1, 2))
+
+
 class PackedInt4Linear(nn.Module):
     """A Linear with 4-bit packed weights (see the module docstring for the layout)."""
 
     def __init__(
-        self, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, group_size: int
+        self,
+        packed: torch.Tensor,
+        scales: torch.Tensor,
+        bias: torch.Tensor | None,
+        group_size: int,
+        kernel: str = "auto",
     ):
         super().__init__()
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+        if kernel == "auto":
+            kernel = "triton" if int4_gemv.available() else "inductor"
+        if kernel == "triton":
+            int4_gemv.register()  # here, not in forward: torch.compile must not trace the op's definition
+        self.kernel = kernel
         self.out_features, half = packed.shape
         self.in_features = 2 * half
         self.group_size = group_size
@@ -64,15 +99,15 @@ class PackedInt4Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> PackedInt4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, kernel: str = "auto") -> PackedInt4Linear:
         packed, scales = quantize_weight(linear.weight.detach(), group_size)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls(packed, scales, bias, group_size)
+        return cls(packed, scales, bias, group_size, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:  # one row: the fused GEMV
             row = x.reshape(self.in_features)
-            if x.is_cuda and int4_gemv.available():
+            if x.is_cuda and self.kernel == "triton":
                 out = int4_gemv.int4_gemv(self.packed, self.scales, row, self.group_size)
             else:
                 out = self._gemv(row).to(x.dtype)
@@ -83,28 +118,18 @@ class PackedInt4Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        # One reduction over [N, K/2 / g, g] whose every element uses both nibbles of one packed byte:
-        # the low one against the first half of x, the high one against the second. So each byte is
-        # loaded once, and inductor fuses the unpacking and scaling into the loads (float32 accumulation).
-        n, half, g = self.out_features, self.in_features // 2, self.group_size
-        groups = half // g
-        low = ((self.packed & 0x0F).to(torch.int16) - 8).reshape(n, groups, g).float()
-        high = ((self.packed >> 4).to(torch.int16) - 8).reshape(n, groups, g).float()
-        scales = self.scales.float()
-        s_low = scales[:, :groups].unsqueeze(-1)
-        s_high = scales[:, groups:].unsqueeze(-1)
-        xf = x.float()
-        x_low = xf[:half].reshape(1, groups, g)
-        x_high = xf[half:].reshape(1, groups, g)
-        return (low * s_low * x_low + high * s_high * x_high).sum(dim=(1, 2))
+        return reduction_gemv(self.packed, self.scales, x, self.group_size)
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}"
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"group_size={self.group_size}, kernel={self.kernel}"
         )
 
 
-def pack_linear_layers(model: nn.Module, group_size: int = 128, skip: tuple[str, ...] = ("lm_head",)) -> int:
+def pack_linear_layers(
+    model: nn.Module, group_size: int = 128, skip: tuple[str, ...] = ("lm_head",), kernel: str = "auto"
+) -> int:
     """Replace every nn.Linear (except the names in `skip`) whose width fits the group size by a
     PackedInt4Linear, in place; returns how many were replaced."""
     replaced = 0
@@ -115,7 +140,7 @@ def pack_linear_layers(model: nn.Module, group_size: int = 128, skip: tuple[str,
                 continue
             if child.in_features % (2 * group_size):
                 continue
-            setattr(module, child_name, PackedInt4Linear.from_linear(child, group_size))
+            setattr(module, child_name, PackedInt4Linear.from_linear(child, group_size, kernel))
             replaced += 1
     return replaced
 
