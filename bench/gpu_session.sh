@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU work of a session in as few device calls as possible (each call starts a machine: minutes).
-# Run from the repository root on the device machine, carrying the wheels in .whl (bitsandbytes,
+# Run from the repository root on the device machine, carrying gen/ (make protos) and the wheels in .whl (bitsandbytes,
 # liger-kernel, torchao, pydantic, ...; .whl/data/alpaca_5000.json for the trainer bench):
 #   bash bench/gpu_session.sh tests decode     # gpu-marked tests, then bench/gpu_decode.py
 #   bash bench/gpu_session.sh train            # bench/trainer_speed_gpu.py (LoRA and QLoRA)
@@ -9,7 +9,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install --no-index --no-deps -q --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD/runtime:$PWD/services/trainer:$PWD/services/quantizer
+export PYTHONPATH=/tmp/site:$PWD/gen:$PWD/runtime:$PWD/services/trainer:$PWD/services/quantizer
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 for part in "$@"; do

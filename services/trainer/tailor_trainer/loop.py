@@ -8,7 +8,6 @@ the checkpoint, it ends at the same loss.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -63,29 +62,6 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
     those positions: with instruction data (prompts carry no loss) that skips most of the vocabulary-wide
     logits, which at 32k vocabulary are the largest activation of a step (measured on an H100 with a
     7B model: without this the packed run's peak memory was 0.5 GB above plain PEFT's)."""
-    with mixed_precision(model):
-        return _batch_loss(model, batch)
-
-
-def mixed_precision(model: Any) -> Any:
-    """bf16 autocast for the forward pass of a bf16 base on a GPU (what Hugging Face's Trainer does with
-    bf16=True); otherwise nothing.
-
-    The adapters' weights stay float32 (the optimizer updates float32 masters), but their products run
-    in bf16 instead of on float32 copies of every layer input: peft casts a layer's input to the adapter's
-    dtype, and without autocast those float32 copies are what a checkpointed layer holds for its
-    backward (measured on an H100 with a 7B LoRA run, bench/trainer_speed_gpu.py)."""
-    import torch
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    dtype = getattr(base, "dtype", None)
-    first = next(base.parameters(), None)
-    if first is not None and first.is_cuda and dtype == torch.bfloat16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _batch_loss(model: Any, batch: dict[str, Any]) -> Any:
     import torch
 
     kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
@@ -96,12 +72,38 @@ def _batch_loss(model: Any, batch: dict[str, Any]) -> Any:
         keep = labels != IGNORE
         if not bool(keep.any()):  # nothing to learn in this batch: a zero that still has a graph
             return hidden.sum() * 0.0
-        logits = base.lm_head(hidden[keep])
+        selected = hidden[keep]
+        fused = fused_cross_entropy(base, selected)
+        if fused is not None:
+            return fused(base.lm_head.weight, selected, labels[keep])
+        logits = base.lm_head(selected)
         return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
     logits = model(input_ids=batch["input_ids"], **kwargs).logits
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE
     )
+
+
+# Set on a model by lora.apply_fused_kernels when Liger is installed: batch_loss then uses Liger's fused
+# linear + cross-entropy, which computes the logits a chunk of positions at a time and never holds the
+# whole [positions x vocabulary] logits, their float32 copy and their gradient at once (measured on an
+# H100 with a 7B LoRA run: the largest allocation left at the peak of a step; BENCHMARKS.md, issue 4).
+FUSED_LOSS_ATTR = "_tailor_fused_linear_cross_entropy"
+
+
+def fused_cross_entropy(base: Any, hidden: Any) -> Any:
+    """Liger's fused linear cross-entropy for this model and these hidden states, or None where it does
+    not apply (not enabled, not on a GPU, or an output head that is not a plain bias-free linear layer in
+    the hidden states' dtype)."""
+    if not getattr(base, FUSED_LOSS_ATTR, False) or not hidden.is_cuda:
+        return None
+    head = base.lm_head
+    weight = getattr(head, "weight", None)
+    if getattr(head, "bias", None) is not None or weight is None or weight.dtype != hidden.dtype:
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
 
 
 def _silent(percent: float, phase: str = "", message: str = "", **metrics: float) -> None:

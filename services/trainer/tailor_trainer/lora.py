@@ -92,7 +92,10 @@ class LoraTrainConfig(BaseModel):
     merge: bool = Field(default=True, description="Also publish the base model with the adapter merged in.")
     fused_kernels: bool = Field(
         default=True,
-        description="On a GPU, Liger's Triton kernels for RMSNorm, SwiGLU and RoPE when liger-kernel is installed.",
+        description=(
+            "On a GPU, Liger's Triton kernels for RMSNorm, SwiGLU and RoPE, and its fused linear "
+            "cross-entropy for the loss, when liger-kernel is installed."
+        ),
     )
     data_parallel: int = Field(
         default=1,
@@ -322,11 +325,16 @@ def build_peft_model(model: Any, cfg: LoraTrainConfig, targets: list[str]) -> An
 
 
 def apply_fused_kernels(model: Any) -> bool:
-    """Liger's Triton RMSNorm, SwiGLU and RoPE on a Llama-family model; False when unavailable."""
+    """Liger's Triton RMSNorm, SwiGLU and RoPE on a Llama-family model, and its fused linear
+    cross-entropy for the training loss; False when unavailable."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
         return False
+    from tailor_trainer.loop import FUSED_LOSS_ATTR
+
+    # The loss is computed by loop.batch_loss (only on labelled positions), not by the model's forward:
+    # Liger's fused linear cross-entropy is used there, so the model's own loss patch stays off.
     _apply_liger_kernel_to_instance(
         model=model,
         rope=True,
@@ -335,6 +343,7 @@ def apply_fused_kernels(model: Any) -> bool:
         cross_entropy=False,
         fused_linear_cross_entropy=False,
     )
+    setattr(model, FUSED_LOSS_ATTR, True)
     return True
 
 
