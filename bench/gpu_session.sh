@@ -17,7 +17,7 @@ for part in "$@"; do
     tests)
       python3 -m pytest -m gpu -q -s -p no:cacheprovider --noconftest \
         tests/unit/test_packed_int4.py services/trainer/tests/test_gpu_training.py \
-        services/quantizer/tests/test_gpu_methods.py > "$OUT/pytest_gpu.txt" 2>&1
+        ${GPU_TESTS_EXTRA:-services/quantizer/tests/test_gpu_methods.py} > "$OUT/pytest_gpu.txt" 2>&1
       grep -E "passed|failed|^FAILED|^E " "$OUT/pytest_gpu.txt" | head -30
       ;;
     decode)
@@ -25,7 +25,7 @@ for part in "$@"; do
         --out "$OUT/gpu_decode.json" 2>&1 | grep -v Warning | tail -30
       ;;
     train)
-      TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps 20 --warmup 3 \
+      TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps 20 --warmup 3 --rows "${ROWS:-3}" \
         --out "$OUT/trainer_speed.json" 2>&1 | tail -20
       ;;
     *) echo "unknown part $part (tests, decode, train)"; exit 2 ;;

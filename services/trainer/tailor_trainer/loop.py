@@ -178,10 +178,11 @@ def train(
         for step in range(start, steps + 1):
             if parallel is None:
                 batch = to_device(batch_at(step))
+                # Before the forward pass, so the last step's gradients are not held through it.
+                optimizer.zero_grad(set_to_none=True)
                 loss = batch_loss(model, batch)
                 loss_value = loss.item()
                 _check_finite(loss_value, step)
-                optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 step_tokens = int(batch.get("real_tokens", batch["input_ids"].numel()))
             else:

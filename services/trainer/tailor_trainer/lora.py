@@ -325,26 +325,49 @@ def build_peft_model(model: Any, cfg: LoraTrainConfig, targets: list[str]) -> An
 
 
 def apply_fused_kernels(model: Any) -> bool:
-    """Liger's Triton RMSNorm, SwiGLU and RoPE on a Llama-family model, and its fused linear
-    cross-entropy for the training loss; False when unavailable."""
+    """Liger's Triton RMSNorm and SwiGLU on this model's own modules, and its fused linear
+    cross-entropy for the training loss; False when unavailable.
+
+    Only this instance changes. Liger also replaces names in the model's modeling module (the norm and
+    MLP classes, the RoPE function), which would turn every model built later in this process into a
+    Triton model, and break the next one on a CPU (found by the GPU tests: a CPU perplexity run after a
+    fine-tune failed in Liger's RMSNorm). Those module globals are put back afterwards, and RoPE, which
+    Liger can only patch as a module global, stays PyTorch's."""
+    import sys
+
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError:
         return False
     from tailor_trainer.loop import FUSED_LOSS_ATTR
 
-    # The loss is computed by loop.batch_loss (only on labelled positions), not by the model's forward:
-    # Liger's fused linear cross-entropy is used there, so the model's own loss patch stays off.
-    _apply_liger_kernel_to_instance(
-        model=model,
-        rope=True,
-        rms_norm=True,
-        swiglu=True,
-        cross_entropy=False,
-        fused_linear_cross_entropy=False,
-    )
+    modeling = sys.modules[type(model).__module__]
+    before = dict(vars(modeling))
+    try:
+        # The loss is computed by loop.batch_loss (only on labelled positions), not by the model's
+        # forward: the model's own loss patches stay off and batch_loss uses Liger's fused loss.
+        _apply_liger_kernel_to_instance(
+            model=model,
+            rope=False,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+        )
+    finally:
+        restore_module_globals(modeling, before)
     setattr(model, FUSED_LOSS_ATTR, True)
     return True
+
+
+def restore_module_globals(module: Any, before: dict[str, Any]) -> None:
+    """Put `module`'s names back to `before` (a copy of its namespace): changed ones reset, new ones gone."""
+    for name in list(vars(module)):
+        if name not in before:
+            delattr(module, name)
+    for name, value in before.items():
+        if vars(module).get(name) is not value:
+            setattr(module, name, value)
 
 
 def training_batches(path: Path, tokenizer: Any, cfg: LoraTrainConfig):

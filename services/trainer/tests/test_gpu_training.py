@@ -62,7 +62,7 @@ def test_fused_linear_cross_entropy_lowers_peak_memory_and_keeps_loss_and_gradie
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (requirements-gpu)")
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (requirements-gpu.txt)")
     from tailor_trainer.loop import FUSED_LOSS_ATTR, batch_loss
     from tailor_trainer.lora import build_peft_model
 
@@ -77,7 +77,7 @@ def test_fused_linear_cross_entropy_lowers_peak_memory_and_keeps_loss_and_gradie
     model.train()
     ids = torch.randint(3, 32000, (2, 1024), device="cuda")
     batch = {"input_ids": ids, "labels": ids.clone()}
-    probe = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    probe = next(p for n, p in model.named_parameters() if "lora_B" in n)  # lora_A's gradient starts at 0
 
     def step(fused: bool) -> tuple[float, int, torch.Tensor]:
         setattr(base, FUSED_LOSS_ATTR, fused)
@@ -97,3 +97,28 @@ def test_fused_linear_cross_entropy_lowers_peak_memory_and_keeps_loss_and_gradie
     assert fused_loss == pytest.approx(plain_loss, rel=1e-2)
     cosine = torch.nn.functional.cosine_similarity(fused_grad.flatten(), plain_grad.flatten(), dim=0)
     assert cosine > 0.99
+
+
+def test_fused_kernels_change_only_their_model_and_a_later_cpu_model_still_runs():
+    """Liger patches module globals of transformers' modeling code; apply_fused_kernels puts them back,
+    so a model built afterwards (here on the CPU, where Triton cannot run) is plain PyTorch."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (requirements-gpu.txt)")
+    from tailor_trainer.lora import apply_fused_kernels
+
+    before = dict(vars(modeling_llama))
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+    )
+    with torch.device("cuda"):
+        gpu_model = LlamaForCausalLM(config)
+    assert apply_fused_kernels(gpu_model)
+    assert {k: v for k, v in vars(modeling_llama).items() if before.get(k) is not v} == {}
+    assert gpu_model.model.norm._get_name() == "LigerRMSNorm"  # this instance is patched
+    ids = torch.randint(0, 512, (1, 16))
+    assert gpu_model(ids.cuda()).logits.shape == (1, 16, 512)
+    cpu_model = LlamaForCausalLM(config)
+    assert torch.isfinite(cpu_model(ids).logits).all()
