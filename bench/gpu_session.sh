@@ -25,7 +25,7 @@ for part in "$@"; do
         --out "$OUT/gpu_decode.json" 2>&1 | grep -v Warning | tail -30
       ;;
     train)
-      TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps 20 --warmup 3 --rows "${ROWS:-3}" \
+      TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps 20 --warmup 3 --rows "${ROWS:-3}" --trace-memory \
         --out "$OUT/trainer_speed.json" 2>&1 | tail -20
       ;;
     *) echo "unknown part $part (tests, decode, train)"; exit 2 ;;

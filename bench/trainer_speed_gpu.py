@@ -172,7 +172,14 @@ def run_baseline(folder: Path, method: str, device: str, steps: int, warmup: int
 
 
 def run_tailor(
-    folder: Path, method: str, device: str, steps: int, warmup: int, fused: bool, rows: int
+    folder: Path,
+    method: str,
+    device: str,
+    steps: int,
+    warmup: int,
+    fused: bool,
+    rows: int,
+    trace_memory: bool = False,
 ) -> dict:
     import torch
 
@@ -187,7 +194,7 @@ def run_tailor(
         gradient_checkpointing=True,
         fused_kernels=fused,
         seq_len=SEQ,
-        batch_size=4,
+        batch_size=rows,
         quantize_base="nf4" if method == "qlora" else None,
     )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -208,7 +215,15 @@ def run_tailor(
 
     params = [p for p in model.parameters() if p.requires_grad]
     to_device = lambda b: {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}  # noqa: E731
-    train(model, params, batch_at, steps + warmup, 2e-4, lambda *a, **k: None, to_device=to_device)
+    phases: list = []
+
+    def trace(*args, **metrics) -> None:  # --trace-memory: the peak of each phase (setup, then each step)
+        if device == "cuda" and trace_memory:
+            phases.append([metrics.get("step", 0), torch.cuda.max_memory_allocated() / 1e9])
+            torch.cuda.reset_peak_memory_stats()
+
+    trace()
+    train(model, params, batch_at, steps + warmup, 2e-4, trace, to_device=to_device)
     torch.cuda.synchronize() if device == "cuda" else None
     seconds = time.perf_counter() - marks["t0"]
     return {
@@ -217,6 +232,7 @@ def run_tailor(
         "packed_rows": len(batches.rows),
         "examples": len(train_set),
         "fused_kernels": fused_applied,
+        **({"peak_gb_by_phase": phases} if phases else {}),
     }
 
 
@@ -229,7 +245,14 @@ def child(args) -> None:
         result = run_baseline(Path(args.folder), args.method, args.device, args.steps, args.warmup)
     else:
         result = run_tailor(
-            Path(args.folder), args.method, args.device, args.steps, args.warmup, not args.no_fused, args.rows
+            Path(args.folder),
+            args.method,
+            args.device,
+            args.steps,
+            args.warmup,
+            not args.no_fused,
+            args.rows,
+            args.trace_memory,
         )
     if args.device == "cuda":
         result["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -251,6 +274,7 @@ def main() -> None:
         default=3,
         help="Tailor's packed rows of 512 per step: 3 (1536 tokens) keeps its peak memory under the baseline's",
     )
+    parser.add_argument("--trace-memory", action="store_true", help="Tailor's peak GPU memory per phase")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--path")
     parser.add_argument("--method")
@@ -293,7 +317,7 @@ def main() -> None:
             ]
             if args.no_fused:
                 cmd.append("--no-fused")
-            cmd += ["--rows", str(args.rows)]
+            cmd += ["--rows", str(args.rows)] + (["--trace-memory"] if args.trace_memory else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             row = {"method": method, "path": path}
