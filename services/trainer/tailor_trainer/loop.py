@@ -8,6 +8,7 @@ the checkpoint, it ends at the same loss.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -87,8 +88,16 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
 # Set on a model by lora.apply_fused_kernels when Liger is installed: batch_loss then uses Liger's fused
 # linear + cross-entropy, which computes the logits a chunk of positions at a time and never holds the
 # whole [positions x vocabulary] logits, their float32 copy and their gradient at once (measured on an
-# H100 with a 7B LoRA run: the largest allocation left at the peak of a step; BENCHMARKS.md, issue 4).
+# H100: the loss's own peak 1,116 -> 488 MB on 2 x 1,024 tokens, 32k vocabulary; BENCHMARKS.md, issue 4).
 FUSED_LOSS_ATTR = "_tailor_fused_linear_cross_entropy"
+
+
+@functools.cache
+def _liger_loss() -> Any:
+    """One Liger loss module for the process (it holds only its settings)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
 
 
 def fused_cross_entropy(base: Any, hidden: Any) -> Any:
@@ -101,9 +110,7 @@ def fused_cross_entropy(base: Any, hidden: Any) -> Any:
     weight = getattr(head, "weight", None)
     if getattr(head, "bias", None) is not None or weight is None or weight.dtype != hidden.dtype:
         return None
-    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+    return _liger_loss()
 
 
 def _silent(percent: float, phase: str = "", message: str = "", **metrics: float) -> None:
@@ -176,10 +183,10 @@ def train(
     step = start - 1
     try:
         for step in range(start, steps + 1):
+            # Before the forward pass, so the last step's gradients are not held through it.
+            optimizer.zero_grad(set_to_none=True)
             if parallel is None:
                 batch = to_device(batch_at(step))
-                # Before the forward pass, so the last step's gradients are not held through it.
-                optimizer.zero_grad(set_to_none=True)
                 loss = batch_loss(model, batch)
                 loss_value = loss.item()
                 _check_finite(loss_value, step)
@@ -189,7 +196,6 @@ def train(
                 full = batch_at(step)
                 step_tokens = int(full.get("real_tokens", full["input_ids"].numel()))
                 batch = to_device(parallel.shard(full))
-                optimizer.zero_grad(set_to_none=True)
                 labelled = int((batch["labels"] != IGNORE).sum())
                 local = 0.0
                 if labelled:  # no rows or nothing labelled: zeros, but still part of the all-reduce
