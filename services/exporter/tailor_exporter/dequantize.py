@@ -7,7 +7,10 @@ which are gone. Activations are no longer quantized (torch dynamic int8 quantize
 
 from __future__ import annotations
 
+import copy
 from typing import Any
+
+from tailor_runtime.errors import FailedPrecondition
 
 
 def _replace(model: Any, decode: Any) -> int:
@@ -58,3 +61,15 @@ def dequantize_bnb_4bit(model: Any) -> int:
         # transformers refuses .float() while it believes the model is quantized; this is its own reset.
         quantizer.remove_quantization_config(model)
     return replaced
+
+
+def float32_model(source: Any, source_format: str) -> Any:
+    """The float32 model of a loaded source, in eval mode: `source` itself (cast) for hf-safetensors; for
+    int8-dynamic and bnb-nf4, a copy whose quantized Linear layers are decoded (the source is untouched)."""
+    if source_format == "hf-safetensors":
+        return source.float().eval()
+    model = copy.deepcopy(source)
+    decode = dequantize_int8_dynamic if source_format == "int8-dynamic" else dequantize_bnb_4bit
+    if decode(model) == 0:
+        raise FailedPrecondition(f"the {source_format} model has no quantized Linear layers to decode")
+    return model.float().eval()

@@ -28,7 +28,6 @@ in float32 (neither file keeps a quantized layout).
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 import uuid
@@ -37,7 +36,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tailor_exporter.dequantize import dequantize_bnb_4bit, dequantize_int8_dynamic
+from tailor_exporter.dequantize import float32_model
 from tailor_exporter.mobile_decoder import (
     check_architecture,
     compare_stepwise,
@@ -171,7 +170,7 @@ def export_mobile(
     started = time.monotonic()
     progress(2.0, "loading", f"loading {model_dir.name} ({source_format})")
     source, tokenizer = load_causal_lm(model_dir)
-    float_model = _float_model(source, source_format)
+    float_model = float32_model(source, source_format).requires_grad_(False)
     sequences = sample_sequences(tokenizer, cfg.verify_texts, max_seq_len)
     with staged(out_dir) as work:
         write_config(work, model_dir, tokenizer)  # config.json (float32), tokenizer files, licence
@@ -602,19 +601,6 @@ def _require_tool(target: str) -> None:
     if not ok:
         package = "executorch" if target == "executorch" else "coremltools"
         raise FailedPrecondition(f"the {target} export needs {package} (requirements.txt): {why}")
-
-
-def _float_model(source: Any, source_format: str) -> Any:
-    """The float32 model compiled for the device (weights of a quantized source decoded), no gradients."""
-    if source_format == "hf-safetensors":
-        model = source.float()
-    else:
-        model = copy.deepcopy(source)
-        decode = dequantize_int8_dynamic if source_format == "int8-dynamic" else dequantize_bnb_4bit
-        if decode(model) == 0:
-            raise FailedPrecondition(f"the {source_format} model has no quantized Linear layers to decode")
-        model = model.float()
-    return model.eval().requires_grad_(False)
 
 
 def _write_json(path: Path, data: Any) -> None:

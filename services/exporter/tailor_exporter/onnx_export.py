@@ -17,14 +17,13 @@ unless `dequantize=true`); bnb-nf4 only with `dequantize=true`, as its NF4-round
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tailor_exporter.dequantize import dequantize_bnb_4bit, dequantize_int8_dynamic
+from tailor_exporter.dequantize import float32_model
 from tailor_exporter.registry import (
     ExportFormat,
     Job,
@@ -131,7 +130,7 @@ def export_onnx(
     started = time.monotonic()
     progress(2.0, "loading", f"loading {model_dir.name} ({source_format})")
     source, tokenizer = load_causal_lm(model_dir)
-    float_model = _float_model(source, source_format)
+    float_model = float32_model(source, source_format)  # `source` itself when it already is float
     batches = verify.sample_batches(tokenizer, cfg.verify_batches)
     calibration = _calibration(job, cfg, tokenizer, float_model) if variant == "onnx-int8-static" else None
 
@@ -285,19 +284,6 @@ def _calibration(job: Job, cfg: Int8StaticConfig, tokenizer: Any, model: Any) ->
         file_sha256(job.calibration_file),
         max_seq_len=model.config.max_position_embeddings,
     )
-
-
-def _float_model(source: Any, source_format: str) -> Any:
-    """The float32 model whose forward becomes the graph; `source` itself when it already is float."""
-    if source_format == "hf-safetensors":
-        return source.float()
-    model = copy.deepcopy(source)
-    replaced = (
-        dequantize_int8_dynamic(model) if source_format == "int8-dynamic" else dequantize_bnb_4bit(model)
-    )
-    if replaced == 0:
-        raise FailedPrecondition(f"the {source_format} model has no quantized Linear layers to decode")
-    return model.float().eval()
 
 
 def _quantized_layers(model: Any) -> set[str]:
