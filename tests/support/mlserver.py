@@ -17,8 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
+from support.optional import require
 from support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,12 +39,8 @@ class MLServer:
 
 
 def require_mlserver() -> None:
-    if MLSERVER.is_file():
-        return
-    why = f"MLServer is not installed in {VENV.name} (make {VENV.name}/.installed)"
-    if os.environ.get("TAILOR_REQUIRE_MLSERVER") == "1":
-        pytest.fail(f"TAILOR_REQUIRE_MLSERVER=1 but {why}")
-    pytest.skip(f"{why}; TAILOR_REQUIRE_MLSERVER=1 makes this a failure")
+    why = f"MLServer is not installed in {VENV.name}"
+    require(MLSERVER.is_file(), why, "TAILOR_REQUIRE_MLSERVER", f"make {VENV.name}/.installed")
 
 
 @contextmanager

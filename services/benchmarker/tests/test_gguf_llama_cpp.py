@@ -7,12 +7,12 @@ is tested without it.
 
 from __future__ import annotations
 
-import os
 from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+from support.optional import require_llama_cpp
 
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_benchmarker.latency import decode_latency
@@ -25,7 +25,6 @@ from tailor_runtime.ml.perplexity import perplexity
 REPO = Path(__file__).resolve().parents[3]
 MODEL = REPO / "examples/models/stories260K"
 EVAL = REPO / "examples/data/tinystories_eval.txt"
-HAS_LLAMA_CPP, WHY_NOT = libraries.importable("llama_cpp")
 FAST = dict(
     max_eval_tokens=512,
     context_length=64,
@@ -40,20 +39,10 @@ FAST = dict(
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
 
-def needs_llama_cpp() -> None:
-    if HAS_LLAMA_CPP:
-        return
-    if os.environ.get("TAILOR_REQUIRE_LLAMA_CPP") == "1":
-        pytest.fail(f"TAILOR_REQUIRE_LLAMA_CPP=1 but {WHY_NOT}")
-    pytest.skip(
-        f"{WHY_NOT}; install requirements-llamacpp.txt (TAILOR_REQUIRE_LLAMA_CPP=1 makes this a failure)"
-    )
-
-
 @pytest.fixture(scope="module")
 def gguf_f16(tmp_path_factory) -> Path:
     """stories260K through the exporter's `gguf` format, type F16 (verified in llama.cpp by the exporter)."""
-    needs_llama_cpp()
+    require_llama_cpp()
     from tailor_exporter.gguf_export import GgufExportConfig, export_gguf
     from tailor_runtime.progress import no_progress
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
+from support.optional import require_llama_cpp
 
 from tailor_exporter.gguf_export import NOT_INSTALLED, TOLERANCES, GgufExportConfig, export_gguf
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, VerificationFailed
@@ -29,16 +29,6 @@ MODEL = REPO / "examples/models/stories260K"
 HAS_LLAMA_CPP, WHY_NOT = gguf_io.llama_cpp_availability()
 TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K_M")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
-
-
-def needs_llama_cpp() -> None:
-    if HAS_LLAMA_CPP:
-        return
-    if os.environ.get("TAILOR_REQUIRE_LLAMA_CPP") == "1":
-        pytest.fail(f"TAILOR_REQUIRE_LLAMA_CPP=1 but {WHY_NOT}")
-    pytest.skip(
-        f"{WHY_NOT}; install requirements-llamacpp.txt (TAILOR_REQUIRE_LLAMA_CPP=1 makes this a failure)"
-    )
 
 
 def file_hashes(folder: Path) -> dict[str, str]:
@@ -59,7 +49,7 @@ def exports(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 @pytest.mark.parametrize("gguf_type", TYPES)
 def test_each_type_exports_a_verified_loadable_folder(exports, gguf_type):
     if gguf_type == "Q4_K_M":
-        needs_llama_cpp()
+        require_llama_cpp()
     out, result = exports[gguf_type]
     assert {"model.gguf", "Modelfile", "config.json", "tokenizer.json", "tailor_format.json"} <= set(
         result["files"]
@@ -79,7 +69,7 @@ def test_each_type_exports_a_verified_loadable_folder(exports, gguf_type):
 
 
 def test_q4_k_m_holds_what_llama_cpp_could_make_of_64_wide_rows(exports):
-    needs_llama_cpp()
+    require_llama_cpp()
     _, result = exports["Q4_K_M"]
     # K-quants need rows of 256: llama.cpp fell back to Q5_0 (Q4_K's fallback) and Q8_0 (Q6_K's, for the
     # output / tied embedding and 2 of the 5 attn_v), and to F16 for ffn_down (172 wide fits no block).
@@ -89,7 +79,7 @@ def test_q4_k_m_holds_what_llama_cpp_could_make_of_64_wide_rows(exports):
 
 @pytest.mark.parametrize("gguf_type", TYPES)
 def test_llama_cpp_runs_the_export_like_the_source(exports, gguf_type):
-    needs_llama_cpp()
+    require_llama_cpp()
     _, result = exports[gguf_type]
     headline, tol = result["verification"], TOLERANCES[gguf_type]
     assert headline["llama_cpp"].startswith("verified with llama-cpp-python ")
@@ -103,7 +93,7 @@ def test_llama_cpp_runs_the_export_like_the_source(exports, gguf_type):
 
 def test_llama_cpp_completes_text_as_transformers_generates_it(exports):
     """End to end in llama.cpp: its tokenizer, greedy sampler, stop tokens and detokenizer."""
-    needs_llama_cpp()
+    require_llama_cpp()
     from llama_cpp import Llama
 
     out, _ = exports["F16"]
@@ -125,7 +115,7 @@ def test_llama_cpp_completes_text_as_transformers_generates_it(exports):
 def test_a_tokenizer_llama_cpp_reads_differently_fails_verification(monkeypatch, tmp_path):
     """llama.cpp's converter writes score -1000 for every token of a BPE tokenizer.json; its SPM tokenizer
     then merges in text order. The llama.cpp check must catch that, not publish it."""
-    needs_llama_cpp()
+    require_llama_cpp()
     real = gguf_vocab.spm_vocab
 
     def flat_scores(*args):
