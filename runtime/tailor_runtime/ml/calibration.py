@@ -12,7 +12,6 @@ the same file, seed and options always give the same sequences. Too little text 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -155,11 +154,3 @@ def split_holdout(documents: list[str], holdout_chars: int) -> tuple[list[str], 
         held.insert(0, doc)
         size += len(doc)
     return documents[: len(documents) - len(held)], held
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

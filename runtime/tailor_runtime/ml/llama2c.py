@@ -20,7 +20,6 @@ Usage: python -m tailor_runtime.ml.llama2c CHECKPOINT TOKENIZER OUT_DIR
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import struct
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.store.manifest import sha256_file
 
 HEADER = struct.Struct("<7i")
 # llama2.c's newer export formats start with this magic ("ak42"); only the legacy format is supported.
@@ -316,14 +316,6 @@ def hf_config(hdr: Llama2cHeader, rope_theta: float):
         pad_token_id=None,
         dtype="float32",
     )
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def convert_llama2c(checkpoint: Path, tokenizer_bin: Path, out_dir: Path) -> dict[str, Any]:

@@ -268,7 +268,8 @@ def _check_supported(source_format: str, cfg: OnnxExportConfig) -> None:
 
 def _calibration(job: Job, cfg: Int8StaticConfig, tokenizer: Any, model: Any) -> Any:
     """The CalibrationSet of onnx-int8-static, sampled from the request's dataset file with its seed."""
-    from tailor_runtime.ml.calibration import build_calibration_set, file_sha256, read_documents
+    from tailor_runtime.ml.calibration import build_calibration_set, read_documents
+    from tailor_runtime.store.manifest import sha256_file
 
     if job.calibration_file is None:
         raise InvalidArgument(
@@ -281,7 +282,7 @@ def _calibration(job: Job, cfg: Int8StaticConfig, tokenizer: Any, model: Any) ->
         cfg.calibration_samples,
         cfg.calibration_seq_len,
         job.seed,
-        file_sha256(job.calibration_file),
+        sha256_file(job.calibration_file),
         max_seq_len=model.config.max_position_embeddings,
     )
 

@@ -19,7 +19,6 @@ tailor_format.json names the graph, the same folder is also a loadable ONNX mode
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -43,6 +42,7 @@ from tailor_exporter.registry import (
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.ml.onnx import MODEL_FILE
 from tailor_runtime.stage import library_versions
+from tailor_runtime.store.manifest import sha256_file
 
 FORMAT = "triton-repository"
 CONFIG_FILE = "config.pbtxt"
@@ -303,7 +303,7 @@ def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: 
         job.progress(93.0, "validating", f"{CONFIG_FILE} as Triton's ModelConfig, against the graph")
         check = check_model_folder(repo / cfg.model_name, cfg.version)
         check["graph_sha256"] = {
-            f"{cfg.model_name}/{cfg.version}/{p.name}": _sha256(version_dir / p.name) for p in graph_files
+            f"{cfg.model_name}/{cfg.version}/{p.name}": sha256_file(version_dir / p.name) for p in graph_files
         }
         checks = {**result["verification"]["checks"], "repository": check}
 
@@ -349,14 +349,6 @@ def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: 
 
 _HEADLINE = ("max_abs_diff", "top1_agreement", "positions", "passed")
 _STATISTICS = ("fused_operators", "quantized_matmuls")  # the variant's, passed on
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 register(

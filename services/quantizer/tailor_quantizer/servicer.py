@@ -161,11 +161,11 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
         """(held-out text for the gate, the CalibrationSet or None), both read from the store."""
         from tailor_runtime.ml.calibration import (
             build_calibration_set,
-            file_sha256,
             read_documents,
             split_holdout,
         )
         from tailor_runtime.ml.model_io import load_tokenizer
+        from tailor_runtime.store.manifest import sha256_file
 
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         eval_text, calibration = "", None
@@ -185,7 +185,7 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
                 # The default length follows a short-context model down; an explicit one is checked.
                 length = seq_len if request.calibration.seq_len else min(seq_len, limit)
                 calibration = build_calibration_set(
-                    tokenizer, documents, samples, length, request.seed, file_sha256(path), max_seq_len=limit
+                    tokenizer, documents, samples, length, request.seed, sha256_file(path), max_seq_len=limit
                 )
         return eval_text, calibration
 
