@@ -184,8 +184,8 @@ def run_tailor(
     import torch
 
     from tailor_trainer.datasets import ExampleBatches, split
-    from tailor_trainer.loop import train
-    from tailor_trainer.lora import LoraTrainConfig, apply_fused_kernels, build_peft_model
+    from tailor_trainer.loop import FUSED_LOSS_ATTR, train
+    from tailor_trainer.lora import LoraTrainConfig, build_peft_model
 
     model = build_model(folder, method, device)
     cfg = LoraTrainConfig(
@@ -198,8 +198,9 @@ def run_tailor(
         quantize_base="nf4" if method == "qlora" else None,
     )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    fused_applied = fused and device == "cuda" and apply_fused_kernels.__module__ is not None
     model = build_peft_model(model, cfg, targets)
+    # What build_peft_model actually did (False without liger-kernel or off a GPU), not what was asked.
+    fused_applied = bool(getattr(model.get_base_model(), FUSED_LOSS_ATTR, False))
     train_set, _ = split(examples(model.config.vocab_size), 0.0, 0)
     batches = ExampleBatches(train_set, cfg.batch_size, SEQ, packing=True, seed=0, pad_id=0)
     marks: dict = {"real": 0}
