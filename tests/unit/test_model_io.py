@@ -70,3 +70,12 @@ def test_hf_safetensors_round_trip_in_bfloat16(tmp_path):
     with pytest.raises(InvalidArgument, match="dtype"):
         save_hf_model(model, tok, tmp_path / "x", dtype="float8")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("fmt", ["int8-dynamic", "onnx", "gguf"])
+def test_cpu_only_formats_are_refused_on_a_gpu_before_loading(tmp_path, fmt):
+    from tailor_runtime.errors import FailedPrecondition
+
+    write_format(tmp_path, fmt)  # no weights: the refusal comes before any loading
+    with pytest.raises(FailedPrecondition, match=rf"a '{fmt}' model runs on CPU only.*hf-safetensors"):
+        load_causal_lm(tmp_path, device="cuda")

@@ -88,3 +88,29 @@ def test_triton_gemv_on_a_gpu_equals_the_dequantized_matmul_at_7b_widths():
             assert out.dtype == torch.bfloat16 and out.shape == (1, 1, n)
             assert torch.allclose(out.float(), reference, atol=2e-2, rtol=2e-2)
         assert torch.allclose(eager.float().reshape(n), reduction.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("k, group", [(172, 4), (172, -1), (256, 64), (4096, -1), (11008, 128)])
+def test_values_quantized_elsewhere_are_kept_exactly(k, group):
+    """GPTQ/AWQ/RTN values with their own scales: groups that straddle the nibble halves, or one scale
+    per row, are stored at a power-of-two group size that fits, with the scales repeated."""
+    from tailor_runtime.ml.packed_int4 import packable_group_size
+
+    torch.manual_seed(4)
+    n = 8
+    q = torch.randint(-8, 8, (n, k), dtype=torch.int8)
+    scales = torch.rand(n, 1 if group == -1 else k // group) + 0.01
+    layer = PackedInt4Linear.from_quantized(q, scales, group)
+    stored = packable_group_size(k, group)
+    assert layer.group_size == stored and (k // 2) % stored == 0 and stored & (stored - 1) == 0
+    expected = q.float() * scales.repeat_interleave(k // scales.shape[1], dim=1)
+    assert torch.equal(dequantize_weight(layer.packed, layer.scales, layer.group_size), expected)
+    x = torch.randn(1, 1, k)
+    assert torch.allclose(layer(x), x @ expected.T, atol=1e-3, rtol=1e-4)
+
+
+def test_values_outside_four_bits_or_odd_widths_are_refused():
+    with pytest.raises(ValueError, match=r"must lie in \[-8, 7\], got \[-8, 8\]"):
+        PackedInt4Linear.from_quantized(torch.tensor([[8, -8]]), torch.ones(1, 1), -1)
+    with pytest.raises(ValueError, match="odd"):
+        PackedInt4Linear.from_quantized(torch.zeros(2, 5, dtype=torch.int8), torch.ones(2, 1), -1)

@@ -33,15 +33,27 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_static_cache(model: Any, max_len: int):
+def make_static_cache(model: Any, max_len: int, batch_size: int = 1):
     """A StaticCache across the transformers versions we meet (the constructor changed in 4.5x/5.x)."""
     from transformers import StaticCache
 
     config, device, dtype = model.config, model.device, model.dtype
     attempts = (
-        {"config": config, "max_cache_len": max_len, "device": device, "dtype": dtype, "max_batch_size": 1},
+        {
+            "config": config,
+            "max_cache_len": max_len,
+            "device": device,
+            "dtype": dtype,
+            "max_batch_size": batch_size,
+        },
         {"config": config, "max_cache_len": max_len},
-        {"config": config, "max_batch_size": 1, "max_cache_len": max_len, "device": device, "dtype": dtype},
+        {
+            "config": config,
+            "max_batch_size": batch_size,
+            "max_cache_len": max_len,
+            "device": device,
+            "dtype": dtype,
+        },
     )
     errors = []
     for kwargs in attempts:
@@ -53,15 +65,28 @@ def make_static_cache(model: Any, max_len: int):
 
 
 class StaticDecoder:
-    """Greedy batch-1 decoding of an HF causal LM with a static cache; `compile` turns on CUDA graphs."""
+    """Greedy decoding of an HF causal LM with a static cache of `max_len` positions for `batch_size`
+    rows; `compile` compiles the one-token step (CUDA graphs on a GPU with mode "reduce-overhead").
 
-    def __init__(self, model: Any, max_len: int, compile: bool = True, mode: str = "reduce-overhead"):
+    Either `generate` (the whole run, no host sync between tokens) or `prefill` then `step` per token
+    (the benchmarker times each token). One decoder serves many runs: `prefill` resets the cache, and
+    the compiled step is built once, so only the first run pays compilation."""
+
+    def __init__(
+        self,
+        model: Any,
+        max_len: int,
+        compile: bool = True,
+        mode: str = "reduce-overhead",
+        batch_size: int = 1,
+    ):
         import torch
 
         self.model = model
         self.max_len = max_len
         self.device = model.device
-        self.cache = make_static_cache(model, max_len)
+        self.cache = make_static_cache(model, max_len, batch_size)
+        self._position = 0
 
         def step(input_ids, cache_position):
             logits = self.model(
@@ -79,36 +104,54 @@ class StaticDecoder:
         # One position tensor per step, made once: fresh tensors or slices at other storage offsets each
         # step would cost a host-to-device copy or a recompilation.
         self._positions = [torch.tensor([i], device=self.device) for i in range(max_len)]
+        self._all_positions = torch.arange(max_len, device=self.device)
 
-    def _reset(self) -> None:
-        self.cache.reset()
+    # no_grad, not inference_mode: the cache is allocated lazily on the first call, and inference
+    # tensors could not be reset (written in place) afterwards.
+    def prefill(self, prompt_ids: Any) -> Any:
+        """Reset the cache, run the prompt; the first new token [B, 1] (on the model's device)."""
+        import torch
+
+        if prompt_ids.shape[1] >= self.max_len:
+            raise ValueError(
+                f"the prompt ({prompt_ids.shape[1]} tokens) fills the static cache ({self.max_len})"
+            )
+        with torch.no_grad():
+            self.cache.reset()
+            self._position = prompt_ids.shape[1]
+            return self._prefill(prompt_ids.to(self.device), self._all_positions[: self._position])
+
+    def step(self, token: Any) -> Any:
+        """The next token [B, 1] after `token` (the last one returned)."""
+        import torch
+
+        if self._position >= self.max_len:
+            raise ValueError(f"the static cache is full ({self.max_len} positions)")
+        with torch.no_grad():
+            # Clone: a CUDA-graphed output buffer is overwritten by the next replay.
+            out = self._step(token, self._positions[self._position]).clone()
+        self._position += 1
+        return out
 
     def generate(self, prompt_ids, new_tokens: int) -> tuple[list[int], DecodeTiming]:
-        """Greedy tokens and timing. The loop never waits for the GPU between tokens (no host sync):
-        the per-token time is the decode phase's wall time divided by its tokens."""
+        """Greedy tokens of the first row and timing. The loop never waits for the GPU between tokens
+        (no host sync): the per-token time is the decode phase's wall time divided by its tokens."""
         import torch
 
         if prompt_ids.shape[1] + new_tokens > self.max_len:
             raise ValueError("prompt + new tokens exceed the static cache length")
-        # no_grad, not inference_mode: the cache is allocated lazily on the first call, and inference
-        # tensors could not be reset (written in place) afterwards.
-        with torch.no_grad():
-            self._reset()
-            start = prompt_ids.shape[1]
-            positions = torch.arange(self.max_len, device=self.device)
-            out = torch.empty(new_tokens, dtype=torch.long, device=self.device)
-            _sync(self.device)
-            t0 = time.perf_counter()
-            token = self._prefill(prompt_ids, positions[:start])
-            out[0] = token[0, 0]
-            _sync(self.device)
-            t1 = time.perf_counter()
-            for i in range(1, new_tokens):
-                # Clone: a CUDA-graphed output buffer is overwritten by the next replay.
-                token = self._step(token, self._positions[start + i - 1]).clone()
-                out[i] = token[0, 0]
-            _sync(self.device)
-            t2 = time.perf_counter()
+        out = torch.empty(new_tokens, dtype=torch.long, device=self.device)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        token = self.prefill(prompt_ids)
+        out[0] = token[0, 0]
+        _sync(self.device)
+        t1 = time.perf_counter()
+        for i in range(1, new_tokens):
+            token = self.step(token)
+            out[i] = token[0, 0]
+        _sync(self.device)
+        t2 = time.perf_counter()
         steps = new_tokens - 1
         per_token = (t2 - t1) * 1000 / steps if steps else 0.0
         return out.tolist(), DecodeTiming(new_tokens, (t1 - t0) * 1000, [per_token] * steps)

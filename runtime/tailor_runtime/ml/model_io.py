@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tailor_runtime.errors import InvalidArgument, NotFound
+from tailor_runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from tailor_runtime.ml import formats
 
 FORMAT_FILE = "tailor_format.json"
@@ -57,11 +57,21 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def load_causal_lm(folder: Path) -> tuple[Any, Any]:
-    """(model, tokenizer) from a model folder of any loadable format; the model is on CPU in eval mode."""
+def load_causal_lm(folder: Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) from a model folder of any loadable format; the model is in eval mode on
+    `device` ("cpu", or "cuda" for the formats in formats.GPU_FORMATS)."""
     folder = Path(folder)
     fmt = read_format(folder)
-    model = formats.get_loader(fmt["format"])(folder, fmt)
+    loader = formats.get_loader(fmt["format"])
+    if device == "cpu":
+        model = loader(folder, fmt)
+    else:
+        if fmt["format"] not in formats.GPU_FORMATS:
+            raise FailedPrecondition(
+                f"a {fmt['format']!r} model runs on CPU only in Tailor (formats that run on a GPU: "
+                f"{', '.join(sorted(formats.GPU_FORMATS))}); measure it with device 'cpu' or 'auto'"
+            )
+        model = loader(folder, fmt, device=device)
     model.eval()
     return model, load_tokenizer(folder)
 

@@ -18,6 +18,7 @@ compares the two on an H100); the reduction remains for other devices.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -38,10 +39,31 @@ def quantize_weight(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor
         raise ValueError(f"in_features {k} must be a multiple of 2 x group_size ({2 * group_size})")
     w = weight.float().reshape(n, k // group_size, group_size)
     scales = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / QMAX
-    q = torch.clamp(torch.round(w / scales), QMIN, QMAX).to(torch.int16).reshape(n, k) + 8
+    q = torch.clamp(torch.round(w / scales), QMIN, QMAX).reshape(n, k)
+    return pack_values(q), scales.squeeze(-1).to(weight.dtype).contiguous()
+
+
+def pack_values(q: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [N, K/2] of signed 4-bit values q [N, K] in [-8, 7] (any integer or float dtype)."""
+    n, k = q.shape
+    if k % 2:
+        raise ValueError(f"in_features {k} must be even to pack two 4-bit values per byte")
+    if q.numel() and (q.min() < QMIN or q.max() > QMAX):
+        raise ValueError(f"4-bit values must lie in [{QMIN}, {QMAX}], got [{int(q.min())}, {int(q.max())}]")
+    u = q.to(torch.int16) + 8
     half = k // 2
-    packed = (q[:, :half] | (q[:, half:] << 4)).to(torch.uint8)
-    return packed.contiguous(), scales.squeeze(-1).to(weight.dtype).contiguous()
+    return (u[:, :half] | (u[:, half:] << 4)).to(torch.uint8).contiguous()
+
+
+def packable_group_size(in_features: int, group_size: int) -> int:
+    """The group size the packed layout stores a weight quantized with `group_size` (-1: one scale per
+    row) at: the largest power of two dividing both it and K/2, so that no group straddles the two
+    nibble halves and the Triton kernel's tile (a power of two) fits. Scales are repeated to match, so
+    the values are unchanged; 0 when K is odd (nothing fits)."""
+    if in_features % 2:
+        return 0
+    span = math.gcd(in_features if group_size == -1 else group_size, in_features // 2)
+    return span & -span  # the lowest set bit: the largest power of two dividing span
 
 
 def dequantize_weight(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -86,8 +108,11 @@ class PackedInt4Linear(nn.Module):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+        power_of_two = group_size & (group_size - 1) == 0
         if kernel == "auto":
-            kernel = "triton" if int4_gemv.available() else "inductor"
+            kernel = "triton" if int4_gemv.available() and power_of_two else "inductor"
+        if kernel == "triton" and not power_of_two:
+            raise ValueError(f"the triton kernel needs a power-of-two group size, not {group_size}")
         if kernel == "triton":
             int4_gemv.register()  # here, not in forward: torch.compile must not trace the op's definition
         self.kernel = kernel
@@ -97,6 +122,30 @@ class PackedInt4Linear(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+        kernel: str = "auto",
+    ) -> PackedInt4Linear:
+        """The layer for a weight already quantized elsewhere (GPTQ, AWQ, RTN from llm-compressor):
+        signed values q [N, K] in [-8, 7] and scales [N, K/group_size] ([N, 1] or group_size -1: one
+        per row). The weight it stands for, q * scale, is kept exactly (see packable_group_size)."""
+        n, k = q.shape
+        stored = packable_group_size(k, group_size)
+        if not stored:
+            raise ValueError(f"in_features {k} is odd: the packed layout needs an even width")
+        scales = scales.reshape(n, -1)
+        repeat = k // stored // scales.shape[1]
+        if repeat * scales.shape[1] * stored != k:
+            raise ValueError(
+                f"scales {tuple(scales.shape)} do not fit a [{n}, {k}] weight in groups of {group_size}"
+            )
+        return cls(pack_values(q), scales.repeat_interleave(repeat, dim=1).contiguous(), bias, stored, kernel)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 128, kernel: str = "auto") -> PackedInt4Linear:

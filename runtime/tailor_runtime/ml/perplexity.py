@@ -40,19 +40,31 @@ LogitsFn = Callable[[Any], Any]
 
 
 def logits_fn_for(model: Any) -> LogitsFn:
-    """A callable input_ids [B, T] -> float logits [B, T, V] for an HF causal LM or a callable."""
+    """A callable input_ids [B, T] -> float logits [B, T, V] for an HF causal LM or a callable. A model
+    on a GPU gets its ids moved there and gives its logits back on the CPU, where the metrics are
+    computed (float64 sums), so callers never see devices."""
     import torch
 
     if isinstance(model, torch.nn.Module):
+        device = model_device(model)
 
         def run(input_ids: torch.Tensor) -> torch.Tensor:
             with torch.inference_mode():
-                return model(input_ids=input_ids, use_cache=False).logits
+                return model(input_ids=input_ids.to(device), use_cache=False).logits.cpu()
 
         return run
     if callable(model):
         return model
     raise InvalidArgument(f"cannot compute logits with a {type(model).__name__}")
+
+
+def model_device(model: Any) -> Any:
+    """The device a torch model's weights are on (its first parameter's, or buffer's)."""
+    import torch
+
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:

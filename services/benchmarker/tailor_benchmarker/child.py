@@ -9,13 +9,18 @@ atomically; the exit status is 0 only with a result.
 
 Runtimes: an ONNX folder runs in ONNX Runtime, a `gguf` folder in llama.cpp (llama-cpp-python,
 `tailor_runtime.ml.llama_cpp_model`: the folder's tokenizer ids fed to llama.cpp, its context sized for
-this benchmark's longest sequence), every other format in PyTorch.
+this benchmark's longest sequence), every other format in PyTorch. PyTorch formats that run on a GPU
+(formats.GPU_FORMATS) run on the worker's CUDA GPU when it has one (config `device`), where decode timing
+uses a static KV cache and a compiled, CUDA-graphed step (`tailor_runtime.ml.fast_decode`), and a
+4-bit compressed-tensors model runs as packed 4-bit layers with Tailor's Triton GEMV kernel.
 
 Memory: `baseline_rss_mb` is the process after importing torch and transformers (and onnxruntime for
 an ONNX folder, llama_cpp for a gguf one), before the model; `peak_rss_mb` is ru_maxrss, the most the
 process held before it loaded the reference model (with --reference, for agreement, which is measured last);
 `model_memory_mb` counts weight bytes (parameters, buffers, packed int8 weights, 4-bit block scales; for
-ONNX the graph's initializers; for GGUF llama.cpp's tensors). All sizes are MiB (2**20 bytes).
+ONNX the graph's initializers; for GGUF llama.cpp's tensors). On a GPU, `gpu_allocated_after_load_mb` and
+`gpu_peak_allocated_mb` are torch's allocator figures (tensors, CUDA-graph pools included), read at the
+same points. All sizes are MiB (2**20 bytes).
 """
 
 from __future__ import annotations
@@ -82,11 +87,48 @@ def _declared_format(model_dir: Path) -> str | None:
         return None
 
 
+def resolve_device(requested: str, declared: str | None) -> str:
+    """Where a folder of format `declared` is measured ("cpu" or "cuda") when the config's device is
+    `requested` ("auto", "cpu" or "cuda"); FailedPrecondition, saying why, when "cuda" cannot be."""
+    import torch
+
+    from tailor_runtime.errors import FailedPrecondition
+    from tailor_runtime.ml.formats import GPU_FORMATS
+
+    gpu_format = declared in GPU_FORMATS
+    if requested == "cpu" or (requested == "auto" and not (gpu_format and torch.cuda.is_available())):
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise FailedPrecondition(
+            "device 'cuda' was asked for, but this worker has no CUDA GPU (torch.cuda.is_available() is "
+            "False); use device 'auto' or 'cpu', or send the benchmark to a GPU worker"
+        )
+    if not gpu_format:
+        raise FailedPrecondition(
+            f"a {declared!r} model runs on CPU only in Tailor (on a GPU: {', '.join(sorted(GPU_FORMATS))}); "
+            "use device 'auto' or 'cpu'"
+        )
+    return "cuda"
+
+
+def gpu_info() -> dict[str, Any]:
+    """The CUDA device the child measures on."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "name": props.name,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "memory_total_mb": props.total_memory / 2**20,
+        "cuda": torch.version.cuda,
+    }
+
+
 def _load(
-    model_dir: Path, threads: int | None, llama_cpp: dict[str, int] | None = None
+    model_dir: Path, threads: int | None, llama_cpp: dict[str, int] | None = None, device: str = "cpu"
 ) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, info) for any format load_causal_lm reads (ONNX ones run in ONNX Runtime, GGUF in
-    llama.cpp, opened with the context sizes `llama_cpp` gives, see `llama_cpp_sizes`)."""
+    llama.cpp, opened with the context sizes `llama_cpp` gives, see `llama_cpp_sizes`), on `device`."""
     import torch
 
     from tailor_runtime.ml.model_io import load_causal_lm
@@ -96,7 +138,7 @@ def _load(
         torch.set_num_threads(threads)  # ONNX Runtime and llama.cpp take torch's thread count too
     if declared == GGUF_FORMAT:
         return _load_llama_cpp(model_dir, threads, llama_cpp or {})
-    model, tokenizer = load_causal_lm(model_dir)
+    model, tokenizer = load_causal_lm(model_dir, device=device)
     if declared in ONNX_FORMATS:
         info = {
             "format": declared,
@@ -105,7 +147,9 @@ def _load(
         }
         return model, tokenizer, {**info, "weight_bytes": model.weight_bytes()}
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    info = {"format": declared, "runtime": "torch", "dtype": dtype}
+    info = {"format": declared, "runtime": "torch", "dtype": dtype, "device": device}
+    if hasattr(model, "tailor_packed_int4"):  # a compressed-tensors model on a GPU
+        info["packed_int4"] = model.tailor_packed_int4
     return model, tokenizer, {**info, "weight_bytes": torch_weight_bytes(model)}
 
 
@@ -156,18 +200,30 @@ def measure(
     import torch
 
     from tailor_benchmarker.latency import decode_latency
+    from tailor_runtime.errors import InvalidArgument
     from tailor_runtime.ml.perplexity import perplexity
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
+    declared = _declared_format(model_dir)
+    device = resolve_device(cfg.device, declared)
+    on_gpu = device == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
     baseline = current_rss_mb()
-    report(2, "loading", f"loading {model_dir.name}")
-    sizes = (
-        llama_cpp_sizes(model_dir, cfg, choice_file) if _declared_format(model_dir) == GGUF_FORMAT else None
-    )
-    model, tokenizer, info = _load(model_dir, cfg.threads, sizes)
+    report(2, "loading", f"loading {model_dir.name} ({device})")
+    sizes = llama_cpp_sizes(model_dir, cfg, choice_file) if declared == GGUF_FORMAT else None
+    model, tokenizer, info = _load(model_dir, cfg.threads, sizes, device)
     after_load = current_rss_mb()
+    gpu_after_load = torch.cuda.memory_allocated() / 2**20 if on_gpu else None
+    static_cache = on_gpu if cfg.static_cache is None else cfg.static_cache
+    if static_cache and info["runtime"] != "torch":
+        raise InvalidArgument(
+            f"static_cache applies to PyTorch models; this {declared!r} model runs in {info['runtime']}, "
+            "which keeps its own cache: leave static_cache unset"
+        )
+    compile_step = static_cache and (on_gpu if cfg.compile is None else cfg.compile)
 
     report(10, "perplexity", "tokenizing")
     text = eval_file.read_text(encoding="utf-8")
@@ -191,14 +247,17 @@ def measure(
         repetitions=cfg.repetitions,
         batch_sizes=cfg.batch_sizes,
         on_run=lambda done, total: report(50 + 25 * done / total, "latency", f"run {done}/{total}"),
+        static_cache=static_cache,
+        compile=compile_step,
     )
     result: dict[str, Any] = {"perplexity": ppl, "latency": lat}
     result.update(_tasks(model, tokenizer, text, cfg, choice_file))
     # Memory is read before the reference model is loaded: the figures are the measured model's alone.
     peak = peak_rss_mb()
+    gpu_peak = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else None
     if reference_dir is not None:
         report(90, "agreement", f"loading the reference {reference_dir.name}")
-        result["agreement"] = _agreement(model, tokenizer, reference_dir, text, cfg)
+        result["agreement"] = _agreement(model, tokenizer, reference_dir, text, cfg, device)
     threads = {"torch_intra_op": torch.get_num_threads(), "torch_inter_op": torch.get_num_interop_threads()}
     if "llama_cpp_threads" in info:
         threads["llama_cpp"] = info["llama_cpp_threads"]
@@ -210,9 +269,15 @@ def measure(
             "rss_after_load_mb": after_load,
             "peak_rss_mb": peak,
             "peak_rss_over_baseline_mb": peak - baseline,
+            **(
+                {"gpu_allocated_after_load_mb": gpu_after_load, "gpu_peak_allocated_mb": gpu_peak}
+                if on_gpu
+                else {}
+            ),
         },
         **result,
         "threads": threads,
+        "gpu": gpu_info() if on_gpu else None,
     }
 
 
@@ -244,11 +309,15 @@ def _tasks(
     return result
 
 
-def _agreement(model: Any, tokenizer: Any, reference_dir: Path, text: str, cfg: BenchmarkConfig) -> dict:
+def _agreement(
+    model: Any, tokenizer: Any, reference_dir: Path, text: str, cfg: BenchmarkConfig, device: str
+) -> dict:
     from tailor_runtime.ml.agreement import agreement
 
-    # A gguf reference runs in llama.cpp too, opened for the agreement windows.
-    reference, _, ref_info = _load(reference_dir, cfg.threads, {"n_ctx": cfg.context_length})
+    # A gguf reference runs in llama.cpp too, opened for the agreement windows. The reference goes where
+    # the model went when it can (each computes its own logits; both are compared on the CPU).
+    ref_device = resolve_device("auto", _declared_format(reference_dir)) if device == "cuda" else "cpu"
+    reference, _, ref_info = _load(reference_dir, cfg.threads, {"n_ctx": cfg.context_length}, ref_device)
     result = agreement(
         model,
         reference,

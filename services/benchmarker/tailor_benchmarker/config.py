@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
@@ -27,6 +29,22 @@ class BenchmarkConfig(BaseModel):
         (1, 4),
         min_length=1,
         description="Batch sizes of the decode-throughput runs (the same prompt repeated in each row).",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="Where PyTorch formats run: 'auto' (a CUDA GPU when the worker has one, for the formats "
+        "that run on one; CPU otherwise), 'cpu', or 'cuda' (fails when there is no GPU or the format runs "
+        "on CPU only: int8-dynamic, ONNX, GGUF).",
+    )
+    static_cache: bool | None = Field(
+        None,
+        description="Decode timing with a preallocated (static) KV cache; None: on a GPU. Quality metrics "
+        "do not depend on it.",
+    )
+    compile: bool | None = Field(
+        None,
+        description="With a static cache, compile the decode step (torch.compile, CUDA graphs on a GPU); "
+        "None: on a GPU. The first (warm-up) run pays the compilation.",
     )
     agreement_max_tokens: int = Field(
         2048,
@@ -54,6 +72,8 @@ class BenchmarkConfig(BaseModel):
     def _stride_within_context(self) -> BenchmarkConfig:
         if self.stride > self.context_length:
             raise ValueError(f"stride ({self.stride}) must not exceed context_length ({self.context_length})")
+        if self.compile and self.static_cache is False:
+            raise ValueError("compile needs static_cache (a compiled step needs fixed shapes)")
         if any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes must be positive, got {list(self.batch_sizes)}")
         return self

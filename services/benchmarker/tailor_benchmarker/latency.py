@@ -18,6 +18,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tailor_runtime.errors import InvalidArgument
@@ -25,14 +26,18 @@ from tailor_runtime.ml.perplexity import logits_fn_for
 
 
 class _KVCacheDecoder:
-    """Greedy decoding of an HF causal LM with its KV cache: the prefill, then one token per call."""
+    """Greedy decoding of an HF causal LM with its (dynamic) KV cache: the prefill, then one token per
+    call. Each prefill starts a new cache, so one decoder serves many runs."""
 
     def __init__(self, model: Any):
+        from tailor_runtime.ml.perplexity import model_device
+
         self.model = model
+        self.device = model_device(model)
         self.cache = None
 
     def prefill(self, prompt_ids: Any) -> Any:
-        out = self.model(input_ids=prompt_ids, use_cache=True)
+        out = self.model(input_ids=prompt_ids.to(self.device), use_cache=True)
         self.cache = out.past_key_values
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -60,15 +65,27 @@ class _RecomputeDecoder:
         return self.logits_fn(self.ids)[:, -1].argmax(-1, keepdim=True)
 
 
-def greedy_decoder(model: Any) -> _KVCacheDecoder | _RecomputeDecoder:
-    """A fresh greedy decoder: with the KV cache for an HF model, by recomputation for a logits callable."""
+def greedy_decoder(model: Any, static: DecodeOptions | None = None) -> Any:
+    """A greedy decoder: with the KV cache for an HF model (a static one when `static` is given), by
+    recomputation for a logits callable."""
     import torch
 
-    return (
-        _KVCacheDecoder(model)
-        if isinstance(model, torch.nn.Module)
-        else _RecomputeDecoder(logits_fn_for(model))
-    )
+    if not isinstance(model, torch.nn.Module):
+        return _RecomputeDecoder(logits_fn_for(model))
+    if static is None:
+        return _KVCacheDecoder(model)
+    from tailor_runtime.ml.fast_decode import StaticDecoder
+
+    return StaticDecoder(model, static.max_len, compile=static.compile, batch_size=static.batch_size)
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """A static KV cache of `max_len` positions for `batch_size` rows; `compile` the decode step."""
+
+    max_len: int
+    batch_size: int = 1
+    compile: bool = False
 
 
 def _one_run(decoder: Any, prompt_ids: Any, new_tokens: int) -> tuple[float, list[float], list[int]]:
@@ -113,15 +130,25 @@ def _ms_stats(seconds: list[float]) -> dict[str, float]:
 
 
 def _timed_runs(
-    model: Any, prompt_ids: Any, new_tokens: int, warmup: int, repetitions: int, on_run: Callable[[], None]
+    model: Any,
+    prompt_ids: Any,
+    new_tokens: int,
+    warmup: int,
+    repetitions: int,
+    on_run: Callable[[], None],
+    static: DecodeOptions | None = None,
 ) -> dict[str, list]:
-    """Seconds of every timed run (warm-up runs discarded) and the last run's tokens."""
+    """Seconds of every timed run (warm-up runs discarded) and the last run's tokens. One decoder serves
+    every run of a batch size (a compiled static-cache step is compiled once, in the warm-up)."""
     import torch
 
     runs: dict[str, list] = {"ttft": [], "steps": [], "totals": [], "decode_rates": [], "generated": []}
-    with torch.inference_mode():
+    static = None if static is None else replace(static, batch_size=prompt_ids.shape[0])
+    decoder = greedy_decoder(model, static)
+    # A static cache is written in place after its first use, which inference tensors forbid.
+    with torch.inference_mode(static is None):
         for run in range(warmup + repetitions):
-            ttft, run_steps, generated = _one_run(greedy_decoder(model), prompt_ids, new_tokens)
+            ttft, run_steps, generated = _one_run(decoder, prompt_ids, new_tokens)
             on_run()
             if run < warmup:
                 continue
@@ -142,12 +169,15 @@ def decode_latency(
     repetitions: int = 3,
     on_run: Callable[[int, int], None] | None = None,
     batch_sizes: Sequence[int] = (1,),
+    static_cache: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Greedy-decoding latency of `model` (HF causal LM, or a logits callable without KV cache).
 
     The latency figures are those of batch 1. `throughput` holds, per batch size, the decode rate of
     `b` copies of the prompt decoded together (tokens of all rows per second). `on_run(done, total)`
-    is called after each run, warmup included (progress reporting).
+    is called after each run, warmup included (progress reporting). `static_cache` decodes an HF model
+    with a preallocated cache of exactly prompt + new_tokens positions, `compile` compiles its step.
     """
     import torch
 
@@ -169,6 +199,14 @@ def decode_latency(
             f"model's context of {limit} tokens"
         )
 
+    if compile and not static_cache:
+        raise InvalidArgument("compile needs static_cache (a compiled step needs fixed shapes)")
+    is_module = isinstance(model, torch.nn.Module)
+    static = (
+        DecodeOptions(prompt_ids.shape[1] + new_tokens, compile=compile)
+        if static_cache and is_module
+        else None
+    )
     sizes = sorted({1, *batch_sizes})
     done = [0]
     total_runs = (warmup + repetitions) * len(sizes)
@@ -178,8 +216,10 @@ def decode_latency(
         if on_run is not None:
             on_run(done[0], total_runs)
 
-    by_batch = {b: _timed_runs(model, prompt_ids.repeat(b, 1), new_tokens, warmup, repetitions, count_run)
-                for b in sizes}  # fmt: skip
+    by_batch = {
+        b: _timed_runs(model, prompt_ids.repeat(b, 1), new_tokens, warmup, repetitions, count_run, static)
+        for b in sizes
+    }
     one = by_batch[1]
     per_token = _ms_stats(one["steps"])
     return {
@@ -187,7 +227,8 @@ def decode_latency(
         "new_tokens": new_tokens,
         "warmup": warmup,
         "repetitions": repetitions,
-        "kv_cache": isinstance(model, torch.nn.Module),
+        "kv_cache": "static" if static else "dynamic" if is_module else False,
+        "compiled": bool(static and static.compile),
         "ttft_ms": _ms_stats(one["ttft"]),
         # Inter-token latency: every decode step after the first token, of every timed run.
         "per_token_ms": per_token,

@@ -39,6 +39,8 @@ _VERSIONED = (
     "llama-cpp-python",
     "tokenizers",
     "bitsandbytes",
+    "compressed-tensors",
+    "triton",
     "numpy",
 )
 
@@ -86,7 +88,7 @@ def run_benchmark(
     result["size_on_disk_mb"] = folder_size_bytes(model_dir) / 2**20
     result["wall_s"] = time.monotonic() - started
     result["config"] = cfg.model_dump()
-    result["environment"] = environment(result.get("threads", {}))
+    result["environment"] = environment(result.get("threads", {}), result.get("gpu"))
     progress(100.0, "done", f"perplexity {result['perplexity']['perplexity']:.3f}")
     return result
 
@@ -185,8 +187,9 @@ def _tail(path: Path) -> str:
     return " | ".join(deque(lines, maxlen=STDERR_TAIL_LINES))
 
 
-def environment(child_threads: dict[str, Any]) -> dict[str, Any]:
-    """The machine and software a result was measured with, so every figure is labelled."""
+def environment(child_threads: dict[str, Any], gpu: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The machine and software a result was measured with, so every figure is labelled (`gpu`: the
+    CUDA device the child measured on, None on CPU)."""
     versions = {}
     for name in _VERSIONED:
         try:
@@ -198,6 +201,7 @@ def environment(child_threads: dict[str, Any]) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),  # what a container or taskset actually allows
         "memory_total_mb": memory_gb() * 1024,
+        "gpu": gpu,
         "threads": child_threads,
         "hostname": socket.gethostname(),
         "platform": platform.platform(),

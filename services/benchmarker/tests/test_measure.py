@@ -110,6 +110,35 @@ def test_kv_cache_decoding_matches_full_recompute(lm):
     assert cached["tokens_per_s"] > 0 and cached["ttft_ms"]["median"] > 0
 
 
+def test_static_cache_decoding_matches_the_dynamic_cache(lm):
+    """The GPU decode path (static KV cache; compiled there) runs on CPU too: same greedy tokens, at
+    batch 1 and batch 2, one decoder reused over the warm-up and timed runs."""
+    model, tokenizer = lm
+    dynamic = decode_latency(model, tokenizer, new_tokens=10, warmup=0, repetitions=1)
+    static = decode_latency(
+        model, tokenizer, new_tokens=10, warmup=1, repetitions=2, batch_sizes=(1, 2), static_cache=True
+    )
+    assert static["sample"] == dynamic["sample"]
+    assert (static["kv_cache"], dynamic["kv_cache"], static["compiled"]) == ("static", "dynamic", False)
+    assert static["throughput"]["2"]["tokens_per_s"] > 0
+    with pytest.raises(InvalidArgument, match="compile needs static_cache"):
+        decode_latency(model, tokenizer, new_tokens=4, compile=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a worker without a GPU")
+def test_cuda_without_a_gpu_or_for_a_cpu_format_is_refused_with_the_reason():
+    from tailor_benchmarker.child import resolve_device
+
+    assert resolve_device("auto", "hf-safetensors") == "cpu"  # no GPU here: auto stays on CPU
+    assert resolve_device("auto", "onnx") == resolve_device("cpu", "hf-safetensors") == "cpu"
+    with pytest.raises(FailedPrecondition, match="no CUDA GPU.*use device 'auto' or 'cpu'"):
+        resolve_device("cuda", "hf-safetensors")
+    with pytest.raises(ValueError, match="compile needs static_cache"):
+        BenchmarkConfig(static_cache=False, compile=True)
+    with pytest.raises(ValueError, match="device"):
+        BenchmarkConfig(device="tpu")
+
+
 def test_config_is_strict():
     with pytest.raises(ValueError, match="stride"):
         BenchmarkConfig(context_length=64, stride=128)

@@ -213,3 +213,44 @@ def test_auto_mixed_precision_beats_uniform_of_at_least_its_size(tmp_path, calib
 def test_auto_refuses_a_budget_below_its_smallest_width(tmp_path, calibration):
     with pytest.raises(InvalidArgument, match=r"max_size_fraction 0.1 is below .*\(4 bits.*0\.279"):
         quantize("auto", {"group_size": -1, "max_size_fraction": 0.1}, tmp_path / "out", calibration)
+
+
+@pytest.mark.parametrize("label", ["rtn_g4", "gptq_g4", "rtn_channel", "awq_channel"])
+def test_four_bit_outputs_run_as_packed_int4_layers_with_the_same_logits(runs, label, eval_text):
+    """What a GPU benchmark does with a 4-bit output (formats.compressed_tensors.to_packed_int4): the
+    layers of Tailor's Triton GEMV kernel, holding exactly the stored values. Checked here on CPU against
+    the model transformers decompresses, for the prefill (dequantized matmul) and the one-row product."""
+    import torch
+
+    from tailor_runtime.ml.formats.compressed_tensors import to_packed_int4
+    from tailor_runtime.ml.packed_int4 import PackedInt4Linear
+
+    folder = runs[label][0]
+    reference, tokenizer = load_causal_lm(folder)
+    packed, _ = load_causal_lm(folder)
+    assert to_packed_int4(packed) == {"packed_layers": 35}
+    assert sum(isinstance(m, PackedInt4Linear) for m in packed.modules()) == 35
+    assert not hasattr(packed, "ct_decompress_hook")
+    ids = torch.tensor([tokenizer(eval_text[:400])["input_ids"][:48]])
+    with torch.no_grad():
+        for window in (ids, ids[:, :1]):
+            expected = reference(window).logits
+            assert torch.allclose(packed(window).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_other_compressed_schemes_are_left_as_they_are_with_the_reason(runs):
+    from tailor_runtime.ml.formats.compressed_tensors import packed_int4_refusal, to_packed_int4
+
+    model, _ = load_causal_lm(runs["gptq3_g4"][0])
+    result = to_packed_int4(model)
+    assert result["packed_layers"] == 0 and "3-bit int, not 4-bit int" in result["not_packed"]
+    assert hasattr(model, "ct_decompress_hook")  # untouched: transformers still decompresses it
+
+    def config(**weights):
+        base = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "actorder": None}
+        return {"config_groups": {"group_0": {"weights": {**base, **weights}}}}
+
+    assert packed_int4_refusal(config()) == ""
+    assert "zero points" in packed_int4_refusal(config(symmetric=False))
+    assert "actorder 'group'" in packed_int4_refusal(config(actorder="group"))
+    assert "4-bit int" in packed_int4_refusal(config(type="float", num_bits=8))

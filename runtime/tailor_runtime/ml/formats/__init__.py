@@ -1,7 +1,7 @@
 """Registry of model folder formats: the name stored in `tailor_format.json` -> the module that loads it.
 
 Each loader module exposes `load(folder: Path, fmt: dict) -> torch.nn.Module` returning a CPU model in
-eval mode. Modules are imported only when a folder of that format is loaded, so importing this package
+eval mode; the loaders of GPU_FORMATS also take `device=` ("cuda", "cuda:1") and return the model there. Modules are imported only when a folder of that format is loaded, so importing this package
 never pulls torch or bitsandbytes.
 """
 
@@ -41,6 +41,10 @@ _LOADERS: dict[str, str] = {
     ORT: "tailor_runtime.ml.formats.onnx",
     TRITON_REPOSITORY: "tailor_runtime.ml.formats.onnx",
 }
+
+# Formats PyTorch runs on a CUDA GPU here. The others run on CPU only: int8-dynamic's torch.ao kernels
+# are CPU kernels, and the ONNX Runtime and llama.cpp builds Tailor installs are their CPU builds.
+GPU_FORMATS: frozenset[str] = frozenset({HF_SAFETENSORS, COMPRESSED_TENSORS, BNB_NF4, BNB_FP4, BNB_INT8})
 
 # On-device programs (tailor_exporter.mobile_export): published and verified, but run by their own
 # runtimes on phones, not loaded back into Tailor.

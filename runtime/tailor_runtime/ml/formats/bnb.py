@@ -21,7 +21,7 @@ def availability() -> tuple[bool, str]:
     return importable("bitsandbytes")
 
 
-def load(folder: Path, fmt: dict[str, Any]) -> Any:
+def load(folder: Path, fmt: dict[str, Any], device: str = "cpu") -> Any:
     from transformers import AutoModelForCausalLM
 
     from tailor_runtime.errors import FailedPrecondition
@@ -29,10 +29,12 @@ def load(folder: Path, fmt: dict[str, Any]) -> Any:
     ok, why = availability()
     if not ok:
         raise FailedPrecondition(f"cannot load the {fmt['format']} model in {folder}: {why}")
+    # bitsandbytes layers are placed by from_pretrained (a loaded 4-bit model refuses .to()).
     model = AutoModelForCausalLM.from_pretrained(
-        folder, device_map="cpu", use_safetensors=True, local_files_only=True
+        folder, device_map=device, use_safetensors=True, local_files_only=True
     )
-    disable_cpu_repacking(model)
+    if device == "cpu":
+        disable_cpu_repacking(model)
     return model.eval()
 
 

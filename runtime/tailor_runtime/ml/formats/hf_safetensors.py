@@ -18,7 +18,7 @@ def torch_dtype(name: str):
     return dtypes[name]
 
 
-def load(folder: Path, fmt: dict[str, Any]):
+def load(folder: Path, fmt: dict[str, Any], device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
@@ -26,6 +26,6 @@ def load(folder: Path, fmt: dict[str, Any]):
         dtype=torch_dtype(fmt.get("dtype", "float32")),
         use_safetensors=True,  # never fall back to pickled *.bin weights
         local_files_only=True,
-        device_map=None,
+        device_map=None if device == "cpu" else device,
     )
     return model.eval()
