@@ -4,30 +4,36 @@
 # liger-kernel, torchao, pydantic, ...; .whl/data/alpaca_5000.json for the trainer bench):
 #   bash bench/gpu_session.sh tests decode     # gpu-marked tests, then bench/gpu_decode.py
 #   bash bench/gpu_session.sh train            # bench/trainer_speed_gpu.py (LoRA and QLoRA)
+#   bash bench/gpu_session.sh benchmarker      # bench/benchmarker_gpu.py (the Benchmark RPC's own GPU path)
+# GPU_TESTS overrides the test files; BENCH_ONLY the benchmarker's artifacts (bf16,rtn,nf4).
 # Results go to $OUT (the device tool brings them back).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install --no-index --no-deps -q --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD/gen:$PWD/runtime:$PWD/services/trainer:$PWD/services/quantizer
+export PYTHONPATH=/tmp/site:$PWD/gen:$PWD/runtime:$PWD/services/trainer:$PWD/services/quantizer:$PWD/services/benchmarker
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 for part in "$@"; do
   case "$part" in
     tests)
       python3 -m pytest -m gpu -q -s -p no:cacheprovider --noconftest \
-        tests/unit/test_packed_int4.py services/trainer/tests/test_gpu_training.py \
-        ${GPU_TESTS_EXTRA:-services/quantizer/tests/test_gpu_methods.py} > "$OUT/pytest_gpu.txt" 2>&1
+        ${GPU_TESTS:-tests/unit/test_packed_int4.py services/trainer/tests/test_gpu_training.py \
+        services/quantizer/tests/test_gpu_methods.py services/benchmarker/tests/test_gpu_measure.py} > "$OUT/pytest_gpu.txt" 2>&1
       grep -E "passed|failed|^FAILED|^E " "$OUT/pytest_gpu.txt" | head -30
       ;;
     decode)
       python3 bench/gpu_decode.py --skip hf,static_int4_tinygemm,static_int4_gemlite,static_int4_packed \
         --out "$OUT/gpu_decode.json" 2>&1 | grep -v Warning | tail -30
       ;;
+    benchmarker)
+      python3 bench/benchmarker_gpu.py --out "$OUT/benchmarker_gpu.json" ${BENCH_ONLY:+--only $BENCH_ONLY} 2>&1 \
+        | grep -v Warning | tail -30
+      ;;
     train)
       TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps 20 --warmup 3 --rows "${ROWS:-3}" --trace-memory \
         --out "$OUT/trainer_speed.json" 2>&1 | tail -20
       ;;
-    *) echo "unknown part $part (tests, decode, train)"; exit 2 ;;
+    *) echo "unknown part $part (tests, decode, benchmarker, train)"; exit 2 ;;
   esac
 done

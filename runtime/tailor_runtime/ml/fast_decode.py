@@ -101,6 +101,10 @@ class StaticDecoder:
 
         self._prefill = step
         self._step = torch.compile(step, mode=mode, fullgraph=True) if compile else step
+        self._eager_step = step
+        # Why compiling the step failed (a layer torch.compile cannot trace, e.g. some quantized kernels);
+        # the decoder then runs the step eagerly, and says so.
+        self.compile_error: str | None = None
         # One position tensor per step, made once: fresh tensors or slices at other storage offsets each
         # step would cost a host-to-device copy or a recompilation.
         self._positions = [torch.tensor([i], device=self.device) for i in range(max_len)]
@@ -127,11 +131,24 @@ class StaticDecoder:
 
         if self._position >= self.max_len:
             raise ValueError(f"the static cache is full ({self.max_len} positions)")
+        position = self._positions[self._position]
         with torch.no_grad():
-            # Clone: a CUDA-graphed output buffer is overwritten by the next replay.
-            out = self._step(token, self._positions[self._position]).clone()
+            try:
+                # Clone: a CUDA-graphed output buffer is overwritten by the next replay.
+                out = self._step(token, position).clone()
+            except Exception as exc:  # compilation fails on the first call, before the cache is written
+                if self._step is self._eager_step:
+                    raise
+                self.compile_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+                self._step = self._eager_step
+                out = self._step(token, position).clone()
         self._position += 1
         return out
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the step runs compiled (False when it was not asked for, or compiling failed)."""
+        return self._step is not self._eager_step
 
     def generate(self, prompt_ids, new_tokens: int) -> tuple[list[int], DecodeTiming]:
         """Greedy tokens of the first row and timing. The loop never waits for the GPU between tokens

@@ -137,12 +137,12 @@ def _timed_runs(
     repetitions: int,
     on_run: Callable[[], None],
     static: DecodeOptions | None = None,
-) -> dict[str, list]:
+) -> dict[str, Any]:
     """Seconds of every timed run (warm-up runs discarded) and the last run's tokens. One decoder serves
     every run of a batch size (a compiled static-cache step is compiled once, in the warm-up)."""
     import torch
 
-    runs: dict[str, list] = {"ttft": [], "steps": [], "totals": [], "decode_rates": [], "generated": []}
+    runs: dict[str, Any] = {"ttft": [], "steps": [], "totals": [], "decode_rates": [], "generated": []}
     static = None if static is None else replace(static, batch_size=prompt_ids.shape[0])
     decoder = greedy_decoder(model, static)
     # A static cache is written in place after its first use, which inference tensors forbid.
@@ -157,6 +157,8 @@ def _timed_runs(
             runs["totals"].append(ttft + sum(run_steps))
             runs["decode_rates"].append(len(run_steps) / sum(run_steps))
             runs["generated"] = generated
+    runs["compiled"] = getattr(decoder, "compiled", False)
+    runs["compile_error"] = getattr(decoder, "compile_error", None)
     return runs
 
 
@@ -228,7 +230,9 @@ def decode_latency(
         "warmup": warmup,
         "repetitions": repetitions,
         "kv_cache": "static" if static else "dynamic" if is_module else False,
-        "compiled": bool(static and static.compile),
+        # Compiled where it was asked for and torch.compile could (per batch size; why not otherwise).
+        "compiled": one["compiled"],
+        **({"compile_error": one["compile_error"]} if one["compile_error"] else {}),
         "ttft_ms": _ms_stats(one["ttft"]),
         # Inter-token latency: every decode step after the first token, of every timed run.
         "per_token_ms": per_token,
@@ -244,6 +248,7 @@ def decode_latency(
                 "tokens_per_s": b * statistics.median(runs["decode_rates"]),
                 "ms_per_step": _ms_stats(runs["steps"])["median"],
                 "ttft_ms": _ms_stats(runs["ttft"])["median"],
+                "compiled": runs["compiled"],
             }
             for b, runs in by_batch.items()
         },

@@ -32,7 +32,10 @@ def load(folder: Path, fmt: dict[str, Any], device: str = "cpu") -> Any:
     ok, why = availability()
     if not ok:
         raise FailedPrecondition(f"cannot load the compressed-tensors model in {folder}: {why}")
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+    # dtype "auto": the stored float parts (embeddings, head, norms, scales) keep the dtype they were saved in.
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype="auto", use_safetensors=True, local_files_only=True
+    )
     if device != "cpu":
         model.tailor_packed_int4 = to_packed_int4(model)
         model.to(device)
