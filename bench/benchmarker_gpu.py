@@ -52,9 +52,9 @@ def quantize(method: str, config: dict, model_dir: Path, out: Path, device: str)
 
 def main() -> int:
     import torch
-
     from gpu_decode import copy_bandwidth
     from quantize_7b_gpu import LLAMA2_7B, build_model
+
     from tailor_benchmarker.config import BenchmarkConfig
     from tailor_benchmarker.run import run_benchmark
 
