@@ -121,6 +121,8 @@ def test_static_cache_decoding_matches_the_dynamic_cache(lm):
     assert static["sample"] == dynamic["sample"]
     assert (static["kv_cache"], dynamic["kv_cache"], static["compiled"]) == ("static", "dynamic", False)
     assert static["throughput"]["2"]["tokens_per_s"] > 0
+    assert static["pipelined_tokens_per_s"] > 0 and static["throughput"]["2"]["pipelined_tokens_per_s"] > 0
+    assert "pipelined_tokens_per_s" not in dynamic
     with pytest.raises(InvalidArgument, match="compile needs static_cache"):
         decode_latency(model, tokenizer, new_tokens=4, compile=True)
 
