@@ -58,6 +58,7 @@ def main() -> int:
 
     from tailor_benchmarker.config import BenchmarkConfig
     from tailor_benchmarker.run import run_benchmark
+    from tailor_runtime.roofline import decode_estimate, get_profile
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,6 +131,9 @@ def main() -> int:
             "benchmark_wall_s": time.perf_counter() - t0,
             "gpu": result["environment"].get("gpu"),
         }
+        # The roofline estimator's figure for an H100 (what a selector shows for that target), against
+        # what this machine measured: the estimator is an upper bound.
+        row["roofline_h100_tokens_per_s"] = decode_estimate(get_profile("h100"), weight_bytes)["tokens_per_s"]
         rows.append(row)
         write(args.out, rows, bandwidth, cfg, args.small)  # after each row: a time-out keeps what was done
         print(json.dumps({k: row[k] for k in ("artifact", "tokens_per_s", "pipelined_tokens_per_s", "compiled")}),
