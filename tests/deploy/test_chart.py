@@ -153,6 +153,23 @@ def test_gpu_pools_request_gpus_and_tolerate_the_gpu_taint(helm, values):
 
 
 @value_sets
+def test_gpu_pods_get_a_memory_backed_dev_shm_and_cpu_pods_none(helm, values):
+    """NCCL between the data-parallel ranks of a trainer pod needs more /dev/shm than a container's default."""
+    for obj in rendered(values):
+        if obj["kind"] != "Deployment" or _component(obj) not in TAILOR_SERVICES:
+            continue
+        spec = obj["spec"]["template"]["spec"]
+        container = spec["containers"][0]
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        name = obj["metadata"]["name"]
+        if container["resources"].get("limits", {}).get(GPU):
+            assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}, name
+        else:
+            assert "/dev/shm" not in mounts, f"{name}: a CPU pod needs no memory-backed /dev/shm"
+
+
+@value_sets
 def test_services_select_every_pool_of_their_component_on_the_same_ports(helm, values):
     objects = rendered(values)
     workloads = _kind(objects, "Deployment") + _kind(objects, "StatefulSet")
@@ -315,6 +332,7 @@ BAD_VALUES = [
         "gpuNodes.tolerations[0].effect=Sometimes",
         "gpuNodes.tolerations.0.effect must be one of the following",
     ),
+    ("gpuNodes.shmSizeLimit=lots", "gpuNodes.shmSizeLimit: Does not match pattern"),
     (
         "gateway.replicaCount=2",
         "the durable state is one SQLite file with one writer; set gateway.replicaCount=1",
