@@ -134,8 +134,11 @@ def estimate_for_target(profile: HardwareProfile, metrics: dict[str, float]) -> 
     ms = float(est["ms_per_token"])
     median, p95 = metrics.get("latency_ms_per_token"), metrics.get("latency_p95_ms")
     spread = p95 / median if median and p95 and median > 0 else 1.0
-    if profile.kind == "cpu" and metrics.get("peak_memory_mb"):
-        memory_mb = metrics["peak_memory_mb"]
+    # A CPU target runs the same software stack: the process's peak RSS measured here applies (a model
+    # measured on a GPU reports that too, as peak_rss_mb).
+    rss_mb = metrics.get("peak_rss_mb") or metrics.get("peak_memory_mb")
+    if profile.kind == "cpu" and rss_mb:
+        memory_mb = rss_mb
     else:
         memory_mb = weight_mb * (1 + ACCELERATOR_MEMORY_MARGIN)
     return {

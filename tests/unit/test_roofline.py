@@ -53,6 +53,9 @@ def test_target_estimate_uses_measured_memory_on_cpus_and_weights_on_gpus():
     t4 = estimate_for_target(get_profile("t4"), {"model_memory_mb": 20_000.0})
     assert t4["est_memory_mb"] == pytest.approx(24_000.0) and t4["est_fits"] == 0.0
     assert estimate_for_target(get_profile("t4"), metrics)["est_tokens_per_s"] > pi["est_tokens_per_s"]
+    # Measured on a GPU: peak_memory_mb is GPU memory there; a CPU target takes the process's RSS.
+    measured_on_gpu = {**metrics, "peak_memory_mb": 1100.0, "peak_rss_mb": 2500.0}
+    assert estimate_for_target(get_profile("raspberry-pi-5"), measured_on_gpu)["est_memory_mb"] == 2500.0
 
 
 def test_roofline_module_imports_no_torch():

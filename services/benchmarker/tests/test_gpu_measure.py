@@ -69,6 +69,11 @@ def test_the_gpu_gives_the_cpu_numbers_with_a_compiled_static_cache(cpu_result):
     assert gpu["agreement"]["top1_agreement"] > 0.99  # against itself, run on the GPU too
     assert gpu["memory"]["gpu_peak_allocated_mb"] >= gpu["memory"]["gpu_allocated_after_load_mb"] > 0
     assert gpu["gpu"]["name"] and gpu["gpu"]["compute_capability"]
+    from tailor_benchmarker.metrics import headline_metrics
+
+    headline = headline_metrics({**gpu, "size_on_disk_mb": 1.0})
+    assert headline["device"] == "cuda" and headline["tokens_per_s_pipelined"] > 0
+    assert headline["peak_memory_mb"] == gpu["memory"]["gpu_peak_allocated_mb"]
     print("stories260K fp32 on", gpu["gpu"]["name"], latency["tokens_per_s"], "tokens/s")
 
 

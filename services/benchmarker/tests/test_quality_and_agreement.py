@@ -128,5 +128,7 @@ def test_child_measures_agreement_and_tasks_and_headlines_them():
     assert 0 <= metrics["choice_accuracy"] <= 1 and result["multiple_choice"]["examples"] == 4
     assert {"exact_match", "bleu", "rouge_l", "ttft_ms", "latency_p95_ms", "latency_p99_ms"} <= set(metrics)
     assert metrics["tokens_per_s_batch_2"] > 0
+    assert metrics["device"] == "cpu" and metrics["peak_memory_mb"] == metrics["peak_rss_mb"] > 0
+    assert "tokens_per_s_pipelined" not in metrics  # a dynamic cache on CPU: no second, unwaited decode
     # The memory figures are the model's alone: read before the reference was loaded.
     assert result["memory"]["peak_rss_mb"] > 0
