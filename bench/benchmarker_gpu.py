@@ -122,7 +122,7 @@ def main() -> int:
             "throughput": lat["throughput"],
             "compiled": lat["compiled"],
             "compile_error": lat.get("compile_error"),
-            "kv_cache": lat["kv_cache"],
+            "kv_cache": lat["kv_cache_kind"],
             "weight_gb": weight_bytes / 1e9,
             "size_on_disk_gb": result["size_on_disk_mb"] * 2**20 / 1e9,
             "gpu_peak_allocated_gb": result["memory"].get("gpu_peak_allocated_mb", 0) * 2**20 / 1e9,

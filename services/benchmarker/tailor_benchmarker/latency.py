@@ -248,7 +248,8 @@ def decode_latency(
         "new_tokens": new_tokens,
         "warmup": warmup,
         "repetitions": repetitions,
-        "kv_cache": "static" if static else "dynamic" if is_module else False,
+        "kv_cache": is_module,
+        "kv_cache_kind": "static" if static else "dynamic" if is_module else None,
         # Compiled where it was asked for and torch.compile could (per batch size; why not otherwise).
         "compiled": one["compiled"],
         **({"compile_error": one["compile_error"]} if one["compile_error"] else {}),

@@ -63,7 +63,7 @@ def test_the_gpu_gives_the_cpu_numbers_with_a_compiled_static_cache(cpu_result):
     assert gpu["model"]["device"] == "cuda" and cpu_result["model"]["device"] == "cpu"
     assert gpu["perplexity"]["perplexity"] == pytest.approx(cpu_result["perplexity"]["perplexity"], rel=1e-3)
     latency = gpu["latency"]
-    assert latency["kv_cache"] == "static" and latency["compiled"], latency.get("compile_error")
+    assert latency["kv_cache_kind"] == "static" and latency["compiled"], latency.get("compile_error")
     assert latency["sample"] == cpu_result["latency"]["sample"]
     assert latency["throughput"]["2"]["tokens_per_s"] > 0 and latency["pipelined_tokens_per_s"] > 0
     assert gpu["agreement"]["top1_agreement"] > 0.99  # against itself, run on the GPU too
@@ -90,7 +90,7 @@ def test_a_4bit_gptq_model_runs_as_packed_int4_layers_with_the_cpu_perplexity(tm
 def test_bitsandbytes_nf4_is_measured_on_the_gpu(tmp_path):
     folder = _quantize("nf4", {}, tmp_path / "nf4")
     gpu = measure(folder, EVAL, BenchmarkConfig(**SMALL, device="cuda"))
-    assert gpu["model"]["device"] == "cuda" and gpu["latency"]["kv_cache"] == "static"
+    assert gpu["model"]["device"] == "cuda" and gpu["latency"]["kv_cache_kind"] == "static"
     assert 2.5 < gpu["perplexity"]["perplexity"] < 10
     # Compiled where torch.compile can capture bitsandbytes' layers; the report says which.
     print("nf4 compiled:", gpu["latency"]["compiled"], gpu["latency"].get("compile_error"))

@@ -119,7 +119,11 @@ def test_static_cache_decoding_matches_the_dynamic_cache(lm):
         model, tokenizer, new_tokens=10, warmup=1, repetitions=2, batch_sizes=(1, 2), static_cache=True
     )
     assert static["sample"] == dynamic["sample"]
-    assert (static["kv_cache"], dynamic["kv_cache"], static["compiled"]) == ("static", "dynamic", False)
+    assert (static["kv_cache_kind"], dynamic["kv_cache_kind"], static["compiled"]) == (
+        "static",
+        "dynamic",
+        False,
+    )
     assert static["throughput"]["2"]["tokens_per_s"] > 0
     assert static["pipelined_tokens_per_s"] > 0 and static["throughput"]["2"]["pipelined_tokens_per_s"] > 0
     assert "pipelined_tokens_per_s" not in dynamic
