@@ -51,6 +51,10 @@ def extra_rows(uniform_fraction) -> list[tuple[str, str, dict]]:
         ("awq 4-bit channel (symmetric)", "awq", {"group_size": -1, "symmetric": True}),
         ("gptq 3-bit g4", "gptq", {"bits": 3, "group_size": 4}),
         ("rtn 8-bit channel", "rtn", {"bits": 8, "group_size": -1}),
+        ("gptq 8-bit channel", "gptq", {"bits": 8, "group_size": -1}),
+        ("nf4 without double quantization", "nf4", {"double_quant": False}),
+        ("int8_static entropy", "int8_static", {"calibrator": "entropy"}),
+        ("int8_static percentile 99.999", "int8_static", {"calibrator": "percentile"}),
         (
             "auto rtn {3,4,5,6,8} per layer, budget = uniform 5-bit",
             "auto",
