@@ -139,3 +139,17 @@ def test_out_of_memory_is_recognised_from_a_real_allocation_failure():
         torch.empty(1 << 62, dtype=torch.uint8)  # a real allocator refusal, not a fabricated exception
     assert is_out_of_memory(err.value)
     assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_a_gpu_only_method_on_this_worker_is_refused_with_the_reason(worker):
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this worker has an FP8 GPU: fp8 runs here")
+    stub = pb_grpc.QuantizerServiceStub(worker["channel"])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Quantize(pb.QuantizeRequest(model=common.ArtifactRef(id=worker["model"]), method="fp8"))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "method 'fp8' cannot run on this worker" in err.value.details()
+    assert "compute capability 8.9" in err.value.details()
+    assert health_status(worker["address"]) == "SERVING"
