@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.threads import torch_threads
 
 from tailor_runtime.errors import Cancelled, InvalidArgument
 from tailor_runtime.ml.text import read_stories
@@ -47,12 +48,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # see support.threads
+        yield
 
 
 @pytest.fixture(scope="module")

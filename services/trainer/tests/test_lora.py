@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from support.threads import torch_threads
 
 from tailor_runtime.errors import Cancelled, InvalidArgument
 from tailor_runtime.ml.model_io import load_causal_lm, read_format
@@ -28,14 +29,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """A 260K-parameter model gains nothing from intra-op threads, and on a busy shared machine OpenMP's
-    spin-waiting made these tests 4x slower (80 s instead of 20 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # see support.threads
+        yield
 
 
 class Recorder:

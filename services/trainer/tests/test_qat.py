@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.threads import torch_threads
 
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.ml.model_io import load_causal_lm
@@ -26,10 +27,8 @@ CFG = QatTrainConfig(steps=60, learning_rate=3e-4, batch_size=8, seq_len=128)
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # see support.threads
+        yield
 
 
 def _ppl(model, tok) -> float:
