@@ -65,49 +65,33 @@ class GateSettings:
         }
 
 
-def _on_device(model: Any, device: str):
-    """A logits callable running `model` on `device` (inputs and logits cross over as needed)."""
-    import torch
-
-    from tailor_runtime.ml.perplexity import logits_fn_for
-
+def _place_on(model: Any, device: str) -> None:
+    """Move `model` to `device` where it runs there; models that only run on CPU (torch.ao dynamic int8)
+    stay there whatever the worker has."""
     if device == "cpu":
-        return logits_fn_for(model)
-
-    def run(input_ids: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(input_ids=input_ids.to(device), use_cache=False).logits.float().cpu()
-
-    return run
-
-
-def _device_for(model: Any, device: str) -> str:
-    """Models that only run on CPU (torch.ao dynamic int8) stay there whatever the worker has."""
-    if device == "cpu":
-        return "cpu"
-    params = list(model.parameters())
-    if params and params[0].device.type == "cuda":
-        return "cuda"
+        return
     try:
         model.to(device)
     except (RuntimeError, ValueError, NotImplementedError):
-        return "cpu"
-    return device
+        pass
 
 
 def measure(parent_dir: Path, child_dir: Path, text: str, eval_tokens: int, device: str = "cpu") -> dict:
     """Perplexity of parent and child on `text`, the increase, top-1 agreement and KL."""
     from tailor_runtime.ml.agreement import agreement
     from tailor_runtime.ml.model_io import load_causal_lm
-    from tailor_runtime.ml.perplexity import perplexity
+    from tailor_runtime.ml.perplexity import logits_fn_for, perplexity
 
     parent, tokenizer = load_causal_lm(parent_dir)
     child, _ = load_causal_lm(child_dir)
     limit = getattr(parent.config, "max_position_embeddings", None) or 2048
     context = min(512, limit)
     stride = context // 2
-    parent_fn = _on_device(parent, _device_for(parent, device))
-    child_fn = _on_device(child, _device_for(child, device))
+    # Each model goes to the worker's device where it can; logits_fn_for feeds it there and brings the
+    # logits back to the CPU, where the metrics are summed.
+    _place_on(parent, device)
+    _place_on(child, device)
+    parent_fn, child_fn = logits_fn_for(parent), logits_fn_for(child)
     p = perplexity(parent_fn, tokenizer, text, context_length=context, stride=stride, max_tokens=eval_tokens)
     c = perplexity(child_fn, tokenizer, text, context_length=context, stride=stride, max_tokens=eval_tokens)
     a = agreement(child_fn, parent_fn, tokenizer, text, context, stride, eval_tokens)
