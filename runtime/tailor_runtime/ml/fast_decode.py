@@ -99,9 +99,8 @@ class StaticDecoder:
             )[0]
             return logits[:, -1].argmax(dim=-1, keepdim=True)
 
-        self._prefill = step
+        self._eager_step = step  # also the prefill: prompts vary in length, so it is never compiled
         self._step = torch.compile(step, mode=mode, fullgraph=True) if compile else step
-        self._eager_step = step
         # Why compiling the step failed (a layer torch.compile cannot trace, e.g. some quantized kernels);
         # the decoder then runs the step eagerly, and says so.
         self.compile_error: str | None = None
@@ -123,7 +122,7 @@ class StaticDecoder:
         with torch.no_grad():
             self.cache.reset()
             self._position = prompt_ids.shape[1]
-            return self._prefill(prompt_ids.to(self.device), self._all_positions[: self._position])
+            return self._eager_step(prompt_ids.to(self.device), self._all_positions[: self._position])
 
     def step(self, token: Any) -> Any:
         """The next token [B, 1] after `token` (the last one returned)."""

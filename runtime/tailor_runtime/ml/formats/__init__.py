@@ -1,8 +1,9 @@
 """Registry of model folder formats: the name stored in `tailor_format.json` -> the module that loads it.
 
 Each loader module exposes `load(folder: Path, fmt: dict) -> torch.nn.Module` returning a CPU model in
-eval mode; the loaders of GPU_FORMATS also take `device=` ("cuda", "cuda:1") and return the model there. Modules are imported only when a folder of that format is loaded, so importing this package
-never pulls torch or bitsandbytes.
+eval mode; the loaders of GPU_FORMATS also take `device=` ("cuda", "cuda:1") and return the model there.
+Modules are imported only when a folder of that format is loaded, so importing this package never pulls
+torch or bitsandbytes.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def to_packed_int4(model: Any, kernel: str = "auto") -> dict[str, Any]:
         q = unpack_from_int32(module.weight_packed.data, 4, torch.Size([n, k]))
         scales = module.weight_scale.data
         bias = None if module.bias is None else module.bias.data
-        group = module.quantization_scheme.weights.group_size if scales.shape[1] > 1 else -1
-        layer = PackedInt4Linear.from_quantized(q, scales, group or -1, bias, kernel)
+        group = module.quantization_scheme.weights.group_size or -1  # None: one scale per row
+        layer = PackedInt4Linear.from_quantized(q, scales, group, bias, kernel)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
     hook = getattr(model, "ct_decompress_hook", None)
