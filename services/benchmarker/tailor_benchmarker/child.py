@@ -209,6 +209,14 @@ def measure(
     declared = _declared_format(model_dir)
     device = resolve_device(cfg.device, declared)
     on_gpu = device == "cuda"
+    static_cache = on_gpu if cfg.static_cache is None else cfg.static_cache
+    if static_cache and declared in (*ONNX_FORMATS, GGUF_FORMAT):  # refused before any loading
+        runtime = "llama.cpp" if declared == GGUF_FORMAT else "ONNX Runtime"
+        raise InvalidArgument(
+            f"static_cache applies to PyTorch models; this {declared!r} model runs in {runtime}, "
+            "which keeps its own cache: leave static_cache unset"
+        )
+    compile_step = static_cache and (on_gpu if cfg.compile is None else cfg.compile)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     baseline = current_rss_mb()
@@ -217,13 +225,6 @@ def measure(
     model, tokenizer, info = _load(model_dir, cfg.threads, sizes, device)
     after_load = current_rss_mb()
     gpu_after_load = torch.cuda.memory_allocated() / 2**20 if on_gpu else None
-    static_cache = on_gpu if cfg.static_cache is None else cfg.static_cache
-    if static_cache and info["runtime"] != "torch":
-        raise InvalidArgument(
-            f"static_cache applies to PyTorch models; this {declared!r} model runs in {info['runtime']}, "
-            "which keeps its own cache: leave static_cache unset"
-        )
-    compile_step = static_cache and (on_gpu if cfg.compile is None else cfg.compile)
 
     report(10, "perplexity", "tokenizing")
     text = eval_file.read_text(encoding="utf-8")

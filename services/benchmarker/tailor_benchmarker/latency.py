@@ -154,8 +154,14 @@ def _timed_runs(
     every run of a batch size (a compiled static-cache step is compiled once, in the warm-up)."""
     import torch
 
-    runs: dict[str, Any] = {"ttft": [], "steps": [], "totals": [], "decode_rates": [], "generated": []}
-    runs["pipelined_rates"] = []
+    runs: dict[str, Any] = {
+        "ttft": [],
+        "steps": [],
+        "totals": [],
+        "decode_rates": [],
+        "pipelined_rates": [],
+        "generated": [],
+    }
     static = None if static is None else replace(static, batch_size=prompt_ids.shape[0])
     decoder = greedy_decoder(model, static)
     # A static cache is written in place after its first use, which inference tensors forbid.

@@ -131,6 +131,16 @@ def test_static_cache_decoding_matches_the_dynamic_cache(lm):
         decode_latency(model, tokenizer, new_tokens=4, compile=True)
 
 
+@pytest.mark.parametrize("fmt, runtime", [("onnx", "ONNX Runtime"), ("gguf", "llama.cpp")])
+def test_a_static_cache_for_a_runtime_with_its_own_cache_is_refused_before_loading(tmp_path, fmt, runtime):
+    from tailor_benchmarker.child import measure
+    from tailor_runtime.ml.model_io import write_format
+
+    write_format(tmp_path, fmt)  # no weights: the refusal must come before any loading
+    with pytest.raises(InvalidArgument, match=f"runs in {runtime}, which keeps its own cache"):
+        measure(tmp_path, EVAL, BenchmarkConfig(**FAST, static_cache=True))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a worker without a GPU")
 def test_cuda_without_a_gpu_or_for_a_cpu_format_is_refused_with_the_reason():
     from tailor_benchmarker.child import resolve_device
