@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -15,11 +14,9 @@ from google.protobuf import json_format, struct_pb2
 from pydantic import BaseModel, ValidationError
 
 from tailor.common.v1 import common_pb2 as common
-from tailor_runtime.errors import InvalidArgument, NotFound
+from tailor_runtime.errors import InvalidArgument, NotFound, TailorError
 from tailor_runtime.store import ArtifactStore, Manifest
 from tailor_runtime.store.keys import check_artifact_id
-
-FORMAT_FILE = "tailor_format.json"
 
 
 def validate_config(config_cls: type[BaseModel], raw: dict[str, Any] | None, what: str) -> BaseModel:
@@ -89,9 +86,11 @@ def workspace(cache_dir: Path) -> Iterator[Path]:
 
 
 def read_format_name(folder: Path) -> str:
+    from tailor_runtime.ml.model_io import read_format
+
     try:
-        return json.loads((folder / FORMAT_FILE).read_text())["format"]
-    except (FileNotFoundError, KeyError, ValueError):
+        return read_format(folder)["format"]
+    except TailorError:
         return "unknown"
 
 

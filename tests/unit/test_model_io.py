@@ -19,8 +19,14 @@ from tailor_runtime.ml.model_io import (
 MODEL = Path(__file__).resolve().parents[2] / "examples" / "models" / "stories260K"
 
 
-def test_missing_format_file_lists_the_formats(tmp_path):
-    with pytest.raises(InvalidArgument, match="no tailor_format.json") as err:
+def test_a_folder_without_format_file_or_config_is_not_a_model(tmp_path):
+    with pytest.raises(InvalidArgument, match="neither tailor_format.json nor config.json"):
+        read_format(tmp_path)
+
+
+def test_unknown_declared_format_lists_the_formats(tmp_path):
+    (tmp_path / "tailor_format.json").write_text('{"format": "ggml"}')
+    with pytest.raises(InvalidArgument) as err:
         read_format(tmp_path)
     for name in (
         "bnb-nf4",

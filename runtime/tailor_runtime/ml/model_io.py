@@ -1,9 +1,13 @@
 """Reading and writing Tailor model folders.
 
-A model folder is a Hugging Face folder (config.json, tokenizer files, safetensors weights) plus
-`tailor_format.json`, which says how the weights are stored:
+A model folder is a Hugging Face folder (config.json, tokenizer files, safetensors weights). Tailor's
+own outputs add `tailor_format.json`, which says how the weights are stored:
 
     {"format": "hf-safetensors" | "int8-dynamic" | "bnb-nf4", "dtype": "float32", ...}
+
+A folder without it, exactly as `save_pretrained` writes it (one safetensors file or shards with
+`model.safetensors.index.json`), is read from its config.json (`infer_format`): plain weights in their
+saved dtype, or the compressed-tensors or bitsandbytes checkpoint its `quantization_config` names.
 
 This module only reads that marker and dispatches; everything specific to a format lives in
 `tailor_runtime.ml.formats.<format>`. Weights are only ever read from safetensors: nothing here unpickles.
@@ -29,9 +33,7 @@ def read_format(folder: Path) -> dict[str, Any]:
     path = folder / FORMAT_FILE
     valid = sorted(formats.KNOWN_FORMATS)
     if not path.is_file():
-        raise InvalidArgument(
-            f"{folder} has no {FORMAT_FILE}; it must declare one of the formats", choices=valid
-        )
+        return infer_format(folder)
     try:
         fmt = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -40,6 +42,67 @@ def read_format(folder: Path) -> dict[str, Any]:
         got = fmt.get("format") if isinstance(fmt, dict) else fmt
         raise InvalidArgument(f"{path} declares format {got!r}", choices=valid)
     return fmt
+
+
+# config.json `dtype` (transformers 5) or `torch_dtype` (4.x) -> the dtype name hf-safetensors loads in.
+_HF_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+CONVERT_HINT = (
+    "tailor models import FOLDER converts pytorch_model.bin to safetensors (torch.load weights_only)"
+)
+
+
+def infer_format(folder: Path) -> dict[str, Any]:
+    """The format of a plain Hugging Face folder (no tailor_format.json), from its config.json and files.
+
+    InvalidArgument says what is missing: config.json, safetensors weights (a pickled pytorch_model.bin is
+    named with the command that converts it), or a quantization_config Tailor cannot load.
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InvalidArgument(
+            f"{folder.name} is not a model folder: it has neither {FORMAT_FILE} nor config.json "
+            "(a Hugging Face folder as save_pretrained writes it)"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"{folder.name}/config.json is not valid JSON ({exc})") from None
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        if any((folder / name).is_file() for name in PICKLED_WEIGHTS):
+            raise InvalidArgument(
+                f"{folder.name} holds pickled weights (pytorch_model.bin), which Tailor never unpickles; "
+                f"convert them first: {CONVERT_HINT}"
+            )
+        raise InvalidArgument(
+            f"{folder.name} has config.json but no weights: expected {' or '.join(WEIGHT_FILES)}"
+        )
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict):
+        return _quantized_format(folder, quant)
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if dtype not in _HF_DTYPES:
+        raise InvalidArgument(
+            f"{folder.name}/config.json: dtype {dtype!r} is not one Tailor loads", choices=_HF_DTYPES
+        )
+    return {"format": formats.HF_SAFETENSORS, "dtype": _HF_DTYPES[dtype], "inferred": True}
+
+
+def _quantized_format(folder: Path, quant: dict[str, Any]) -> dict[str, Any]:
+    method = quant.get("quant_method")
+    if method == "compressed-tensors":
+        return {"format": formats.COMPRESSED_TENSORS, "inferred": True}
+    if method == "bitsandbytes":
+        if quant.get("load_in_8bit"):
+            return {"format": formats.BNB_INT8, "inferred": True}
+        kind = quant.get("bnb_4bit_quant_type", "fp4")
+        return {"format": formats.BNB_NF4 if kind == "nf4" else formats.BNB_FP4, "inferred": True}
+    raise InvalidArgument(
+        f"{folder.name}/config.json names quantization method {method!r}, which Tailor does not load; "
+        "bring the unquantized model (Tailor quantizes it), or a compressed-tensors or bitsandbytes checkpoint",
+    )
 
 
 def write_format(folder: Path, fmt: str, **fields: Any) -> dict[str, Any]:

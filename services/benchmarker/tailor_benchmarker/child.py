@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from tailor_benchmarker.config import BenchmarkConfig
-from tailor_runtime.ml.model_io import FORMAT_FILE
+from tailor_runtime.errors import TailorError
+from tailor_runtime.ml.model_io import read_format
 
 PROGRESS_PREFIX = "@progress "
 ONNX_FORMATS = ("onnx", "ort", "triton-repository")  # run by ONNX Runtime (tailor_runtime.ml.onnx.session)
@@ -82,8 +83,8 @@ def torch_weight_bytes(model: Any) -> int:
 def _declared_format(model_dir: Path) -> str | None:
     """The folder's declared format, or None; loading reports a missing or broken marker properly."""
     try:
-        return json.loads((model_dir / FORMAT_FILE).read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
+        return read_format(model_dir)["format"]
+    except TailorError:
         return None
 
 

@@ -96,13 +96,9 @@ def run_benchmark(
 def _check_format(model_dir: Path) -> None:
     """Fail before starting a child (seconds of imports) on a folder no child could load."""
     from tailor_runtime.ml.formats import GGUF, loadable_formats
-    from tailor_runtime.ml.model_io import FORMAT_FILE
+    from tailor_runtime.ml.model_io import read_format
 
-    path = model_dir / FORMAT_FILE
-    try:
-        declared = json.loads(path.read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
-        raise InvalidArgument(f"{path} is missing or is not a JSON object") from None
+    declared = read_format(model_dir)["format"]
     measurable = loadable_formats()
     if declared not in measurable:
         raise InvalidArgument(f"cannot benchmark a model in format {declared!r}", choices=measurable)

@@ -13,6 +13,7 @@ from tailor.exporter.v1 import exporter_service_pb2_grpc as pb_grpc
 from tailor_exporter.registry import Job, get_format, list_formats
 from tailor_exporter.targets import TARGETS, resolve
 from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.ml.architectures import supported_families
 from tailor_runtime.operations import WorkResult, to_struct
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
@@ -46,6 +47,7 @@ def format_info(fmt) -> common.MethodInfo:
         parameters=config_parameters(fmt.Config),
         needs_calibration=fmt.needs_calibration,
         deterministic=fmt.deterministic,
+        architectures=supported_families(f"export/{fmt.name}"),
     )
 
 

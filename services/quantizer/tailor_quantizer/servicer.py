@@ -18,6 +18,7 @@ from tailor_quantizer.methods import get_method, list_methods
 from tailor_quantizer.methods.registry import Job
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.hardware import hardware_profile
+from tailor_runtime.ml.architectures import supported_families
 from tailor_runtime.ml.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
@@ -54,6 +55,7 @@ def method_info(method) -> common.MethodInfo:
         parameters=config_parameters(method.Config),
         deterministic=caps.deterministic,
         min_compute_capability=caps.min_compute_capability,
+        architectures=supported_families(f"quantize/{method.name}"),
     )
 
 

@@ -19,6 +19,7 @@ from tailor.trainer.v1 import trainer_service_pb2 as pb
 from tailor.trainer.v1 import trainer_service_pb2_grpc as pb_grpc
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.hardware import hardware_profile
+from tailor_runtime.ml.architectures import supported_families
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
@@ -204,6 +205,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     output_format="hf-safetensors",
                     libraries=list(libraries),
                     parameters=config_parameters(_config_class(name)),
+                    architectures=supported_families(f"finetune/{name}"),
                 )
             )
         return pb.ListMethodsResponse(methods=infos, hardware=hardware_profile())

@@ -1,0 +1,12 @@
+"""Declarations several family modules share (kept here so each reason is written once)."""
+
+from __future__ import annotations
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+
+# The on-device decoder (tailor_exporter.mobile_decoder) rebuilds Llama's layer with a static KV cache.
+MOBILE_LLAMA_ONLY = (
+    "the on-device exporters (ExecuTorch, Core ML) rebuild the decoder with a static KV cache for Llama's "
+    "layer layout only; export this model to onnx, ort or gguf instead"
+)
