@@ -6,6 +6,12 @@ costs one round of calls. A name that no answering worker lists is INVALID_ARGUM
 path and the valid choices. When no worker of a pool answers (none running yet, all busy restarting,
 a pool scaling up from zero), the spec is accepted: dispatch checks the name again on the worker and
 fails the stage with the same INVALID_ARGUMENT, so nothing is lost by not knowing now.
+
+With the model's architecture family (read from its config.json in the store), every stage is also
+checked against the architecture registry (`tailor_runtime.ml.architectures`: what the code cannot do
+for that family, with the reason) and against the families each worker lists for the name
+(`MethodInfo.architectures`), so a pipeline whose export cannot take a Qwen2 model is refused before
+the fine-tune runs, not after.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
 from tailor_gateway.spec import PipelineSpec
 from tailor_gateway.workers import WorkerPools
 from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.ml import architectures
+from tailor_runtime.store import ArtifactStore
 
 log = logging.getLogger("tailor.gateway.capabilities")
 
@@ -48,6 +56,31 @@ _KINDS = {
     "exporter": ("exporter", "export format", "formats"),
     "export-target": ("exporter", "export target", "targets"),
 }
+# kind of name -> the stage prefix of its architecture capability key ("quantize/awq").
+_STAGE = {"quantizer": "quantize", "trainer": "finetune", "exporter": "export"}
+# A model's config.json is a few KB; more than this is not a config file.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_model_config(store: ArtifactStore, artifact_id: str) -> dict | None:
+    """The parsed config.json of a model artifact; None when it has none (then the stages report what
+    they cannot load). Raises InvalidArgument for a config.json that is not a JSON object."""
+    import json
+
+    manifest = store.get_manifest(artifact_id)
+    entry = next((f for f in manifest.files if f.path == "config.json"), None)
+    if entry is None:
+        return None
+    if entry.size > MAX_CONFIG_BYTES:
+        raise InvalidArgument(f"model: config.json is {entry.size} bytes; a model config is a few KB")
+    data = b"".join(store.iter_file(artifact_id, "config.json"))
+    try:
+        config = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"model: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument("model: config.json must hold a JSON object")
+    return config
 
 
 class Capabilities:
@@ -95,8 +128,9 @@ class Capabilities:
         self._cache[pool] = (time.monotonic(), result)
         return result
 
-    async def check(self, spec: PipelineSpec) -> None:
-        """INVALID_ARGUMENT for the first name in the spec that its pool does not offer."""
+    async def check(self, spec: PipelineSpec, model_config: dict | None = None) -> None:
+        """INVALID_ARGUMENT for the first name in the spec that its pool does not offer, or (given the
+        model's config.json) that cannot take the model's architecture family."""
         wanted: list[tuple[str, str, str]] = []  # (field path, kind of name, name)
         if spec.finetune is not None:
             wanted.append(("finetune.method", "trainer", spec.finetune.method))
@@ -114,3 +148,48 @@ class Capabilities:
             if name not in names:
                 what = _KINDS[kind][1]
                 raise InvalidArgument(f"{path}: unknown {what} {name!r}", choices=names)
+        if model_config is not None:
+            await self._check_architecture(wanted, architectures.for_config(model_config))
+
+    async def _check_architecture(self, wanted: list[tuple[str, str, str]], arch) -> None:
+        """Each stage against the registry's refusals for `arch`, then against the families the
+        workers list for it (a worker of another version may know less or more)."""
+        reason = arch.refusal("benchmark")
+        if reason is not None:
+            raise InvalidArgument(f"model: a {arch.family} model cannot be benchmarked: {reason}")
+        for path, kind, name in wanted:
+            what = f"{_KINDS[kind][1]} {name!r}"
+            if kind == "export-target":
+                target, name = name, await self._target_format(name)
+                if name is None:
+                    continue
+                what = f"export target {target!r} picks format {name!r}, which"
+                kind = "exporter"
+            capability = f"{_STAGE[kind]}/{name}"
+            reason = arch.refusal(capability)
+            if reason is None:
+                listed = await self._listed_families(kind, name)
+                if listed is not None and arch.family not in listed:
+                    reason = f"no worker lists the {arch.family} family for it (they list {', '.join(sorted(listed))})"
+            if reason is not None:
+                raise InvalidArgument(f"{path}: {what} cannot take this {arch.family} model: {reason}")
+
+    async def _target_format(self, target: str) -> str | None:
+        """The format an export target picks by default (None when no exporter answered)."""
+        replies = await self._replies("exporter")
+        for reply in replies or []:
+            for info in reply.targets:
+                if info.name == target:
+                    return info.default_format
+        return None
+
+    async def _listed_families(self, kind: str, name: str) -> frozenset[str] | None:
+        """Union of the families the answering workers list for `name`; None when none lists any
+        (workers from before the registry, or none answered: then only the registry decides)."""
+        pool, _, field = _KINDS[kind]
+        families: set[str] = set()
+        for reply in await self._replies(pool) or []:
+            for item in getattr(reply, field):
+                if item.name == name:
+                    families.update(item.architectures)
+        return frozenset(families) or None

@@ -26,7 +26,7 @@ from tailor.common.v1 import common_pb2_grpc as common_grpc
 from tailor.selector.v1 import selector_service_pb2_grpc as select_grpc
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
-from tailor_gateway.capabilities import Capabilities
+from tailor_gateway.capabilities import Capabilities, read_model_config
 from tailor_gateway.reporting import publish_report
 from tailor_gateway.spec import PipelineSpec, parse_spec, plan
 from tailor_gateway.stage_requests import select_request, start_call, trace_metadata
@@ -92,8 +92,17 @@ class Engine:
             existing = self.state.find_by_idempotency_key(project, idempotency_key)
             if existing is not None:
                 return existing  # a retry: already accepted, not checked again
-        await self.capabilities.check(parse_spec(spec_yaml))
+        spec = parse_spec(spec_yaml)
+        await self.capabilities.check(spec, await asyncio.to_thread(self._model_config, spec, project))
         return self.create(spec_yaml, project, idempotency_key)
+
+    def _model_config(self, spec: PipelineSpec, project: str) -> dict | None:
+        """The model's config.json, for the architecture check; None when the model is not (yet) a
+        readable artifact of this project (create() then reports it as not found)."""
+        artifact = spec.model.artifact
+        if artifact is None or not self.access.owns(project, artifact) or not self.store.exists(artifact):
+            return None
+        return read_model_config(self.store, artifact)
 
     def create(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
         if idempotency_key:

@@ -63,7 +63,7 @@ async def _serve(*servicers):
             Quantizer: quant_grpc.add_QuantizerServiceServicer_to_server,
             Trainer: train_grpc.add_TrainerServiceServicer_to_server,
             Exporter: export_grpc.add_ExporterServiceServicer_to_server,
-        }[type(s)](s, server)
+        }[next(c for c in type(s).__mro__ if c in (Quantizer, Trainer, Exporter))](s, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     return server, f"127.0.0.1:{port}"
@@ -175,6 +175,90 @@ def test_submit_checks_before_creating_anything(tmp_path):
             # A known method goes on to the next check (here: the inputs are not in the store).
             with pytest.raises(NotFound, match="model: artifact"):
                 await engine.submit(_spec(("nf4",)), "proj", "key-1")
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+class FamilyExporter(Exporter):
+    """Lists onnx for every family, coreml without an architectures list (an older worker), and
+    executorch for llama only."""
+
+    async def ListFormats(self, request, context):
+        return export_pb.ListFormatsResponse(
+            formats=[
+                common.MethodInfo(name="onnx", architectures=["llama", "qwen2", "gpt2"]),
+                common.MethodInfo(name="coreml"),
+                common.MethodInfo(name="executorch", architectures=["llama"]),
+            ],
+            targets=[export_pb.TargetInfo(name="ios", default_format="coreml", formats=["coreml"])],
+        )
+
+
+def test_stages_are_checked_against_the_models_architecture():
+    async def main():
+        server, address = await _serve(FamilyExporter(), Quantizer(["bf16"]))
+        pools = WorkerPools({"exporter": [address], "quantizer": [address]})
+        caps = Capabilities(pools, timeout_s=2, ttl_s=60)
+        qwen2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
+        llama = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+        try:
+            await caps.check(parse_spec(_spec(export="onnx")), qwen2)
+            await caps.check(parse_spec(_spec(export="coreml")), llama)
+            await caps.check(parse_spec(_spec(target="ios")), llama)
+            # The registry's reason, with what would work instead.
+            with pytest.raises(InvalidArgument) as err:
+                await caps.check(parse_spec(_spec(export="coreml")), qwen2)
+            message = err.value.message
+            assert message.startswith("export.format: export format 'coreml' cannot take this qwen2 model")
+            assert "onnx, ort or gguf instead" in message
+            # A target is checked through the format it picks.
+            with pytest.raises(
+                InvalidArgument,
+                match=r"^export\.target: export target 'ios' picks format 'coreml', which cannot take this qwen2",
+            ):
+                await caps.check(parse_spec(_spec(target="ios")), qwen2)
+            # What the workers list counts too: here onnx is listed for llama, qwen2 and gpt2 only.
+            with pytest.raises(InvalidArgument, match=r"'onnx' .*no worker lists the mistral family for it"):
+                await caps.check(parse_spec(_spec(export="onnx")), {"model_type": "mistral"})
+            with pytest.raises(
+                InvalidArgument, match=r"model_type 'bert' .*not an architecture Tailor supports"
+            ):
+                await caps.check(parse_spec(_spec()), {"model_type": "bert", "architectures": ["BertModel"]})
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_submit_reads_the_models_config_from_the_store(tmp_path):
+    import json
+
+    from tailor_gateway.access import Access
+
+    async def main():
+        server, address = await _serve(FamilyExporter(), Quantizer(["bf16"]))
+        pools = WorkerPools({"exporter": [address], "quantizer": [address]})
+        state = StateStore(tmp_path / "gw.db")
+        store = open_store(str(tmp_path / "store"))
+        folder = tmp_path / "qwen"
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+        model = store.publish_directory(folder, kind="model", format="hf-safetensors", name="qwen")
+        Access(state.db).own("proj", [(model.id, "model")])
+        engine = Engine(state, pools, store)
+        try:
+            spec = yaml.safe_load(_spec(export="coreml"))
+            spec["model"] = {"artifact": model.id}
+            with pytest.raises(InvalidArgument, match="'coreml' cannot take this qwen2 model"):
+                await engine.submit(yaml.safe_dump(spec), "proj", "k")
+            assert state.list_pipelines("proj", 10) == []
+            # Another project's model is not read: the spec goes on to the not-found check.
+            with pytest.raises(NotFound, match="model: artifact"):
+                await engine.submit(yaml.safe_dump(spec), "other", "k")
         finally:
             await pools.close()
             await server.stop(None)
