@@ -19,15 +19,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.progress import ProgressFn
 
-# Linear projections per architecture (model_type in config.json). Models not listed get every nn.Linear
-# except the output embedding, which is what these lists spell out for their architectures.
-TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
-
-
 class LoraTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,23 +122,36 @@ class LoraTrainConfig(BaseModel):
 
 
 def linear_module_names(model: Any) -> list[str]:
-    """Distinct leaf names of the model's nn.Linear layers, output embedding excluded."""
+    """Distinct leaf names of the model's linear layers (nn.Linear, and GPT-2's Conv1D, which peft
+    adapts too), output embedding excluded."""
     import torch
+    from transformers.pytorch_utils import Conv1D
 
     out = model.get_output_embeddings()
     names = {
         name.rsplit(".", 1)[-1]
         for name, mod in model.named_modules()
-        if isinstance(mod, torch.nn.Linear) and mod is not out
+        if isinstance(mod, torch.nn.Linear | Conv1D) and mod is not out
     }
     return sorted(names)
 
 
 def resolve_target_modules(model: Any, requested: list[str] | None) -> list[str]:
+    """The adapted layers: `requested`, each checked, or the family's LoRA targets from the architecture
+    registry (every linear projection of attention and MLP, never the output head)."""
+    from tailor_runtime.ml import architectures
+
     available = linear_module_names(model)
     if requested is None:
-        default = TARGET_MODULES.get(model.config.model_type)
-        return [m for m in default if m in available] if default else available
+        arch = architectures.for_config(model.config.to_dict())
+        targets = [m for m in arch.lora_targets if m in available]
+        if not targets:
+            raise InvalidArgument(
+                f"none of the {arch.family} family's LoRA targets {list(arch.lora_targets)} is a linear "
+                "layer of this model; name target_modules explicitly",
+                choices=available,
+            )
+        return targets
     unknown = sorted(set(requested) - set(available))
     if unknown:
         raise InvalidArgument(
