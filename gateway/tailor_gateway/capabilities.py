@@ -32,7 +32,6 @@ from tailor_gateway.spec import PipelineSpec
 from tailor_gateway.workers import WorkerPools
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.ml import architectures
-from tailor_runtime.store import ArtifactStore
 
 log = logging.getLogger("tailor.gateway.capabilities")
 
@@ -58,29 +57,6 @@ _KINDS = {
 }
 # kind of name -> the stage prefix of its architecture capability key ("quantize/awq").
 _STAGE = {"quantizer": "quantize", "trainer": "finetune", "exporter": "export"}
-# A model's config.json is a few KB; more than this is not a config file.
-MAX_CONFIG_BYTES = 1 << 20
-
-
-def read_model_config(store: ArtifactStore, artifact_id: str) -> dict | None:
-    """The parsed config.json of a model artifact; None when it has none (then the stages report what
-    they cannot load). Raises InvalidArgument for a config.json that is not a JSON object."""
-    import json
-
-    manifest = store.get_manifest(artifact_id)
-    entry = next((f for f in manifest.files if f.path == "config.json"), None)
-    if entry is None:
-        return None
-    if entry.size > MAX_CONFIG_BYTES:
-        raise InvalidArgument(f"model: config.json is {entry.size} bytes; a model config is a few KB")
-    data = b"".join(store.iter_file(artifact_id, "config.json"))
-    try:
-        config = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"model: config.json is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise InvalidArgument("model: config.json must hold a JSON object")
-    return config
 
 
 class Capabilities:

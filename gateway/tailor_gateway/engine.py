@@ -26,13 +26,14 @@ from tailor.common.v1 import common_pb2_grpc as common_grpc
 from tailor.selector.v1 import selector_service_pb2_grpc as select_grpc
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
-from tailor_gateway.capabilities import Capabilities, read_model_config
+from tailor_gateway.capabilities import Capabilities
 from tailor_gateway.reporting import publish_report
 from tailor_gateway.spec import PipelineSpec, parse_spec, plan
 from tailor_gateway.stage_requests import select_request, start_call, trace_metadata
 from tailor_gateway.workers import STAGE_POOL, Backoff, WorkerPools
 from tailor_runtime.errors import NotFound, TailorError, Unavailable
 from tailor_runtime.logs import bind
+from tailor_runtime.stage import read_model_config
 from tailor_runtime.store import ArtifactStore
 from tailor_runtime.telemetry import tracer
 

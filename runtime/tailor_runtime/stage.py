@@ -122,3 +122,39 @@ def dataset_file(manifest: Manifest, suffixes: tuple[str, ...] = (".txt", ".text
             f"it holds {[f.path for f in manifest.files]}"
         )
     return texts[0]
+
+
+# A model's config.json is a few KB; more than this is not a config file.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_model_config(store: ArtifactStore, artifact_id: str) -> dict[str, Any] | None:
+    """The parsed config.json of a stored model artifact, read without fetching its weights; None when
+    it has none (the stage then says what it cannot load). InvalidArgument when it is not a JSON object."""
+    import json
+
+    manifest = store.get_manifest(artifact_id)
+    entry = next((f for f in manifest.files if f.path == "config.json"), None)
+    if entry is None:
+        return None
+    if entry.size > MAX_CONFIG_BYTES:
+        raise InvalidArgument(f"model: config.json is {entry.size} bytes; a model config is a few KB")
+    data = b"".join(store.iter_file(artifact_id, "config.json"))
+    try:
+        config = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"model: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise InvalidArgument("model: config.json must hold a JSON object")
+    return config
+
+
+def require_architecture(store: ArtifactStore, artifact_id: str, capability: str) -> None:
+    """INVALID_ARGUMENT before any work when the stored model's architecture family cannot take
+    `capability` ("quantize/awq"), or is not one Tailor supports; a model without config.json is left
+    to the stage's loader, which says what it lacks."""
+    from tailor_runtime.ml import architectures
+
+    config = read_model_config(store, artifact_id)
+    if config is not None:
+        architectures.require(architectures.for_config(config), capability)

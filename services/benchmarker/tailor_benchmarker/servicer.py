@@ -12,7 +12,13 @@ from tailor_benchmarker.metrics import headline_metrics
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
-from tailor_runtime.stage import config_from_struct, dataset_file, require_artifact, workspace
+from tailor_runtime.stage import (
+    config_from_struct,
+    dataset_file,
+    require_architecture,
+    require_artifact,
+    workspace,
+)
 
 
 def choice_file(manifest: Any) -> str:
@@ -35,6 +41,7 @@ class BenchmarkerServicer(pb_grpc.BenchmarkerServiceServicer):
         cfg = config_from_struct(BenchmarkConfig, request.config, "benchmark")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         model_manifest = require_artifact(store, request.model, "model", ("model", "export"))
+        require_architecture(store, request.model.id, "benchmark")
         eval_manifest = require_artifact(store, request.eval_data, "eval_data", ("dataset",))
         eval_path = dataset_file(eval_manifest)
         inputs = [request.model.id, request.eval_data.id]

@@ -28,6 +28,7 @@ from tailor_runtime.stage import (
     dataset_file,
     read_format_name,
     recipe,
+    require_architecture,
     require_artifact,
     workspace,
 )
@@ -108,6 +109,7 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
                 "calibration_data (part of it is held out), or set gate.disabled"
             )
         model_id = request.model.id
+        require_architecture(store, model_id, f"quantize/{method.name}")
         inputs = [model_id, request.calibration_data.id, request.eval_data.id]
         the_recipe = recipe(
             "quantize", method.name, cfg, [i for i in inputs if i], request.seed, method.caps.libraries

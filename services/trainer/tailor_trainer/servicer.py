@@ -26,6 +26,7 @@ from tailor_runtime.stage import (
     config_parameters,
     dataset_file,
     recipe,
+    require_architecture,
     require_artifact,
     validate_config,
     workspace,
@@ -235,6 +236,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             raise FailedPrecondition(f"method {method!r} cannot run on this worker: {why}")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         require_artifact(store, request.base_model, "base_model", ("model",))
+        require_architecture(store, request.base_model.id, f"finetune/{method}")
         data_manifest = require_artifact(store, request.dataset, "dataset", ("dataset",))
         data_path = dataset_file(data_manifest, DATA_SUFFIXES)
         inputs = [request.base_model.id, request.dataset.id]

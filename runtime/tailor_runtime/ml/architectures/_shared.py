@@ -10,3 +10,6 @@ MOBILE_LLAMA_ONLY = (
     "the on-device exporters (ExecuTorch, Core ML) rebuild the decoder with a static KV cache for Llama's "
     "layer layout only; export this model to onnx, ort or gguf instead"
 )
+
+# llm-compressor's methods (and its compressed-tensors format) act on torch.nn.Linear modules.
+LINEAR_ONLY_METHODS = ("rtn", "gptq", "awq", "smoothquant", "auto", "int8_weight_only", "fp8")

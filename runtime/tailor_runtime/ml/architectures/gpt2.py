@@ -2,7 +2,13 @@
 learned absolute positions."""
 
 from tailor_runtime.ml.architectures import Architecture, register
-from tailor_runtime.ml.architectures._shared import MOBILE_LLAMA_ONLY
+from tailor_runtime.ml.architectures._shared import LINEAR_ONLY_METHODS, MOBILE_LLAMA_ONLY
+
+CONV1D = (
+    "llm-compressor quantizes torch.nn.Linear layers, and GPT-2 stores its projections as transformers' "
+    "Conv1D (input-major weights), which compressed-tensors cannot describe; quantize GPT-2 with "
+    "int8_dynamic, nf4, fp4, llm_int8 or a gguf_* method"
+)
 
 GPT2 = register(
     Architecture(
@@ -11,6 +17,10 @@ GPT2 = register(
         description="GPT-2: Conv1D projections, LayerNorm, GELU, learned positions",
         lora_targets=("c_attn", "c_proj", "c_fc"),
         llama_cpp_arch="gpt2",
-        refused={"export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
+        refused={
+            **{f"quantize/{method}": CONV1D for method in LINEAR_ONLY_METHODS},
+            "export/executorch": MOBILE_LLAMA_ONLY,
+            "export/coreml": MOBILE_LLAMA_ONLY,
+        },
     )
 )

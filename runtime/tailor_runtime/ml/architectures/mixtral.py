@@ -3,6 +3,17 @@
 from tailor_runtime.ml.architectures import Architecture, register
 from tailor_runtime.ml.architectures._shared import ATTENTION, MOBILE_LLAMA_ONLY
 
+# Everything these methods replace is a torch.nn.Linear; Mixtral's experts (most of its weights) are not.
+FUSED_EXPERTS = (
+    "transformers 5 stores Mixtral's experts as fused 3-D tensors, not Linear layers, so this method would "
+    "quantize only attention and leave the experts (most of the weights) in full precision; use a gguf_* "
+    "method (llama.cpp quantizes the experts), or bf16/fp16"
+)
+LINEAR_QUANTIZERS = (
+    "int8_dynamic", "int8_static", "nf4", "fp4", "llm_int8", "rtn", "gptq", "awq", "smoothquant", "auto",
+    "int8_weight_only", "fp8",
+)  # fmt: skip
+
 MIXTRAL = register(
     Architecture(
         family="mixtral",
@@ -12,6 +23,10 @@ MIXTRAL = register(
         # attention (the router stays frozen).
         lora_targets=ATTENTION,
         llama_cpp_arch="llama",
-        refused={"export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
+        refused={
+            **{f"quantize/{method}": FUSED_EXPERTS for method in LINEAR_QUANTIZERS},
+            "export/executorch": MOBILE_LLAMA_ONLY,
+            "export/coreml": MOBILE_LLAMA_ONLY,
+        },
     )
 )
