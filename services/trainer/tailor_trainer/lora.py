@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.progress import ProgressFn
 
+
 class LoraTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
