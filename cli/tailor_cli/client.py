@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +15,8 @@ import grpc
 
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.ml.model_io import FORMAT_FILE, infer_format
 from tailor_runtime.server import GRPC_OPTIONS
 from tailor_runtime.store.keys import check_relative_path
 from tailor_runtime.streams import read_chunks, with_last
@@ -86,12 +91,16 @@ def _upload_messages(path: Path, kind: str, fmt: str, name: str) -> Iterator[pb.
 
 
 def guess_format(path: Path) -> tuple[str, str]:
-    """(kind, format) for a local path: a model folder or a text dataset."""
-    fmt_file = path / "tailor_format.json" if path.is_dir() else None
+    """(kind, format) for a local path: a model folder or a text dataset. A plain Hugging Face folder's
+    format is read from its config.json (`infer_format`: hf-safetensors, compressed-tensors, bnb-*)."""
+    fmt_file = path / FORMAT_FILE if path.is_dir() else None
     if fmt_file is not None and fmt_file.exists():
         return "model", json.loads(fmt_file.read_text()).get("format", "hf-safetensors")
     if path.is_dir() and (path / "config.json").exists():
-        return "model", "hf-safetensors"
+        try:
+            return "model", infer_format(path)["format"]
+        except InvalidArgument as exc:
+            raise CliError(f"{path}: {exc.message}") from None
     if path.suffix in (".json", ".jsonl"):
         return "dataset", "jsonl" if path.suffix == ".jsonl" else "json"
     return "dataset", "text"
@@ -100,13 +109,48 @@ def guess_format(path: Path) -> tuple[str, str]:
 def upload(
     conn: Connection, path: Path, kind: str | None = None, fmt: str | None = None
 ) -> pb.UploadArtifactResponse:
+    """Stream a file or folder to the gateway (1 MiB chunks, one file open at a time: memory stays
+    bounded whatever the size). A folder with only pytorch_model.bin is converted to safetensors first."""
+    from tailor_cli.convert import ConversionError, convert_folder, needs_conversion
+
     if not path.exists():
         raise CliError(f"{path} does not exist")
-    guessed_kind, guessed_format = guess_format(path)
-    return conn.gateway_stub().UploadArtifact(
-        _upload_messages(path, kind or guessed_kind, fmt or guessed_format, path.name),
-        metadata=conn.metadata(),
+    converted = None
+    if needs_conversion(path):
+        converted = Path(tempfile.mkdtemp(prefix="tailor-convert-"))
+        print(f"converting {path.name}'s pytorch_model.bin to safetensors in {converted}", file=sys.stderr)
+        try:
+            convert_folder(path, converted)
+        except ConversionError as exc:
+            shutil.rmtree(converted, ignore_errors=True)
+            raise CliError(f"{path}: {exc}") from None
+    source = converted or path
+    try:
+        guessed_kind, guessed_format = guess_format(source)
+        return conn.gateway_stub().UploadArtifact(
+            _upload_messages(source, kind or guessed_kind, fmt or guessed_format, path.name),
+            metadata=conn.metadata(),
+        )
+    finally:
+        if converted is not None:
+            shutil.rmtree(converted, ignore_errors=True)
+
+
+def import_hub(conn: Connection, repo: str, revision: str = "") -> pb.ImportModelResponse:
+    """Ask the gateway to import a Hub model (it holds the token and the store); waits until published."""
+    return conn.gateway_stub().ImportModel(
+        pb.ImportModelRequest(hub_repo=repo, revision=revision), metadata=conn.metadata()
     )
+
+
+def resolve_model(conn: Connection, value: str) -> str:
+    """A direct command's --model: an artifact id, `hub:org/name[@revision]`, or a local folder."""
+    if len(value) == 64 and all(c in "0123456789abcdef" for c in value) and not Path(value).exists():
+        return value
+    if value.startswith("hub:"):
+        repo, _, revision = value.removeprefix("hub:").partition("@")
+        return import_hub(conn, repo, revision).artifact.id
+    return upload(conn, Path(value)).artifact.id
 
 
 def download(conn: Connection, artifact_id: str, dest: Path) -> list[Path]:

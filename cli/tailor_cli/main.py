@@ -25,7 +25,15 @@ from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
 from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
 from tailor_cli.admin import add_parsers as add_admin_parsers
 from tailor_cli.admin import cmd_audit, cmd_tokens
-from tailor_cli.client import DEFAULT_STATE_DIR, CliError, Connection, download, upload
+from tailor_cli.client import (
+    DEFAULT_STATE_DIR,
+    CliError,
+    Connection,
+    download,
+    import_hub,
+    resolve_model,
+    upload,
+)
 from tailor_cli.render import pipeline_state, render_gate, stages_table, summary_view
 from tailor_cli.select import add_parser as add_select_parser
 from tailor_cli.select import cmd_select
@@ -212,6 +220,30 @@ def cmd_artifacts(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    """`tailor models import PATH | --hub ORG/NAME [--revision R]`: prints the model's artifact id."""
+    conn = Connection.discover(args.state_dir)
+    if (args.path is None) == (args.hub is None):
+        raise CliError("give a local folder (PATH) or --hub ORG/NAME, not both")
+    if args.revision and args.hub is None:
+        raise CliError("--revision goes with --hub")
+    if args.hub is not None:
+        with console.status(f"the gateway is importing {args.hub} from the Hugging Face Hub..."):
+            reply = import_hub(conn, args.hub, args.revision or "")
+        note = "already in the store, nothing downloaded" if reply.cached else "downloaded and stored"
+        console.print(f"{args.hub}@{reply.commit[:12]}: {note}", style="dim")
+    else:
+        if not args.path.is_dir():
+            raise CliError(f"{args.path} is not a folder: give a Hugging Face model folder")
+        with console.status(f"uploading {args.path}..."):
+            reply = upload(conn, args.path, kind="model")
+    manifest = json.loads(reply.manifest_json)
+    size = sum(f["size"] for f in manifest["files"])
+    console.print(f"{manifest['format']}, {len(manifest['files'])} files, {size} bytes", style="dim")
+    print(reply.artifact.id)
+    return 0
+
+
 # --- direct stage commands ----------------------------------------------------------------------
 def parse_sets(items: list[str]) -> dict:
     config = {}
@@ -246,9 +278,7 @@ def follow_operation(channel: grpc.Channel, op: common.Operation) -> common.Oper
 def cmd_quantize(args) -> int:
     config = parse_sets(args.set)  # before any upload: a typo should cost nothing
     conn = Connection.discover(args.state_dir)
-    model_id = args.model if len(args.model) == 64 and not Path(args.model).exists() else None
-    if model_id is None:
-        model_id = upload(conn, Path(args.model)).artifact.id
+    model_id = resolve_model(conn, args.model)
     request = quant_pb.QuantizeRequest(
         model=common.ArtifactRef(id=model_id),
         method=args.method,
@@ -336,8 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--kind", default=None)
     put.add_argument("--format", default=None)
 
+    models = sub.add_parser("models", help="bring a model into the store").add_subparsers(
+        dest="action", required=True
+    )
+    imp = models.add_parser(
+        "import",
+        help="a local Hugging Face folder (pytorch_model.bin converted) or a Hub repo; prints the id",
+    )
+    imp.add_argument("path", type=Path, nargs="?", help="a folder as save_pretrained writes it")
+    imp.add_argument("--hub", default=None, metavar="ORG/NAME", help="a model on the Hugging Face Hub")
+    imp.add_argument("--revision", default=None, help="branch, tag or commit of --hub (default main)")
+
     quant = sub.add_parser("quantize", help="quantize a model directly on the quantizer service")
-    quant.add_argument("--model", required=True, help="a model folder or an artifact id")
+    quant.add_argument(
+        "--model", required=True, help="a model folder, an artifact id, or hub:ORG/NAME[@REVISION]"
+    )
     quant.add_argument("--method", required=True)
     quant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config")
     quant.add_argument("--seed", type=int, default=0)
@@ -362,6 +405,7 @@ COMMANDS = {
     "quickstart": cmd_quickstart,
     "pipeline": cmd_pipeline,
     "artifacts": cmd_artifacts,
+    "models": cmd_models,
     "quantize": cmd_quantize,
     "methods": cmd_methods,
     "tokens": cmd_tokens,

@@ -26,7 +26,11 @@ class GatewaySettings(ServiceSettings):
     state_db: Path = Field(Path(".tailor/gateway.db"), description="SQLite file of the durable state.")
     tokens_file: Path = Field(Path(".tailor/tokens"), description="Lines of '<sha256 of token> <project>'.")
     workers: str = Field("", description="Static worker pools: 'quantizer=host:port,...;trainer=...'.")
-    max_upload_mb: int = Field(4096, gt=0)
+    max_upload_mb: int = Field(
+        262_144,
+        gt=0,
+        description="Largest upload in MiB (default 256 GiB: a sharded 70B in bf16 is about 140 GB).",
+    )
     wait_for_worker_s: float = Field(600.0, gt=0)
     discovery: Literal["static", "kubernetes"] = Field(
         "static", description="static: TAILOR_WORKERS; kubernetes: the pools' EndpointSlices."
@@ -89,6 +93,7 @@ def main() -> None:
         access,
         settings.worker_lost_after_s,
         worker_stall_s=settings.worker_stall_s,
+        staging_dir=settings.cache_dir / "imports",
     )
 
     def register(server, ctx):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -25,14 +26,17 @@ DOWNLOAD_CHUNK = 1 << 20
 def _refuse_pickles(path: Path, rel: str) -> None:
     if rel.lower().endswith(PICKLE_SUFFIXES):
         raise InvalidArgument(
-            f"{rel}: pickle-based weight files are refused; convert to safetensors, ONNX or GGUF "
-            "(for llama2.c checkpoints: python -m tailor_runtime.ml.llama2c)"
+            f"{rel}: pickle-based weight files are refused; convert to safetensors, ONNX or GGUF: "
+            "`tailor models import FOLDER` converts a Hugging Face folder's pytorch_model.bin with "
+            "torch.load(weights_only=True) before uploading (llama2.c checkpoints: "
+            "python -m tailor_runtime.ml.llama2c)"
         )
     with open(path, "rb") as handle:
         head = handle.read(4)
     if head[:2] in PICKLE_MAGIC or (head == ZIP_MAGIC and not rel.endswith((".zip",))):
         raise InvalidArgument(
-            f"{rel}: looks like a pickle or torch.save archive; only safetensors, ONNX, GGUF"
+            f"{rel}: looks like a pickle or torch.save archive; only safetensors, ONNX, GGUF "
+            "(`tailor models import FOLDER` converts a pytorch_model.bin)"
         )
 
 
@@ -82,7 +86,9 @@ async def receive_upload(
             raise InvalidArgument(f"upload ended before these files were complete: {sorted(handles)}")
         for rel in finished:
             _refuse_pickles(folder / rel, rel)
-        return store.publish_directory(
+        # Hashing and storing a 13 GB model takes minutes: off the event loop, which keeps serving.
+        return await asyncio.to_thread(
+            store.publish_directory,
             folder,
             kind=header.kind,
             format=header.format,
@@ -93,7 +99,7 @@ async def receive_upload(
     finally:
         for handle in handles.values():
             handle.close()
-        shutil.rmtree(folder, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
 
 
 def iter_download(store: ArtifactStore, artifact_id: str):

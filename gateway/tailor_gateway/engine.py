@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -33,8 +35,9 @@ from tailor_gateway.stage_requests import select_request, start_call, trace_meta
 from tailor_gateway.workers import STAGE_POOL, Backoff, WorkerPools
 from tailor_runtime.errors import NotFound, TailorError, Unavailable
 from tailor_runtime.logs import bind
+from tailor_runtime.ml import hub
 from tailor_runtime.stage import read_model_config
-from tailor_runtime.store import ArtifactStore
+from tailor_runtime.store import ArtifactStore, Manifest
 from tailor_runtime.telemetry import tracer
 
 log = logging.getLogger("tailor.gateway.engine")
@@ -69,8 +72,11 @@ class Engine:
         worker_lost_after_s: float = 30.0,
         unavailable_retry_s: float = UNAVAILABLE_RETRY_S,
         worker_stall_s: float = WORKER_STALL_S,
+        staging_dir: Path | None = None,
     ):
         self.state = state
+        # Hub imports link the snapshot's files here before publishing them (same disk as the cache).
+        self.staging_dir = staging_dir or Path(tempfile.gettempdir()) / "tailor-imports"
         self.pools = pools
         self.store = store
         self.access = access or Access(state.db)
@@ -98,12 +104,37 @@ class Engine:
         return self.create(spec_yaml, project, idempotency_key)
 
     def _model_config(self, spec: PipelineSpec, project: str) -> dict | None:
-        """The model's config.json, for the architecture check; None when the model is not (yet) a
-        readable artifact of this project (create() then reports it as not found)."""
-        artifact = spec.model.artifact
+        """The spec model's parsed config.json, for the architecture check (blocking: run it in a thread).
+
+        `artifact:` read from the store; `hub:` from the store when that commit was imported before, else
+        only config.json is fetched from the Hub (huggingface_hub's cache first). None when the model is not
+        (yet) a readable artifact of this project (create() then reports it as not found), or when the Hub
+        cannot be reached now (the import stage then fails with the reason, or finds it in the cache)."""
+        model = spec.model
+        if model.hub is not None:
+            revision = hub.check_revision(model.revision)
+            found = hub.find_imported(self.store, model.hub, revision if len(revision) == 40 else None)
+            if found is not None:
+                return read_model_config(self.store, found.id)
+            try:
+                return hub.read_config(model.hub, revision)
+            except Unavailable as exc:
+                log.warning("model config not checked at submit: %s", exc.message)
+                return None
+        artifact = model.artifact
         if artifact is None or not self.access.owns(project, artifact) or not self.store.exists(artifact):
             return None
         return read_model_config(self.store, artifact)
+
+    async def import_model(self, project: str, repo: str, revision: str | None) -> tuple[Manifest, bool]:
+        """A Hub model as an artifact of `project`: (manifest, cached: found in the store, nothing fetched).
+
+        The download runs in a thread: the event loop (every other RPC) keeps serving meanwhile."""
+        manifest, cached = await asyncio.to_thread(
+            hub.import_from_hub, self.store, repo, revision, self.staging_dir
+        )
+        self.access.own(project, [(manifest.id, manifest.kind)])
+        return manifest, cached
 
     def create(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
         if idempotency_key:
@@ -273,6 +304,8 @@ class Engine:
             try:
                 if s.kind in STAGE_POOL and s.kind != "select":
                     await self._run_remote(p, spec, s, stages)
+                elif s.kind == "import":
+                    await self._run_import(p, s)
                 elif s.kind == "select":
                     await self._run_select(p, spec, s, stages)
                 else:
@@ -461,6 +494,25 @@ class Engine:
         task.add_done_callback(self._background.discard)
 
     # --- local stages ---------------------------------------------------------------------------
+    async def _run_import(self, p, s: st.StageRow) -> None:
+        """`model: {hub: ...}`: the gateway imports it (it holds the token and the store); a restarted
+        gateway runs it again, answered from the recipe index (or the Hub cache) once it was published."""
+        self.state.set_stage(p.id, s.name, state=st.RUNNING, worker="gateway")
+        self._notify(p.id)
+        manifest, cached = await self.import_model(p.project, s.params["hub"], s.params["revision"])
+        result = {
+            "id": manifest.id,
+            "kind": manifest.kind,
+            "uri": self.store.uri_for(manifest.id),
+            "sha256": manifest.id,
+        }
+        metrics = {
+            "hub": s.params["hub"],
+            "commit": manifest.recipe.get("commit", ""),
+            "bytes": manifest.total_bytes,
+        }
+        self._succeed_stage(p.id, s, [result], metrics, cached=cached)
+
     async def _run_select(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
         request, models = select_request(spec, stages)
         metadata = trace_metadata()

@@ -10,6 +10,7 @@ from typing import Any
 from tailor_gateway import state as st
 from tailor_gateway.report import render_report_html, render_report_json
 from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec
+from tailor_gateway.stage_requests import base_model_id
 from tailor_runtime.store import ArtifactStore
 
 SUMMARY_METRICS = (
@@ -40,7 +41,9 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
         verdict = verdicts.get(name, {})
         if name == "original":
             method = "lora-merged" if "finetune" in stages else "original"
-            model_id = stages["finetune"].results[0]["id"] if "finetune" in stages else spec.model.artifact
+            model_id = (
+                stages["finetune"].results[0]["id"] if "finetune" in stages else base_model_id(spec, stages)
+            )
         else:
             quantize = stages[f"quantize/{name}"]
             method, model_id = quantize.params["method"], quantize.results[0]["id"]

@@ -184,6 +184,28 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             ]
         )
 
+    async def ImportModel(self, request, context):
+        manifest, cached = await self.engine.import_model(
+            current_principal.get(), request.hub_repo, request.revision or None
+        )
+        self.access.audit(
+            current_caller.get(),
+            "artifact.import",
+            manifest.id,
+            hub=manifest.name,
+            commit=manifest.recipe.get("commit", ""),
+            cached=cached,
+        )
+        ref = common.ArtifactRef(
+            id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
+        )
+        return pb.ImportModelResponse(
+            artifact=ref,
+            manifest_json=manifest.canonical_bytes().decode(),
+            commit=manifest.recipe.get("commit", ""),
+            cached=cached,
+        )
+
     async def GetArtifact(self, request, context):
         artifact_id = check_artifact_id(request.artifact_id)
         self.access.require_owned(current_principal.get(), artifact_id)

@@ -33,6 +33,38 @@ class Input(BaseModel):
         return self
 
 
+class ModelInput(BaseModel):
+    """The base model: an artifact id, a local Hugging Face folder (the CLI uploads it), or a Hub repo
+    (`hub: org/name`, optional `revision`) that the gateway imports once into the store (the `import`
+    stage: the same repo and commit is found in the store's recipe index and not downloaded again)."""
+
+    model_config = _STRICT
+    artifact: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    path: str | None = None
+    hub: str | None = Field(None, description="A Hugging Face model id, org/name.")
+    revision: str | None = Field(None, description="Branch, tag or commit of the hub repo (default main).")
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        given = [k for k in ("artifact", "path", "hub") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'artifact' (an id), 'path' (a local Hugging Face folder) or "
+                f"'hub' (org/name on the Hugging Face Hub); got {given or 'none'}"
+            )
+        if self.revision is not None and self.hub is None:
+            raise ValueError("'revision' goes with 'hub' (a branch, tag or commit of the repo)")
+        if self.hub is not None:
+            from tailor_runtime.ml.hub import check_repo, check_revision  # noqa: PLC0415 - no torch
+
+            try:
+                check_repo(self.hub)
+                check_revision(self.revision)
+            except InvalidArgument as exc:
+                raise ValueError(exc.message) from None
+        return self
+
+
 class Data(BaseModel):
     model_config = _STRICT
     train: Input | None = None
@@ -139,7 +171,7 @@ class PipelineSpec(BaseModel):
     apiVersion: Literal["tailor.dev/v1"] = "tailor.dev/v1"  # noqa: N815 - the YAML key
     kind: Literal["Pipeline"] = "Pipeline"
     name: str
-    model: Input
+    model: ModelInput
     data: Data
     finetune: FineTune | None = None
     quantize: list[Quantize] = Field(default_factory=list)
@@ -161,8 +193,11 @@ class PipelineSpec(BaseModel):
             raise ValueError("'original' is reserved for the unquantized model")
         return self
 
-    def inputs(self) -> dict[str, Input]:
-        found = {"model": self.model, "data.eval": self.data.eval}
+    def inputs(self) -> dict[str, Input | ModelInput]:
+        """Every input that is an artifact id or a local path (a hub model is the import stage's)."""
+        found: dict[str, Input | ModelInput] = {"data.eval": self.data.eval}
+        if self.model.hub is None:
+            found["model"] = self.model
         if self.data.train is not None:
             found["data.train"] = self.data.train
         for i, q in enumerate(self.quantize):
@@ -199,18 +234,23 @@ def parse_spec(text: str, *, require_artifacts: bool = True) -> PipelineSpec:
 @dataclass
 class StagePlan:
     name: str
-    kind: str  # finetune, quantize, benchmark, select, export, report
+    kind: str  # import, finetune, quantize, benchmark, select, export, report
     depends_on: list[str] = field(default_factory=list)
     # What the stage needs beyond its dependencies' results (method, config, candidate name...).
     params: dict[str, Any] = field(default_factory=dict)
 
 
 def plan(spec: PipelineSpec) -> list[StagePlan]:
-    """The DAG: finetune -> quantize (fan-out) -> benchmark each -> select (fan-in) -> export -> report."""
+    """The DAG: [import ->] finetune -> quantize (fan-out) -> benchmark each -> select (fan-in) -> export
+    -> report. A hub model is imported by the gateway itself first (the `import` stage)."""
     stages: list[StagePlan] = []
     source = []
+    if spec.model.hub is not None:
+        params = {"hub": spec.model.hub, "revision": spec.model.revision or "main"}
+        stages.append(StagePlan("import", "import", [], params))
+        source = ["import"]
     if spec.finetune is not None:
-        stages.append(StagePlan("finetune", "finetune", [], spec.finetune.model_dump()))
+        stages.append(StagePlan("finetune", "finetune", list(source), spec.finetune.model_dump()))
         source = ["finetune"]
     benchmarks = ["benchmark/original"]
     stages.append(StagePlan("benchmark/original", "benchmark", list(source), {"candidate": "original"}))

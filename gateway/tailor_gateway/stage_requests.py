@@ -50,11 +50,20 @@ def ref_to_dict(r: common.ArtifactRef) -> dict[str, str]:
     return {"id": r.id, "kind": r.kind, "uri": r.uri, "sha256": r.sha256}
 
 
+def base_model_id(spec: PipelineSpec, stages) -> str:
+    """The spec's model as an artifact id: its `artifact:`, or what the import stage published (`hub:`)."""
+    if spec.model.artifact is not None:
+        return spec.model.artifact
+    if "import" in stages and stages["import"].results:
+        return stages["import"].results[0]["id"]
+    raise FailedPrecondition("the model is not imported yet: the import stage has no result")
+
+
 def source_model(spec: PipelineSpec, stages) -> common.ArtifactRef:
     """The model quantized and benchmarked as 'original': the fine-tuned one if there is a finetune."""
     if "finetune" in stages:
         return ref_dict(stages["finetune"].results[0])
-    return ref(spec.model.artifact)
+    return ref(base_model_id(spec, stages))
 
 
 def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
@@ -63,7 +72,7 @@ def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
     metadata = trace_metadata()
     if s.kind == "finetune":
         request = train_pb.FineTuneRequest(
-            base_model=ref(spec.model.artifact),
+            base_model=ref(base_model_id(spec, stages)),
             dataset=ref(spec.data.train.artifact),
             method=s.params["method"],
             config=to_struct(s.params["config"]),
