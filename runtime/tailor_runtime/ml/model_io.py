@@ -114,9 +114,23 @@ def write_format(folder: Path, fmt: str, **fields: Any) -> dict[str, Any]:
     return data
 
 
-def load_tokenizer(folder: Path):
-    from transformers import AutoTokenizer
+# tokenizer_config.json classes that mean "exactly what tokenizer.json says".
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
+
+def load_tokenizer(folder: Path):
+    """The folder's tokenizer. A folder that declares the generic class gets its tokenizer.json exactly:
+    transformers 5's AutoTokenizer would otherwise rebuild some families' own tokenizer class around its
+    vocabulary (a Qwen2 folder gets Qwen2Tokenizer's pre-tokenizer), which splits text differently."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    try:
+        declared = json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):
+        declared = None
+    if declared in _GENERIC_TOKENIZERS and (folder / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
