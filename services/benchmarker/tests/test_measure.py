@@ -257,3 +257,20 @@ def test_a_domain_error_in_the_child_keeps_its_class(monkeypatch):
     )
     with pytest.raises(InvalidArgument, match="exceeds the model's context"):
         run_benchmark(MODEL, EVAL, BenchmarkConfig(**FAST), lambda *a, **k: None)
+
+
+@pytest.mark.parametrize(
+    "family", ["llama3", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2", "mixtral"]
+)
+def test_cached_decoding_matches_full_recompute_in_every_family(family, tmp_path):
+    """The benchmarker's dynamic and static KV caches against recomputing the whole prefix each token,
+    on a tiny model of each family (random weights: the check is that the caches compute the same)."""
+    from support.families import tiny_model
+
+    model, tokenizer = load_causal_lm(tiny_model(family, tmp_path / family, seed=1))
+    recomputed = decode_latency(
+        lambda ids: model(input_ids=ids).logits, tokenizer, new_tokens=8, repetitions=1
+    )
+    dynamic = decode_latency(model, tokenizer, new_tokens=8, warmup=0, repetitions=1)
+    static = decode_latency(model, tokenizer, new_tokens=8, warmup=0, repetitions=1, static_cache=True)
+    assert dynamic["sample"] == static["sample"] == recomputed["sample"]
