@@ -7,6 +7,11 @@ be empty) only after it has been verified against its source, and returns at lea
 tailor_format.json written), `files`, `size_on_disk_mb` and `verification` (flat headline numbers:
 `max_abs_diff`, `top1_agreement`, `positions`, `passed`, and the detailed `checks`). `tolerance` is the
 default bound of that verification, shown to users; a format's Config may let a request override it.
+
+`source_formats` are the model formats `run` takes as they are; the servicer decodes any other
+quantized source (compressed-tensors, bitsandbytes, int8-dynamic, gguf) into a dense float32
+hf-safetensors folder first (`tailor_runtime.ml.dense`), so every candidate the selector can recommend
+can be exported. A source already in the format's own `output_format` (a gguf to `gguf`) is passed too.
 """
 
 from __future__ import annotations
@@ -55,6 +60,11 @@ class ExportFormat:
     needs_calibration: bool = False  # the Config names a dataset artifact in `calibration_data`
     devices: tuple[str, ...] = ("cpu",)
     deterministic: bool = True  # the same input and config give the same bytes (tested)
+    source_formats: tuple[str, ...] = ("hf-safetensors",)  # taken as they are; others are decoded first
+
+    def takes_natively(self, source_format: str) -> bool:
+        """Whether `run` takes a `source_format` folder as it is (else the servicer decodes it first)."""
+        return source_format in self.source_formats or source_format == self.output_format
 
 
 _FORMATS: dict[str, ExportFormat] = {}

@@ -1,4 +1,10 @@
-"""ExporterService: proto in, an export verified against its source as an operation, proto out."""
+"""ExporterService: proto in, an export verified against its source as an operation, proto out.
+
+A source the format does not take as it is (`ExportFormat.source_formats`) is decoded first into a
+dense float32 hf-safetensors folder (`tailor_runtime.ml.dense`: every quantized format Tailor writes),
+checked against the candidate as its own format loads it, and the format exports that; the metrics say
+so (`source_format`, `decoded_from`, `decode_*`).
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from tailor.exporter.v1 import exporter_service_pb2_grpc as pb_grpc
 from tailor_exporter.registry import Job, get_format, list_formats
 from tailor_exporter.targets import TARGETS, resolve
 from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.ml import dense
 from tailor_runtime.ml.architectures import supported_families
 from tailor_runtime.operations import WorkResult, to_struct
 from tailor_runtime.server import ServiceContext
@@ -33,6 +40,23 @@ def verification_metrics(checks: dict[str, Any]) -> dict[str, Any]:
     """Flat numbers from the verification block for the pipeline summary (the full block is in the artifact)."""
     flat = {k: v for k, v in checks.items() if isinstance(v, int | float | str | bool)}
     return flat
+
+
+def source_metrics(source_format: str, decoding: dict[str, Any] | None) -> dict[str, Any]:
+    """What the export was made from: the candidate's format and, when it was decoded to dense float
+    first, from what, how many layers, and how closely the decoded model agrees with the candidate."""
+    if decoding is None:
+        return {"source_format": source_format, "decoded_from": ""}
+    check = decoding["check"]
+    return {
+        "source_format": source_format,
+        "decoded_from": decoding["decoded_from"],
+        "decoded_layers": decoding["decoded_layers"],
+        "decode_max_abs_diff": check["max_abs_diff"],
+        "decode_top1_agreement": check["top1_agreement"],
+        "decode_positions": check["positions"],
+        "decode_activations_quantized": check["activations_quantized"],
+    }
 
 
 def format_info(fmt) -> common.MethodInfo:
@@ -77,7 +101,15 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
         fmt = get_format(format_name)
         cfg = validate_config(fmt.Config, config, f"{format_name} export")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
-        require_artifact(store, request.model, "model", ("model",))
+        source_manifest = require_artifact(store, request.model, "model", ("model",))
+        source_format = source_manifest.format
+        if not fmt.takes_natively(source_format) and source_format not in dense.DECODABLE:
+            raise InvalidArgument(
+                f"a {source_format!r} model cannot be exported as {format_name}: the format takes "
+                f"{', '.join(fmt.source_formats)} as they are, and Tailor decodes "
+                f"{', '.join(dense.DECODABLE)} to hf-safetensors first",
+                choices=sorted({*fmt.source_formats, *dense.DECODABLE}),
+            )
         inputs, calibration = [request.model.id], None
         if fmt.needs_calibration:
             if not cfg.calibration_data:
@@ -98,8 +130,15 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
                 job.calibration_file = Path(store.materialize(calibration[0], cache_dir)) / calibration[1]
             with workspace(cache_dir) as scratch:
                 out = scratch / "export"
-                result = fmt.run(model_dir, out, cfg, job)
+                source_dir, decoding = model_dir, None
+                if not fmt.takes_natively(source_format):
+                    progress(1.5, "decoding", f"{source_format} to dense float32 hf-safetensors")
+                    source_dir = scratch / "dense"
+                    decoding = dense.decode_to_dense(model_dir, source_dir, progress)
+                    progress(5.0, "decoded", f"{decoding['decoded_layers']} layers from {source_format}")
+                result = fmt.run(source_dir, out, cfg, job)
                 metrics = verification_metrics(result.get("verification", {}))
+                metrics.update(source_metrics(source_format, decoding))
                 metrics["size_on_disk_mb"] = result.get("size_on_disk_mb", 0.0)
                 metrics["export_format"] = format_name
                 progress(99.0, "publishing", "")

@@ -7,7 +7,12 @@ from tailor_runtime.ml.architectures._shared import LINEAR_ONLY_METHODS, MOBILE_
 CONV1D = (
     "llm-compressor quantizes torch.nn.Linear layers, and GPT-2 stores its projections as transformers' "
     "Conv1D (input-major weights), which compressed-tensors cannot describe; quantize GPT-2 with "
-    "int8_dynamic, nf4, fp4, llm_int8 or a gguf_* method"
+    "nf4, fp4, llm_int8 or a gguf_* method"
+)
+INT8_DYNAMIC_CONV1D = (
+    "int8_dynamic replaces torch.nn.Linear layers and writes a compressed-tensors description of them "
+    "for transformers, and GPT-2's projections are Conv1D layers (input-major weights); quantize GPT-2 "
+    "with nf4, fp4, llm_int8 or a gguf_* method, or export it to onnx-int8"
 )
 
 GPT2 = register(
@@ -19,6 +24,7 @@ GPT2 = register(
         llama_cpp_arch="gpt2",
         refused={
             **{f"quantize/{method}": CONV1D for method in LINEAR_ONLY_METHODS},
+            "quantize/int8_dynamic": INT8_DYNAMIC_CONV1D,
             "export/executorch": MOBILE_LLAMA_ONLY,
             "export/coreml": MOBILE_LLAMA_ONLY,
         },

@@ -2,10 +2,25 @@
 
 On disk (safetensors only, nothing pickled):
   * `model.safetensors`: for each quantized nn.Linear `<name>.weight` as int8 plus `<name>.weight_scale`
-    (float32, one per output channel; symmetric, so no zero point) and `<name>.bias` in float32 if any;
-    every other parameter (embeddings, norms, an untied lm_head) in float32.
-  * config.json, tokenizer files, generation_config.json as in any HF folder.
-  * tailor_format.json: {"format": "int8-dynamic", "dtype": "float32", "quantized_layers": N, ...}.
+    (float32, [out, 1]: one per output channel; symmetric, so no zero point) and `<name>.bias` in float32
+    if any; every other parameter (embeddings, norms, an untied lm_head) in float32.
+  * config.json with a `quantization_config` that says exactly that in compressed-tensors' terms
+    (`int-quantized`: int8 channel-wise symmetric weights; activations quantized per call, per tensor,
+    asymmetric, at the width torch's kernels use), so plain transformers (with the compressed-tensors
+    package) loads the folder and computes what Tailor's loader computes: the same int8 weights and
+    scales, activations rounded on the same grid (measured: logits within 1e-6, same greedy tokens).
+    Folders written before that had no quantization_config; Tailor still loads them (scales [out]).
+  * tokenizer files, generation_config.json as in any HF folder.
+  * tailor_format.json: {"format": "int8-dynamic", "dtype": "float32", "quantized_layers": N,
+    "activation_bits": 7 or 8, ...}.
+
+torch's x86/fbgemm dynamic Linear quantizes activations with `reduce_range` (7 bits, [0, 127]) so its
+int8 products cannot overflow; compressed-tensors expresses that exactly as asymmetric 7-bit integers.
+QNNPACK (ARM) uses the full 8 bits: the folder records the width of the engine that wrote it.
+
+GPT-2's Conv1D projections (input-major weights) are not nn.Linear and compressed-tensors only quantizes
+nn.Linear: the architecture registry refuses `quantize/int8_dynamic` for gpt2, and save_quantized refuses
+a model with no Linear layer to quantize.
 
 Loading rebuilds the architecture from config.json and swaps each quantized nn.Linear for torch's
 `torch.ao.nn.quantized.dynamic.Linear` built from the stored int8 weight and scales: activations are
@@ -62,22 +77,74 @@ def quantize_weight(weight: Any) -> tuple[Any, Any]:
     return q, scale
 
 
+def activation_bits() -> int:
+    """The activation width torch's dynamic int8 Linear uses on this machine's quantized engine: 7 on
+    x86/fbgemm (reduce_range), 8 on QNNPACK."""
+    import torch
+
+    return 7 if torch.backends.quantized.engine in ("x86", "fbgemm") else 8
+
+
+def quantization_config(model: Any, bits: int) -> dict[str, Any]:
+    """compressed-tensors' description of an int8-dynamic folder (transformers' `quantization_config`):
+    every nn.Linear but the output embedding has int8 symmetric per-channel weights stored as they are
+    (`int-quantized`) and per-tensor asymmetric dynamic activations of `bits` bits."""
+    out_emb = model.get_output_embeddings()
+    ignore = sorted(name for name, mod in model.named_modules() if out_emb is not None and mod is out_emb)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "int-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 8,
+                    "type": "int",
+                    "symmetric": True,
+                    "strategy": "channel",
+                    "dynamic": False,
+                },
+                "input_activations": {
+                    "num_bits": bits,
+                    "type": "int",
+                    "symmetric": False,
+                    "strategy": "tensor",
+                    "dynamic": True,
+                },
+            }
+        },
+        "ignore": ignore,
+    }
+
+
 def save_quantized(model: Any, tokenizer: Any, out_dir: Path, progress: ProgressFn = no_progress) -> dict:
     """Quantize `model`'s Linear layers and write an int8-dynamic folder. Returns metrics."""
+    import copy
+
     import torch
     from safetensors.torch import save_file
 
+    from tailor_runtime.errors import InvalidArgument
     from tailor_runtime.ml.formats import INT8_DYNAMIC
     from tailor_runtime.ml.model_io import write_format
 
     out_dir = Path(out_dir)
     linears = quantizable_linears(model)
+    if not linears:
+        kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "weight")})[:6]
+        raise InvalidArgument(
+            f"int8_dynamic quantizes nn.Linear layers and {type(model).__name__} has none besides its output "
+            f"head (its layers: {', '.join(kinds)}); quantize it with a method that takes its layers, or "
+            "export it to onnx-int8, which quantizes its MatMuls"
+        )
+    bits = activation_bits()
     linear_names = {name for name, _ in linears}
     tensors: dict[str, Any] = {}
     for i, (name, mod) in enumerate(linears):
         q, scale = quantize_weight(mod.weight)
         tensors[f"{name}.weight"] = q
-        tensors[f"{name}{SCALE_SUFFIX}"] = scale
+        tensors[f"{name}{SCALE_SUFFIX}"] = scale[:, None]  # compressed-tensors' channel layout
         if mod.bias is not None:
             tensors[f"{name}.bias"] = mod.bias.detach().float()
         progress(100.0 * (i + 1) / len(linears), "quantizing", f"layer {i + 1}/{len(linears)}")
@@ -90,14 +157,22 @@ def save_quantized(model: Any, tokenizer: Any, out_dir: Path, progress: Progress
     tensors = {k: v.contiguous() for k, v in sorted(tensors.items())}
     # One metadata key only: safetensors writes a multi-key metadata map in hash order (not reproducible).
     save_file(tensors, out_dir / WEIGHTS_FILE, metadata={"format": "pt"})
-    model.config.save_pretrained(out_dir)
+    config = copy.deepcopy(model.config)
+    config.quantization_config = quantization_config(model, bits)
+    config.dtype = torch.float32
+    config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     int8_bytes = sum(t.numel() for k, t in tensors.items() if t.dtype == torch.int8)
     write_format(
-        out_dir, INT8_DYNAMIC, dtype="float32", quantized_layers=len(linears), scheme="symmetric-per-channel"
+        out_dir,
+        INT8_DYNAMIC,
+        dtype="float32",
+        quantized_layers=len(linears),
+        scheme="symmetric-per-channel",
+        activation_bits=bits,
     )
     return {
         "quantized_layers": len(linears),
@@ -131,6 +206,10 @@ def load(folder: Path, fmt: dict[str, Any]) -> Any:
     folder = Path(folder)
     tensors = load_file(folder / WEIGHTS_FILE)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        # It describes the folder for transformers; the model built here holds torch's own int8 layers,
+        # and a copy of it saved elsewhere must not claim compressed-tensors weights.
+        del config.quantization_config
     # Parameters on the meta device (no memory, no random init); buffers such as RoPE tables stay real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -155,7 +234,7 @@ def load(folder: Path, fmt: dict[str, Any]) -> Any:
                 raise InvalidArgument(
                     f"{folder}: {name} is quantized on disk but is not a Linear layer in config"
                 )
-            setattr(parent, child, dynamic_linear(qweight, scale, bias))
+            setattr(parent, child, dynamic_linear(qweight, scale.reshape(-1), bias))
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta or unexpected:
         raise InvalidArgument(
