@@ -195,9 +195,8 @@ class PipelineSpec(BaseModel):
 
     def inputs(self) -> dict[str, Input | ModelInput]:
         """Every input that is an artifact id or a local path (a hub model is the import stage's)."""
-        found: dict[str, Input | ModelInput] = {"data.eval": self.data.eval}
-        if self.model.hub is None:
-            found["model"] = self.model
+        found: dict[str, Input | ModelInput] = {} if self.model.hub is not None else {"model": self.model}
+        found["data.eval"] = self.data.eval
         if self.data.train is not None:
             found["data.train"] = self.data.train
         for i, q in enumerate(self.quantize):

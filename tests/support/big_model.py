@@ -1,8 +1,8 @@
 """Large model folders and a gateway process on its own, for upload memory tests and bench/upload_memory.py.
 
 `write_sharded_model` writes a Hugging Face folder shaped like a sharded checkpoint: valid safetensors
-shards (header + tensors) filled with random bytes, streamed in 16 MiB pieces (bounded memory), an index,
-and a config.json. `GatewayProcess` starts only `python -m tailor_gateway` (no workers) with a local store,
+shards (header + tensors) filled with random bytes (one random piece, stamped per copy), streamed in
+16 MiB pieces (bounded memory), an index, and a config.json. `GatewayProcess` starts only `python -m tailor_gateway` (no workers) with a local store,
 and reads its resident memory from /proc.
 """
 
@@ -47,13 +47,17 @@ def _write_shard(path: Path, tensors: dict[str, tuple[int, int]]) -> int:
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    # One random 16 MiB piece, each copy stamped with its number: no two pieces alike (nothing on the
+    # path compresses or deduplicates), and disk-bound rather than bound by os.urandom's CPU cost.
+    piece = bytearray(os.urandom(PIECE))
     with open(path, "wb") as handle:
         handle.write(len(raw).to_bytes(8, "little") + raw)
-        left = offset
+        left, number = offset, 0
         while left:
             n = min(PIECE, left)
-            handle.write(os.urandom(n))
-            left -= n
+            piece[:8] = number.to_bytes(8, "little")
+            handle.write(memoryview(piece)[:n])
+            left, number = left - n, number + 1
     return path.stat().st_size
 
 
