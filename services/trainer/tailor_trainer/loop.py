@@ -77,8 +77,12 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
         fused = fused_cross_entropy(base, selected)
         if fused is not None:
             return fused(base.lm_head.weight, selected, labels[keep])
-        logits = base.lm_head(selected)
-        return torch.nn.functional.cross_entropy(logits.float(), labels[keep])
+        logits = base.lm_head(selected).float()
+        # The model's own forward caps its logits (Gemma 2: cap * tanh(logits / cap)); so does the loss.
+        cap = final_logit_softcap(base)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return torch.nn.functional.cross_entropy(logits, labels[keep])
     logits = model(input_ids=batch["input_ids"], **kwargs).logits
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE
@@ -92,12 +96,17 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
 FUSED_LOSS_ATTR = "_tailor_fused_linear_cross_entropy"
 
 
+def final_logit_softcap(base: Any) -> float | None:
+    """The cap a model applies to its output logits (Gemma 2's final_logit_softcapping), or None."""
+    return getattr(getattr(base, "config", None), "final_logit_softcapping", None) or None
+
+
 @functools.cache
-def _liger_loss() -> Any:
-    """One Liger loss module for the process (it holds only its settings)."""
+def _liger_loss(softcap: float | None = None) -> Any:
+    """One Liger loss module per soft-cap for the process (it holds only its settings)."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE)
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, softcap=softcap)
 
 
 def fused_cross_entropy(base: Any, hidden: Any) -> Any:
@@ -110,7 +119,7 @@ def fused_cross_entropy(base: Any, hidden: Any) -> Any:
     weight = getattr(head, "weight", None)
     if getattr(head, "bias", None) is not None or weight is None or weight.dtype != hidden.dtype:
         return None
-    return _liger_loss()
+    return _liger_loss(final_logit_softcap(base))
 
 
 def _silent(percent: float, phase: str = "", message: str = "", **metrics: float) -> None:

@@ -122,3 +122,37 @@ def test_fused_kernels_change_only_their_model_and_a_later_cpu_model_still_runs(
     assert gpu_model(ids.cuda()).logits.shape == (1, 16, 512)
     cpu_model = LlamaForCausalLM(config)
     assert torch.isfinite(cpu_model(ids).logits).all()
+
+
+@pytest.mark.parametrize(
+    "family", ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"]
+)
+def test_fused_kernels_keep_the_loss_in_every_family(family, tmp_path):
+    """Liger's kernels (its per-family RMSNorm/SwiGLU/GeGLU and the fused linear cross-entropy, soft-capped
+    for Gemma 2) against the model's plain modules and loss, on a tiny model of each family in bf16."""
+    import torch
+    from support.families import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (requirements-gpu.txt)")
+    from tailor_trainer.loop import IGNORE, batch_loss
+    from tailor_trainer.lora import build_peft_model, resolve_target_modules
+
+    folder = tiny_model(family, tmp_path / family, seed=3)
+
+    def loss(fused: bool) -> float:
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to("cuda")
+        with torch.no_grad():
+            base.get_output_embeddings().weight.mul_(100.0)  # logits of tens, where a cap bites
+        cfg = LoraTrainConfig(r=4, fused_kernels=fused)
+        model = build_peft_model(base, cfg, resolve_target_modules(base, None))
+        torch.manual_seed(0)
+        ids = torch.randint(3, 512, (2, 64), device="cuda")
+        labels = torch.roll(ids, -1, dims=1)
+        labels[:, -1] = IGNORE
+        with torch.no_grad():
+            return float(batch_loss(model, {"input_ids": ids, "labels": labels}))
+
+    plain, fused = loss(False), loss(True)
+    print(f"{family}: plain {plain:.4f}, fused {fused:.4f}")
+    assert fused == pytest.approx(plain, rel=2e-2)
