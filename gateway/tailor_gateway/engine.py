@@ -56,6 +56,9 @@ _OP_STATE = {
 }
 
 
+NOTHING_TO_EXPORT = "no candidate met the constraints, so none was exported"
+
+
 class StageFailed(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
@@ -524,6 +527,9 @@ class Engine:
         result["recommended_model"] = models.get(response.recommended_id, {})
         self.state.set_stage(p.id, s.name, worker=worker)
         self._succeed_stage(p.id, s, [], result)
+        if not response.recommended_id and "export" in stages:
+            # Nothing to export; the report still runs and shows how far each candidate missed.
+            self.state.set_stage(p.id, "export", state=st.SKIPPED, error_message=NOTHING_TO_EXPORT)
 
     async def _run_report(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
         backoff, started = Backoff(base=1.0, cap=30.0), time.monotonic()

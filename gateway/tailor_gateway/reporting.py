@@ -93,6 +93,9 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
                 if k in ("final_loss", "steps", "tokens_per_s", "trainable_params")
             },
         }
+    if "export" in stages and stages["export"].state == st.SKIPPED:
+        ex = stages["export"]
+        summary["export"] = {"format": ex.params.get("format") or "", "skipped": ex.error_message}
     if "export" in stages and stages["export"].results:
         ex = stages["export"]
         summary["export"] = {

@@ -110,3 +110,63 @@ def test_json_is_valid_even_with_failed_measurements():
     loaded = json.loads(render_report_json(summary))
     assert loaded["candidates"][0]["metrics"]["perplexity"] is None
     assert loaded["recommended"] == "int8_dynamic"
+
+
+def test_a_pipeline_without_a_feasible_candidate_reports_every_miss_and_the_skipped_export():
+    """No candidate meets the constraints: the engine skips the export (NOTHING_TO_EXPORT) and the report
+    still lists each candidate with the limit it missed and by how much."""
+    from types import SimpleNamespace
+
+    from tailor_gateway import state as st
+    from tailor_gateway.engine import NOTHING_TO_EXPORT
+    from tailor_gateway.reporting import build_summary
+    from tailor_gateway.spec import parse_spec
+    from tailor_selector.selection import AT_MOST, Candidate, Constraint, select
+
+    spec = parse_spec(
+        f"name: tight\nmodel: {{artifact: {'a' * 64}}}\ndata: {{eval: {{artifact: {'b' * 64}}}}}\n"
+        "quantize: [{method: int8_dynamic}]\nselect: {constraints: {max_size_mb: 0.01}}\n"
+        "export: {format: onnx}\n"
+    )
+    chosen = select(
+        [Candidate("original", "original", {"perplexity": 4.0, "size_mb": 1.0, "latency_ms_per_token": 2.0},
+                   True),
+         Candidate("int8_dynamic", "int8_dynamic",
+                   {"perplexity": 4.1, "size_mb": 0.5, "latency_ms_per_token": 1.0})],
+        [Constraint("size_mb", AT_MOST, 0.01)],
+    )  # fmt: skip
+    assert chosen.recommended is None
+    verdicts = [
+        {
+            "candidate_id": v.candidate.id,
+            "feasible": v.feasible,
+            "metrics": v.candidate.metrics,
+            "violations": [vars(x) for x in v.violations],
+        }
+        for v in chosen.verdicts
+    ]
+
+    def row(name, kind, state, **kw):
+        return st.StageRow("p1", name, kind, 0, [], kw.pop("params", {}), state=state, **kw)
+
+    stages = {
+        "quantize/int8_dynamic": row(
+            "quantize/int8_dynamic", "quantize", st.SUCCEEDED, params={"method": "int8_dynamic",
+            "candidate": "int8_dynamic"}, results=[{"id": "q1"}]),
+        "benchmark/original": row("benchmark/original", "benchmark", st.SUCCEEDED,
+                                  params={"candidate": "original"}, metrics={"size_mb": 1.0}),
+        "benchmark/int8_dynamic": row("benchmark/int8_dynamic", "benchmark", st.SUCCEEDED,
+                                      params={"candidate": "int8_dynamic"}, metrics={"size_mb": 0.5}),
+        "select": row("select", "select", st.SUCCEEDED,
+                      metrics={"verdicts": verdicts, "recommended_id": "", "rationale": chosen.rationale}),
+        "export": row("export", "export", st.SKIPPED, params={"format": "onnx"},
+                      error_message=NOTHING_TO_EXPORT),
+    }  # fmt: skip
+    summary = build_summary(SimpleNamespace(id="p1", name="tight", created=0.0), spec, stages)
+    assert summary["recommended"] == "" and summary["export"]["skipped"] == NOTHING_TO_EXPORT
+    assert {c["name"] for c in summary["candidates"]} == {"original", "int8_dynamic"}
+    assert all(c["violations"] and not c["feasible"] for c in summary["candidates"])
+    page = render_report_html(summary)
+    assert "No candidate is recommended" in page and NOTHING_TO_EXPORT in page
+    assert "exceeds the limit 0.01 MB by 0.49 MB" in page  # the rationale: how far it missed
+    assert json.loads(render_report_json(summary))["export"]["skipped"] == NOTHING_TO_EXPORT

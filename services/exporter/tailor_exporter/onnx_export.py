@@ -319,6 +319,8 @@ def _register(
             description=description,
             output_format="ort" if name == "ort" else "onnx",
             libraries=LIBRARIES,
+            # Taken as they are (an int8-dynamic source keeps its int8 layers); the servicer decodes others.
+            source_formats=("hf-safetensors", "int8-dynamic"),
             **extra,
         )
     )
