@@ -11,7 +11,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 pip install --no-index --no-deps -q --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=/tmp/site:$PWD/gen:$PWD/runtime:$PWD/services/trainer:$PWD/services/quantizer:$PWD/services/benchmarker
+export PYTHONPATH=/tmp/site:$PWD/tests:$PWD/gen:$PWD/runtime:$PWD/services/trainer:$PWD/services/quantizer:$PWD/services/benchmarker
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 for part in "$@"; do
