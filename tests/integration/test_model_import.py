@@ -51,7 +51,9 @@ def test_models_import_hub_prints_the_id_and_the_second_downloads_nothing(hub_ga
     manifest = yaml.safe_load(again.manifest_json)
     assert manifest["format"] == "hf-safetensors"
     assert manifest["recipe"] == {"stage": "import", "hub": REPO, "commit": hub_gateway.commit}
-    listed = conn.gateway_stub().ListArtifacts(gw.ListArtifactsRequest(kind="model"), metadata=conn.metadata())
+    listed = conn.gateway_stub().ListArtifacts(
+        gw.ListArtifactsRequest(kind="model"), metadata=conn.metadata()
+    )
     assert artifact_id in {a.id for a in listed.artifacts}  # owned by the caller's project
 
 
@@ -75,7 +77,9 @@ def test_pipeline_with_a_hub_model_imports_it_first(hub_gateway, tmp_path):
         "data": {"eval": {"artifact": upload(conn, text).artifact.id}},
     }
     stub = conn.gateway_stub()
-    p = stub.CreatePipeline(gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(spec)), metadata=conn.metadata())
+    p = stub.CreatePipeline(
+        gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(spec)), metadata=conn.metadata()
+    )
     expected = import_hub(conn, REPO).artifact.id
     deadline = time.monotonic() + 60
     while True:
