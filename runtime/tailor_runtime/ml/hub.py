@@ -45,9 +45,7 @@ _REPO = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-/]{0,127}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 MAX_CONFIG_BYTES = 1 << 20
-TOKEN_HINT = (
-    "set HF_TOKEN on the gateway (in the chart: hub.tokenSecret, a Secret with key 'token')"
-)
+TOKEN_HINT = "set HF_TOKEN on the gateway (in the chart: hub.tokenSecret, a Secret with key 'token')"
 
 
 def check_repo(repo: str) -> str:
