@@ -135,7 +135,7 @@ def test_fused_kernels_keep_the_loss_in_every_family(family, tmp_path):
     from transformers import AutoModelForCausalLM
 
     pytest.importorskip("liger_kernel", reason="liger-kernel is not installed (requirements-gpu.txt)")
-    from tailor_trainer.loop import IGNORE, batch_loss
+    from tailor_trainer.loop import FUSED_LOSS_ATTR, IGNORE, batch_loss
     from tailor_trainer.lora import build_peft_model, resolve_target_modules
 
     folder = tiny_model(family, tmp_path / family, seed=3)
@@ -146,6 +146,7 @@ def test_fused_kernels_keep_the_loss_in_every_family(family, tmp_path):
             base.get_output_embeddings().weight.mul_(100.0)  # logits of tens, where a cap bites
         cfg = LoraTrainConfig(r=4, fused_kernels=fused)
         model = build_peft_model(base, cfg, resolve_target_modules(base, None))
+        assert getattr(base, FUSED_LOSS_ATTR, False) == fused  # the fused loss is the one measured
         torch.manual_seed(0)
         ids = torch.randint(3, 512, (2, 64), device="cuda")
         labels = torch.roll(ids, -1, dims=1)
