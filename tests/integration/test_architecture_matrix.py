@@ -24,18 +24,19 @@ from tailor_runtime.ml import architectures
 
 pytestmark = pytest.mark.integration
 
-# family -> (the quantize method besides int8_dynamic, the export format).
+# family -> (the quantize methods, the export format or None). GPT-2 and Mixtral have no export format
+# yet and take fewer methods: the registry says why, and the refusals are tested below.
 MATRIX = {
-    "llama": ("gptq", "executorch"),
-    "llama3": ("awq", "gguf"),
-    "mistral": ("gguf_q8_0", "onnx-int8"),
-    "qwen2": ("awq", "onnx"),
-    "qwen3": ("gptq", "gguf"),
-    "phi3": ("nf4", "onnx"),
-    "gemma2": ("gguf_q8_0", "onnx-int8"),
-    "gemma3": ("nf4", "gguf"),
-    "gpt2": ("nf4", "onnx"),
-    "mixtral": ("gguf_q8_0", "gguf"),  # the Linear-only quantizers are refused for its fused experts
+    "llama": (["int8_dynamic", "gptq"], "executorch"),
+    "llama3": (["int8_dynamic", "awq"], "gguf"),
+    "mistral": (["int8_dynamic", "nf4"], "onnx-int8"),
+    "qwen2": (["int8_dynamic", "awq"], "onnx"),
+    "qwen3": (["int8_dynamic", "gptq"], "onnx-int8"),
+    "phi3": (["int8_dynamic", "nf4"], "onnx"),
+    "gemma2": (["int8_dynamic", "rtn"], "onnx-int8"),
+    "gemma3": (["int8_dynamic", "nf4"], "onnx"),
+    "gpt2": (["nf4"], None),
+    "mixtral": (["bf16"], None),
 }
 FAMILY_OF = {"llama3": "llama"}  # test model name -> registry family, where they differ
 GROUPED = {"gptq", "awq", "rtn"}  # tiny layers are 64 wide: groups of 32
@@ -51,7 +52,7 @@ BENCHMARK = {
 }
 
 
-def _spec(name: str, model: str, data: dict, methods: list[str], export: str) -> str:
+def _spec(name: str, model: str, data: dict, methods: list[str], export: str | None) -> str:
     quantize = []
     for method in methods:
         entry = {"method": method, "gate": {"disabled": True}}  # random weights: quality is not the point
@@ -70,8 +71,9 @@ def _spec(name: str, model: str, data: dict, methods: list[str], export: str) ->
         "quantize": quantize,
         "benchmark": {"config": BENCHMARK},
         "select": {"constraints": {"max_perplexity_increase_pct": 1000}},
-        "export": {"format": export},
     }
+    if export is not None:
+        spec["export"] = {"format": export}
     return yaml.safe_dump(spec)
 
 
@@ -105,8 +107,7 @@ def finished(uploaded) -> dict[str, gw.Pipeline]:
     conn, models, data = uploaded
     stub = conn.gateway_stub()
     ids = {}
-    for name, (method, export) in MATRIX.items():
-        methods = [method] if name == "mixtral" else ["int8_dynamic", method]
+    for name, (methods, export) in MATRIX.items():
         spec = _spec(name, models[name], data, methods, export)
         ids[name] = stub.CreatePipeline(gw.CreatePipelineRequest(spec_yaml=spec), metadata=conn.metadata()).id
     results = {}
@@ -142,9 +143,9 @@ def test_every_stage_succeeds_for_the_family(finished, name):
     summary = json_format.MessageToDict(pipeline.summary)
     assert summary["recommended"]
     assert summary["finetune"]["steps"] == 2
-    # The export was verified against the candidate it was made from before it was published.
-    assert summary["export"]["format"] == export
-    assert summary["export"]["artifact_id"]
+    if export:  # verified against the candidate it was made from before it was published
+        assert summary["export"]["format"] == export
+        assert summary["export"]["artifact_id"]
 
 
 REFUSED = [

@@ -213,7 +213,7 @@ def test_stages_are_checked_against_the_models_architecture():
                 await caps.check(parse_spec(_spec(export="coreml")), qwen2)
             message = err.value.message
             assert message.startswith("export.format: export format 'coreml' cannot take this qwen2 model")
-            assert "onnx, ort or gguf instead" in message
+            assert "export this model to onnx or ort instead" in message
             # A target is checked through the format it picks.
             with pytest.raises(
                 InvalidArgument,

@@ -8,8 +8,19 @@ GATED_MLP = ("gate_proj", "up_proj", "down_proj")
 # The on-device decoder (tailor_exporter.mobile_decoder) rebuilds Llama's layer with a static KV cache.
 MOBILE_LLAMA_ONLY = (
     "the on-device exporters (ExecuTorch, Core ML) rebuild the decoder with a static KV cache for Llama's "
-    "layer layout only; export this model to onnx, ort or gguf instead"
+    "layer layout only; export this model to onnx or ort instead"
 )
+
+# Tailor's GGUF writer (tailor_runtime.ml.gguf_io) writes Llama's tensor layout only; moving GGUF to
+# llama.cpp's own convert_hf_to_gguf.py, which knows the other families, is not finished.
+GGUF_LLAMA_ONLY = (
+    "Tailor writes GGUF files for Llama's layout only so far (llama.cpp's own converter for the other "
+    "families is not wired in yet); export to onnx or onnx-int8, or quantize with int8_dynamic, nf4 or rtn"
+)
+GGUF_REFUSED = {"export/gguf": GGUF_LLAMA_ONLY, "quantize/gguf_*": GGUF_LLAMA_ONLY}
+
+# torch.onnx's dynamo exporter fails on these models' decoder with a KV cache (tested).
+ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "onnx-int8-static", "ort", "triton")
 
 # llm-compressor's methods (and its compressed-tensors format) act on torch.nn.Linear modules.
 LINEAR_ONLY_METHODS = ("rtn", "gptq", "awq", "smoothquant", "auto", "int8_weight_only", "fp8")
