@@ -20,9 +20,11 @@ from tailor_runtime.ml.model_io import FORMAT_FILE, infer_format
 from tailor_runtime.server import GRPC_OPTIONS
 from tailor_runtime.store.keys import check_relative_path
 from tailor_runtime.streams import read_chunks, with_last
+from tailor_runtime.trust import SyncWorkerCallInterceptor
 
 UPLOAD_CHUNK = 1 << 20
 DEFAULT_STATE_DIR = Path(".tailor")
+DIRECT_PROJECT = "default"  # the local stack's project (its token's); direct commands' operations
 
 
 class CliError(Exception):
@@ -34,6 +36,8 @@ class Connection:
     gateway: str
     token: str
     services: dict[str, str]
+    # The local stack's worker secret (`tailor up` writes it): direct stage commands act as the gateway.
+    worker_secret: str = ""
 
     @classmethod
     def discover(cls, state_dir: Path = DEFAULT_STATE_DIR) -> Connection:
@@ -50,7 +54,9 @@ class Connection:
             token = (state_dir / "token").read_text().strip()
         if not token:
             raise CliError("no API token: set TAILOR_TOKEN (the local stack writes one to .tailor/token)")
-        return cls(gateway, token, info.get("services", {}))
+        secret_file = state_dir / "worker-secret"
+        secret = secret_file.read_text().strip() if info and secret_file.exists() else ""
+        return cls(gateway, token, info.get("services", {}), secret)
 
     def metadata(self) -> list[tuple[str, str]]:
         return [("authorization", f"Bearer {self.token}")]
@@ -62,7 +68,9 @@ class Connection:
         address = os.environ.get(f"TAILOR_{service.upper()}") or self.services.get(service)
         if not address:
             raise CliError(f"no address for the {service} service: set TAILOR_{service.upper()}=host:port")
-        return grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        # Workers take calls from the gateway only; on the local stack the CLI holds the same secret.
+        return grpc.intercept_channel(channel, SyncWorkerCallInterceptor(self.worker_secret, DIRECT_PROJECT))
 
 
 def open_channel(address: str) -> grpc.Channel:

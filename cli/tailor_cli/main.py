@@ -66,12 +66,10 @@ def cmd_up(args) -> int:
     stopping = []
     signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
     try:
-        while not stopping:
-            time.sleep(0.5)
-            dead = [s for s, p in stack.processes.items() if p.poll() is not None]
-            if dead:
-                console.print(f"[red]{', '.join(dead)} exited; see {args.state_dir / 'logs'}[/red]")
-                break
+        # A process that dies is restarted (bounded; logs/supervisor.log, stack.json); the rest keep running.
+        stack.supervise(
+            lambda: bool(stopping), report=lambda event: console.print(f"[yellow]{event}[/yellow]")
+        )
     except KeyboardInterrupt:
         pass
     with console.status("stopping..."):

@@ -1,14 +1,23 @@
-"""The local stack: every service as its own process on localhost, sharing one artifact store."""
+"""The local stack: every service as its own process on localhost, sharing one artifact store.
+
+Workers take calls from the gateway only: `start()` writes a fresh per-stack secret to
+`<state>/worker-secret` (0600) and hands its path to every process (TAILOR_WORKER_SECRET_FILE).
+`supervise()` restarts a process that died (bounded, with backoff), logging each restart to
+`<state>/logs/supervisor.log` and recording it in `<state>/stack.json`; the others keep running.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tailor_cli.client import Connection, open_channel
 from tailor_gateway.tokens import issue_token
+from tailor_runtime.trust import SyncWorkerCallInterceptor
 
 SERVICES = ("quantizer", "trainer", "benchmarker", "exporter", "selector")
 MODULES = {
@@ -28,6 +38,11 @@ MODULES = {
     "selector": "tailor_selector",
 }
 OFFSETS = {"gateway": 0, "quantizer": 1, "trainer": 2, "benchmarker": 3, "exporter": 4, "selector": 5}
+# A process that dies more often than this within RESTART_WINDOW_S is left down (and said so): a crash
+# loop (bad settings, a port taken) would otherwise restart forever.
+MAX_RESTARTS = 5
+RESTART_WINDOW_S = 600.0
+SECRET_FILE = "worker-secret"
 
 
 @dataclass
@@ -41,6 +56,13 @@ class Stack:
     envs: dict[str, dict[str, str]] = field(default_factory=dict)
     # Extra workers per pool, e.g. {"quantizer": 2}: named quantizer-2, quantizer-3 (ports from base+10).
     replicas: dict[str, int] = field(default_factory=dict)
+    # Supervision: restart times per process, processes given up on, and the due time of a restart.
+    restarts: dict[str, list[float]] = field(default_factory=dict)
+    given_up: set[str] = field(default_factory=set)
+    store: str = ""
+    _restart_due: dict[str, float] = field(default_factory=dict, init=False, repr=False)
+    _stopping: bool = field(default=False, init=False, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
 
     def instances(self) -> dict[str, int]:
         """Every process of the stack -> its port offset."""
@@ -69,6 +91,7 @@ class Stack:
         token_file = self.state_dir / "token"
         token_file.write_text(self.token + "\n")
         os.chmod(token_file, 0o600)
+        secret_file = self.write_worker_secret()
         instances = self.instances()
         workers = ";".join(
             f"{s}=" + ",".join(self.address(i) for i in instances if i.split("-")[0] == s) for s in SERVICES
@@ -84,24 +107,40 @@ class Stack:
                 "TAILOR_STATE_DB": str(self.state_dir / "gateway.db"),
                 "TAILOR_TOKENS_FILE": str(tokens_file),
                 "TAILOR_WORKERS": workers,
+                "TAILOR_WORKER_SECRET_FILE": str(secret_file),
                 "PYTHONUNBUFFERED": "1",
                 **self.extra_env,
             }
             self.envs[service] = env
             self._spawn(service)
-        self.info_file.write_text(
-            json.dumps(
-                {
-                    "gateway": self.address("gateway"),
-                    "services": {s: self.address(s) for s in SERVICES},
-                    "replicas": {s: self.address(s) for s in instances if "-" in s},
-                    "pids": {s: p.pid for s, p in self.processes.items()},
-                    "store": store,
-                },
-                indent=2,
-            )
-        )
+        self.store = store
+        self.write_info()
         self.wait_healthy(timeout)
+
+    def write_worker_secret(self) -> Path:
+        """A fresh secret per stack start, readable by this user only (created 0600, never world-readable)."""
+        path = self.state_dir / SECRET_FILE
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32) + "\n")
+        return path
+
+    def write_info(self) -> None:
+        """stack.json: addresses, pids and restarts, for the CLI and for `tailor up`'s report."""
+        with self._lock:
+            info = {
+                "gateway": self.address("gateway"),
+                "services": {s: self.address(s) for s in SERVICES},
+                "replicas": {s: self.address(s) for s in self.instances() if "-" in s},
+                "pids": {s: p.pid for s, p in self.processes.items()},
+                "restarts": {s: len(t) for s, t in self.restarts.items() if t},
+                "down": sorted(self.given_up),
+                "store": self.store,
+            }
+            tmp = self.info_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(info, indent=2))
+            tmp.replace(self.info_file)
 
     def ports(self) -> list[int]:
         """Every port the stack listens on: gRPC per process, and Prometheus 1000 above it."""
@@ -111,7 +150,21 @@ class Stack:
 
     def connection(self) -> Connection:
         """A client connection to this stack's gateway, with the direct stage addresses."""
-        return Connection(self.address("gateway"), self.token, {s: self.address(s) for s in SERVICES})
+        return Connection(
+            self.address("gateway"),
+            self.token,
+            {s: self.address(s) for s in SERVICES},
+            worker_secret=self.worker_secret(),
+        )
+
+    def worker_channel(self, address: str, project: str = "default") -> grpc.Channel:
+        """A channel to one of this stack's workers that calls as the gateway does (for tests, tools)."""
+        channel = open_channel(address)
+        return grpc.intercept_channel(channel, SyncWorkerCallInterceptor(self.worker_secret(), project))
+
+    def worker_secret(self) -> str:
+        path = self.state_dir / SECRET_FILE
+        return path.read_text().strip() if path.exists() else ""
 
     def wait_healthy(self, timeout: float, services: set[str] | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -133,6 +186,8 @@ class Stack:
             time.sleep(0.3)
 
     def stop(self, grace: float = 15.0) -> None:
+        with self._lock:
+            self._stopping = True  # the supervisor restarts nothing from now on
         for proc in self.processes.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -165,6 +220,59 @@ class Stack:
         """Start a killed service again with the same settings and wait until it serves."""
         self._spawn(service)
         self.wait_healthy(120, {service})
+
+    # --- supervision ----------------------------------------------------------------------------
+    def supervise_once(self, report: Callable[[str], object] = print) -> list[str]:
+        """Restart each process that died (after a backoff of 1, 2, 4... s); returns what it did."""
+        events: list[str] = []
+        now = time.monotonic()
+        with self._lock:
+            if self._stopping:
+                return events
+            for service, proc in list(self.processes.items()):
+                if proc.poll() is None or service in self.given_up:
+                    continue
+                recent = [t for t in self.restarts.get(service, []) if now - t < RESTART_WINDOW_S]
+                self.restarts[service] = recent
+                if service not in self._restart_due:
+                    if len(recent) >= MAX_RESTARTS:
+                        self.given_up.add(service)
+                        events.append(
+                            f"{service} exited (code {proc.returncode}) {len(recent) + 1} times within "
+                            f"{RESTART_WINDOW_S:.0f}s: not restarted again, the other services keep "
+                            f"running; see {self.state_dir / 'logs' / (service + '.log')}"
+                        )
+                        continue
+                    self._restart_due[service] = now + min(30.0, 2.0 ** len(recent) / 2)
+                    events.append(f"{service} exited (code {proc.returncode}); restarting it")
+                    continue
+                if now >= self._restart_due[service]:
+                    del self._restart_due[service]
+                    self.restarts[service].append(now)
+                    self._spawn(service)
+                    events.append(
+                        f"{service} restarted (pid {self.processes[service].pid}, restart "
+                        f"{len(self.restarts[service])} of at most {MAX_RESTARTS} per {RESTART_WINDOW_S:.0f}s)"
+                    )
+            if events:
+                self.write_info()
+        for event in events:
+            self._log_supervisor(event)
+            report(event)
+        return events
+
+    def supervise(
+        self, stopping: Callable[[], bool], report: Callable[[str], object] = print, interval: float = 0.5
+    ) -> None:
+        """`tailor up`'s loop: supervise until `stopping()` says so."""
+        while not stopping():
+            self.supervise_once(report)
+            time.sleep(interval)
+
+    def _log_supervisor(self, event: str) -> None:
+        line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event})
+        with open(self.state_dir / "logs" / "supervisor.log", "a") as log:
+            log.write(line + "\n")
 
 
 def health_status(address: str, timeout: float = 1.0) -> str:

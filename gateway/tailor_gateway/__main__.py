@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -81,7 +82,16 @@ def worker_addresses(settings: GatewaySettings):
 
 def main() -> None:
     settings = load_settings(GatewaySettings, "gateway", ENV, port=50051)
-    pools = WorkerPools(worker_addresses(settings), settings.wait_for_worker_s, channel_credentials(settings))
+    secret = settings.worker_secret_value()
+    if not secret and settings.tls_ca is None:
+        # Workers refuse unauthenticated calls: stages would fail with UNAUTHENTICATED.
+        logging.getLogger("tailor.gateway").warning(
+            "no TAILOR_WORKER_SECRET_FILE and no mutual TLS (TAILOR_TLS_CA): workers will refuse this "
+            "gateway unless they run with TAILOR_INSECURE_OPEN_WORKER=true"
+        )
+    pools = WorkerPools(
+        worker_addresses(settings), settings.wait_for_worker_s, channel_credentials(settings), secret
+    )
     tokens = TokenFile(settings.tokens_file)
     store = open_service_store(settings)
     state = StateStore(settings.state_url or settings.state_db)

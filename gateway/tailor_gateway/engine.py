@@ -39,6 +39,7 @@ from tailor_runtime.ml import hub
 from tailor_runtime.stage import read_model_config
 from tailor_runtime.store import ArtifactStore, Manifest
 from tailor_runtime.telemetry import tracer
+from tailor_runtime.trust import call_project
 
 log = logging.getLogger("tailor.gateway.engine")
 OS = common.OperationState
@@ -194,6 +195,7 @@ class Engine:
             raise NotFound(f"pipeline {pipeline_id} not found")
         if p.state in st.TERMINAL:
             return
+        call_project.set(p.project)  # the cancel calls to its workers name the pipeline's project
         self.state.set_pipeline(
             pipeline_id,
             state=st.CANCELLED,
@@ -246,6 +248,7 @@ class Engine:
     async def _drive(self, pipeline_id: str) -> None:
         bind(pipeline_id=pipeline_id)
         p = self.state.get_pipeline(pipeline_id)
+        call_project.set(p.project)  # every worker call of this pipeline names its project
         spec = parse_spec(p.spec_yaml)
         if p.state == st.PENDING:
             self.state.set_pipeline(pipeline_id, state=st.RUNNING)

@@ -4,6 +4,10 @@ Locally the pools are a static list (TAILOR_WORKERS); in a cluster they come fro
 EndpointSlices (discovery.py, TAILOR_DISCOVERY=kubernetes). A busy worker answers RESOURCE_EXHAUSTED
 and a dead one UNAVAILABLE: either way the next worker is tried, then the pool is retried with
 exponential backoff and jitter, capped.
+
+Every call to a worker carries the gateway's proof (trust.py): its client certificate over mutual TLS
+and/or the stack's shared secret, and the project it acts for (`trust.call_project`, which the engine
+sets per pipeline). Workers refuse anything else.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from prometheus_client import Gauge
 
 from tailor_runtime.errors import InvalidArgument, Unavailable
 from tailor_runtime.server import GRPC_OPTIONS
+from tailor_runtime.trust import worker_call_interceptors
 
 log = logging.getLogger("tailor.gateway.workers")
 T = TypeVar("T")
@@ -76,10 +81,12 @@ class WorkerPools:
         pools: Mapping[str, list[str]],
         wait_for_worker_s: float = 600.0,
         credentials: grpc.ChannelCredentials | None = None,
+        secret: str = "",
     ):
         self.pools = pools
         self.wait_for_worker_s = wait_for_worker_s
         self.credentials = credentials  # mutual TLS to the workers when TAILOR_TLS_* are set
+        self._interceptors = worker_call_interceptors(secret)  # the stack's secret and the project
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cursor = {p: itertools.count() for p in POOLS}
         self._suspect_until: dict[str, float] = {}
@@ -90,10 +97,13 @@ class WorkerPools:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
+            options, interceptors = GRPC_OPTIONS, self._interceptors
             if self.credentials is not None:
-                channel = grpc.aio.secure_channel(address, self.credentials, options=GRPC_OPTIONS)
+                channel = grpc.aio.secure_channel(
+                    address, self.credentials, options=options, interceptors=interceptors
+                )
             else:
-                channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+                channel = grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
             self._channels[address] = channel
         return self._channels[address]
 

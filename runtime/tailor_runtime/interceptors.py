@@ -25,6 +25,17 @@ AuthCheck = Callable[[str, dict[str, str]], str]
 
 # The project of the authenticated caller, for servicers that scope data to it.
 current_principal: contextvars.ContextVar[str] = contextvars.ContextVar("current_principal", default="")
+# The names in the caller's verified client certificate (mutual TLS: CN and SANs), for auth checks; empty
+# without one. gRPC verified the certificate against TAILOR_TLS_CA before the call reached us.
+current_peer: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+    "current_peer", default=frozenset()
+)
+
+
+def peer_names(context) -> frozenset[str]:
+    auth = context.auth_context() or {}
+    names = [*auth.get("x509_common_name", ()), *auth.get("x509_subject_alternative_name", ())]
+    return frozenset(n.decode() if isinstance(n, bytes) else str(n) for n in names)
 
 
 async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
@@ -65,6 +76,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _enter(self, method: str, metadata: dict[str, str], guarded: bool, context):
         if guarded:
+            current_peer.set(peer_names(context))
             current_principal.set(self.auth_check(method, metadata))
         parent = extract_context(metadata.items())
         token = otel_context.attach(parent)

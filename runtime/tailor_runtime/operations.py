@@ -22,7 +22,15 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from opentelemetry import trace
 
 from tailor.common.v1 import common_pb2 as common
-from tailor_runtime.errors import Cancelled, NotFound, TailorError, WorkerBusy, is_out_of_memory
+from tailor_runtime.errors import (
+    Cancelled,
+    InvalidArgument,
+    NotFound,
+    TailorError,
+    WorkerBusy,
+    is_out_of_memory,
+)
+from tailor_runtime.interceptors import current_principal
 from tailor_runtime.logs import bind
 from tailor_runtime.store import ArtifactStore, Manifest
 from tailor_runtime.telemetry import OPERATIONS, STAGE_SECONDS, tracer
@@ -80,8 +88,9 @@ def _now() -> timestamp_pb2.Timestamp:
 
 
 class _Record:
-    def __init__(self, op: common.Operation):
+    def __init__(self, op: common.Operation, project: str):
         self.op = op
+        self.project = project  # only calls for this project see the operation
         self.cancel = threading.Event()
         self.started = time.monotonic()
         self.method = op.labels.get("method", "")
@@ -95,8 +104,12 @@ class OperationRunner:
         max_operations: int = 1,
         fake_work: str = "",
         fake_work_seconds: float = 0.0,
+        require_project: bool = False,
     ):
         self.service = service
+        # With authenticated callers (serve() sets it): every operation belongs to the project the
+        # gateway named, and a call without a project sees none.
+        self.require_project = require_project
         # Set when the worker starts shutting down: work that can checkpoint does so at once.
         self.draining = threading.Event()
         # TEST MODE only (TAILOR_FAKE_WORK): see fake_work.py.
@@ -117,8 +130,16 @@ class OperationRunner:
         *,
         labels: dict[str, str] | None = None,
         recipe: dict[str, Any] | None = None,
+        project: str | None = None,
     ) -> common.Operation:
-        """Begin work in a thread; a recipe already in the store's cache finishes at once, cached."""
+        """Begin work in a thread; a recipe already in the store's cache finishes at once, cached.
+        The operation belongs to `project` (default: the caller's, as the auth check found it)."""
+        project = current_principal.get() if project is None else project
+        if self.require_project and not project:
+            raise InvalidArgument(
+                f"the call names no project: {self.service} operations belong to a project, which the "
+                "gateway sends as 'x-tailor-project' metadata"
+            )
         self._loop = asyncio.get_running_loop()
         if self.fake_work:
             from tailor_runtime import fake_work
@@ -135,7 +156,7 @@ class OperationRunner:
             update_time=_now(),
             labels=labels or {},
         )
-        record = _Record(op)
+        record = _Record(op, project)
         cached = self.store.lookup_recipe(recipe) if recipe else None
         with self._lock:
             if cached is None and self.active_count() >= self.max_operations:
@@ -150,13 +171,13 @@ class OperationRunner:
             self._finish(
                 record, WorkResult(results=[cached], metrics=dict(cached.metrics), cached=True), None
             )
-            return self.snapshot(op.id)
+            return self._copy(record)
         OPERATIONS.labels(self.service, kind, "RUNNING").inc()
         ctx = contextvars.copy_context()
         future = self._loop.run_in_executor(None, ctx.run, self._run, record, work, recipe)
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
-        return self.snapshot(op.id)
+        return self._copy(record)
 
     def active_count(self) -> int:
         return sum(1 for r in self._records.values() if r.op.state not in TERMINAL)
@@ -277,27 +298,40 @@ class OperationRunner:
             del self._records[key]
 
     # --- queries --------------------------------------------------------------------------------
-    def _record(self, operation_id: str) -> _Record:
+    # `project=None` is the worker itself (unscoped); a caller passes its project, and another
+    # project's operation reads as not found, like one that never existed.
+    def _record(self, operation_id: str, project: str | None = None) -> _Record:
         record = self._records.get(operation_id)
-        if record is None:
+        if record is None or not self._visible(record, project):
             raise NotFound(f"operation {operation_id!r} not found on this {self.service} worker")
         return record
 
-    def snapshot(self, operation_id: str) -> common.Operation:
-        record = self._record(operation_id)
+    def _visible(self, record: _Record, project: str | None) -> bool:
+        if project is None:
+            return True
+        if self.require_project and not project:
+            return False
+        return record.project == project
+
+    def _copy(self, record: _Record) -> common.Operation:
         with self._lock:
             copy = common.Operation()
             copy.CopyFrom(record.op)
             return copy
 
-    def list(self) -> list[common.Operation]:
-        return [self.snapshot(k) for k in list(self._records)]
+    def snapshot(self, operation_id: str, project: str | None = None) -> common.Operation:
+        return self._copy(self._record(operation_id, project))
 
-    async def watch(self, operation_id: str) -> AsyncIterator[common.Operation]:
+    def list(self, project: str | None = None) -> list[common.Operation]:
+        records = [r for r in list(self._records.values()) if self._visible(r, project)]
+        return [self._copy(r) for r in records]
+
+    async def watch(self, operation_id: str, project: str | None = None) -> AsyncIterator[common.Operation]:
+        record = self._record(operation_id, project)
         last = None
         while True:
             event = self._changed
-            snap = self.snapshot(operation_id)
+            snap = self._copy(record)
             if last is None or snap.update_time != last.update_time or snap.state != last.state:
                 yield snap
                 last = snap
@@ -311,11 +345,11 @@ class OperationRunner:
                 except TimeoutError:
                     pass
 
-    def cancel(self, operation_id: str) -> common.Operation:
-        record = self._record(operation_id)
+    def cancel(self, operation_id: str, project: str | None = None) -> common.Operation:
+        record = self._record(operation_id, project)
         if record.op.state not in TERMINAL:
             record.cancel.set()
-        return self.snapshot(operation_id)
+        return self._copy(record)
 
     def cancel_all(self) -> None:
         for record in self._records.values():

@@ -18,12 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tailor.common.v1 import common_pb2, common_pb2_grpc
-from tailor_runtime.interceptors import AuthCheck, ServerInterceptor
+from tailor_runtime.interceptors import AuthCheck, ServerInterceptor, current_principal
 from tailor_runtime.logs import setup_logging
 from tailor_runtime.operations import OperationRunner
 from tailor_runtime.settings import ServiceSettings
 from tailor_runtime.store import ArtifactStore, open_store
 from tailor_runtime.telemetry import setup_tracing, start_metrics_server
+from tailor_runtime.trust import worker_auth_check
 
 log = logging.getLogger("tailor.server")
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -37,23 +38,25 @@ GRPC_OPTIONS = [
 
 
 class OperationsServicer(common_pb2_grpc.OperationsServiceServicer):
-    """tailor.common.v1.OperationsService, served beside every stage service."""
+    """tailor.common.v1.OperationsService, served beside every stage service. Each call sees only the
+    operations of the project it names (the auth check put it in `current_principal`)."""
 
     def __init__(self, runner: OperationRunner):
         self.runner = runner
 
     async def GetOperation(self, request, context):
-        return self.runner.snapshot(request.operation_id)
+        return self.runner.snapshot(request.operation_id, current_principal.get())
 
     async def WatchOperation(self, request, context):
-        async for snapshot in self.runner.watch(request.operation_id):
+        async for snapshot in self.runner.watch(request.operation_id, current_principal.get()):
             yield common_pb2.OperationEvent(operation=snapshot)
 
     async def CancelOperation(self, request, context):
-        return common_pb2.CancelOperationResponse(operation=self.runner.cancel(request.operation_id))
+        operation = self.runner.cancel(request.operation_id, current_principal.get())
+        return common_pb2.CancelOperationResponse(operation=operation)
 
     async def ListOperations(self, request, context):
-        return common_pb2.ListOperationsResponse(operations=self.runner.list())
+        return common_pb2.ListOperationsResponse(operations=self.runner.list(current_principal.get()))
 
 
 @dataclass
@@ -103,12 +106,21 @@ async def serve(
     serve_operations: bool = True,
     on_started: Callable[[], object] | None = None,
 ) -> None:
+    """Serve `register`'s services. Without an `auth_check` (every worker) callers are checked by
+    trust.worker_auth_check: the gateway's certificate or the stack's secret, else no start."""
     setup_logging(settings.service, settings.log_level)
+    if auth_check is None:
+        auth_check = worker_auth_check(settings)
     setup_tracing(settings.service, settings.trace_file, settings.otlp_endpoint)
     start_metrics_server(settings.metrics_port, settings.host)
     store = store or open_service_store(settings)
     runner = OperationRunner(
-        settings.service, store, settings.max_operations, settings.fake_work, settings.fake_work_seconds
+        settings.service,
+        store,
+        settings.max_operations,
+        settings.fake_work,
+        settings.fake_work_seconds,
+        require_project=auth_check is not None,
     )
     if settings.fake_work:
         from tailor_runtime.fake_work import WARNING

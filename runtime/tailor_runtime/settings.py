@@ -39,6 +39,23 @@ class ServiceSettings(BaseModel):
     tls_ca: Path | None = Field(
         None, description="PEM CA bundle: peers must present a certificate it signed (mutual TLS)."
     )
+    worker_secret: str = Field(
+        "",
+        repr=False,
+        description="The stack's shared secret the gateway sends to workers (prefer worker_secret_file).",
+    )
+    worker_secret_file: Path | None = Field(
+        None,
+        description="File holding the stack's shared secret (gateway and workers; `tailor up` writes one).",
+    )
+    gateway_identities: str = Field(
+        "",
+        description="Workers: comma-separated names (DNS SAN or CN) of the gateway's client certificate, "
+        "accepted over mutual TLS (needs TAILOR_TLS_CA).",
+    )
+    insecure_open_worker: bool = Field(
+        False, description="DEVELOPMENT ONLY: a worker without secret or mTLS identities serves anyone."
+    )
     fake_work: str = Field(
         "",
         pattern="^(|instant)$",
@@ -56,6 +73,14 @@ class ServiceSettings(BaseModel):
         for path in (self.tls_cert, self.tls_key, self.tls_ca):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.worker_secret_file is not None and not self.worker_secret_file.is_file():
+            raise ValueError(f"worker secret file {self.worker_secret_file} does not exist")
+        if self.worker_secret_file is not None and not self.worker_secret_value():
+            raise ValueError(f"worker secret file {self.worker_secret_file} is empty")
+        if self.gateway_identities and self.tls_ca is None:
+            raise ValueError(
+                "TAILOR_GATEWAY_IDENTITIES needs mutual TLS: set TAILOR_TLS_CA, TAILOR_TLS_CERT and TAILOR_TLS_KEY"
+            )
         if self.fake_work and self.store_url.startswith("s3://"):
             raise ValueError("TAILOR_FAKE_WORK is a test mode: it is refused with an s3:// store")
         return self
@@ -63,6 +88,15 @@ class ServiceSettings(BaseModel):
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    def worker_secret_value(self) -> str:
+        """The shared secret: the file's content (stripped) wins over TAILOR_WORKER_SECRET."""
+        if self.worker_secret_file is not None:
+            return self.worker_secret_file.read_text().strip()
+        return self.worker_secret.strip()
+
+    def gateway_identity_list(self) -> list[str]:
+        return [n.strip() for n in self.gateway_identities.split(",") if n.strip()]
 
     def store_options(self) -> dict:
         return {
@@ -91,6 +125,10 @@ _FIELD_ENV = {
     "tls_cert": "TAILOR_TLS_CERT",
     "tls_key": "TAILOR_TLS_KEY",
     "tls_ca": "TAILOR_TLS_CA",
+    "worker_secret": "TAILOR_WORKER_SECRET",
+    "worker_secret_file": "TAILOR_WORKER_SECRET_FILE",
+    "gateway_identities": "TAILOR_GATEWAY_IDENTITIES",
+    "insecure_open_worker": "TAILOR_INSECURE_OPEN_WORKER",
     "fake_work": "TAILOR_FAKE_WORK",
     "fake_work_seconds": "TAILOR_FAKE_WORK_SECONDS",
 }

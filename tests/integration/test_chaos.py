@@ -180,7 +180,7 @@ def test_a_hung_worker_is_noticed_and_its_stage_moves(stack, conn, inputs):
     assert moved.attempts == 2 and moved.worker != stalled.worker
 
     # Woken up, the stopped worker gets the cancel that waited for it: its copy ends CANCELLED.
-    worker_ops = common_grpc.OperationsServiceStub(grpc.insecure_channel(stalled.worker))
+    worker_ops = common_grpc.OperationsServiceStub(stack.worker_channel(stalled.worker))
     request = common.GetOperationRequest(operation_id=stalled.operation_id)
     deadline = time.monotonic() + 10
     op = worker_ops.GetOperation(request, timeout=5)
@@ -217,7 +217,7 @@ def test_cancel_reaches_the_workers_and_publishes_no_report(stack, conn, inputs)
         gw.CancelPipelineRequest(pipeline_id=p.id), metadata=conn.metadata()
     )
     assert cancelled.state == gw.PIPELINE_STATE_CANCELLED
-    worker_ops = common_grpc.OperationsServiceStub(grpc.insecure_channel(running.worker))
+    worker_ops = common_grpc.OperationsServiceStub(stack.worker_channel(running.worker))
     op = worker_ops.GetOperation(common.GetOperationRequest(operation_id=running.operation_id))
     deadline = time.monotonic() + 10
     while op.state != common.OPERATION_STATE_CANCELLED and time.monotonic() < deadline:

@@ -243,9 +243,13 @@ def test_one_trace_spans_gateway_and_services(finished, stack):
 
 
 def test_bad_requests_get_the_right_status(finished, stack, conn):
-    channel = grpc.insecure_channel(stack.address("quantizer"))
-    quantizer = qgrpc.QuantizerServiceStub(channel)
     model_id = finished["spec"]["model"]["artifact"]
+    # Workers take calls from the gateway only: an anonymous caller is refused before any work.
+    anonymous = qgrpc.QuantizerServiceStub(grpc.insecure_channel(stack.address("quantizer")))
+    with pytest.raises(grpc.RpcError) as err:
+        anonymous.Quantize(qpb.QuantizeRequest(model=common.ArtifactRef(id=model_id), method="nf4"))
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    quantizer = qgrpc.QuantizerServiceStub(stack.worker_channel(stack.address("quantizer")))
     with pytest.raises(grpc.RpcError) as err:
         quantizer.Quantize(qpb.QuantizeRequest(model=common.ArtifactRef(id=model_id), method="bogus"))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

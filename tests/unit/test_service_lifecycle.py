@@ -18,6 +18,7 @@ def _env(tmp_path, **extra):
         **os.environ,
         "TAILOR_STORE_URL": str(tmp_path / "store"),
         "TAILOR_CACHE_DIR": str(tmp_path / "c"),
+        "TAILOR_INSECURE_OPEN_WORKER": "true",  # called directly, not through a gateway
         **extra,
     }
 

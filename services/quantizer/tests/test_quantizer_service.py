@@ -41,6 +41,7 @@ def worker(tmp_path_factory):
         "TAILOR_STORE_URL": str(root / "store"),
         "TAILOR_CACHE_DIR": str(root / "cache"),
         "TAILOR_PORT": str(port),
+        "TAILOR_INSECURE_OPEN_WORKER": "true",  # called directly, not through a gateway
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "tailor_quantizer"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE

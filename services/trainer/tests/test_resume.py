@@ -44,6 +44,7 @@ def _start(root: Path, port: int) -> subprocess.Popen:
         "TAILOR_STORE_URL": str(root / "store"),
         "TAILOR_CACHE_DIR": str(root / "cache"),
         "TAILOR_PORT": str(port),
+        "TAILOR_INSECURE_OPEN_WORKER": "true",  # called directly, not through a gateway
         "OMP_NUM_THREADS": "1",  # the same thread count as the reference run below
     }
     proc = subprocess.Popen(
