@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Literal
 
+import grpc
 from pydantic import Field
 
 from tailor.gateway.v1 import gateway_service_pb2 as pb
@@ -20,10 +21,18 @@ from tailor_gateway.state import StateStore
 from tailor_gateway.tokens import TokenFile
 from tailor_gateway.workers import WorkerPools, parse_workers
 from tailor_runtime.server import channel_credentials, open_service_store, serve
-from tailor_runtime.settings import ServiceSettings, load_settings
+from tailor_runtime.settings import ServiceSettings, SettingsError, load_settings
 
 
 class GatewaySettings(ServiceSettings):
+    # Mutual TLS to the workers with the gateway's own client certificate, apart from TAILOR_TLS_* (which
+    # is how users reach the gateway); unset: TAILOR_TLS_* serve for both, as on the local stack.
+    worker_tls_cert: Path | None = Field(None, description="PEM client certificate for calls to workers.")
+    worker_tls_key: Path | None = Field(None, description="PEM private key of worker_tls_cert.")
+    worker_tls_ca: Path | None = Field(None, description="PEM CA that signed the workers' certificates.")
+    worker_tls_server_name: str = Field(
+        "", description="The name verified in every worker's certificate (discovered workers are pod IPs)."
+    )
     state_db: Path = Field(Path(".tailor/gateway.db"), description="SQLite file of the durable state.")
     tokens_file: Path = Field(Path(".tailor/tokens"), description="Lines of '<sha256 of token> <project>'.")
     workers: str = Field("", description="Static worker pools: 'quantizer=host:port,...;trainer=...'.")
@@ -51,6 +60,10 @@ class GatewaySettings(ServiceSettings):
 
 
 ENV = {
+    "worker_tls_cert": "TAILOR_WORKER_TLS_CERT",
+    "worker_tls_key": "TAILOR_WORKER_TLS_KEY",
+    "worker_tls_ca": "TAILOR_WORKER_TLS_CA",
+    "worker_tls_server_name": "TAILOR_WORKER_TLS_SERVER_NAME",
     "state_db": "TAILOR_STATE_DB",
     "tokens_file": "TAILOR_TOKENS_FILE",
     "workers": "TAILOR_WORKERS",
@@ -68,6 +81,22 @@ ENV = {
 }
 
 
+def worker_credentials(settings: GatewaySettings) -> grpc.ChannelCredentials | None:
+    """How the gateway proves itself to workers over TLS: TAILOR_WORKER_TLS_*, else TAILOR_TLS_*."""
+    files = (settings.worker_tls_ca, settings.worker_tls_key, settings.worker_tls_cert)
+    if not any(files):
+        return channel_credentials(settings)
+    if not all(files):
+        raise SettingsError(
+            "tailor-gateway: TAILOR_WORKER_TLS_CA, TAILOR_WORKER_TLS_CERT and TAILOR_WORKER_TLS_KEY go together"
+        )
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        raise SettingsError(f"tailor-gateway: TAILOR_WORKER_TLS_* file(s) do not exist: {', '.join(missing)}")
+    ca, key, cert = (path.read_bytes() for path in files)
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
 def worker_addresses(settings: GatewaySettings):
     """TAILOR_DISCOVERY: the static TAILOR_WORKERS list, or the pools' EndpointSlices, followed live."""
     if settings.discovery == "static":
@@ -83,14 +112,18 @@ def worker_addresses(settings: GatewaySettings):
 def main() -> None:
     settings = load_settings(GatewaySettings, "gateway", ENV, port=50051)
     secret = settings.worker_secret_value()
-    if not secret and settings.tls_ca is None:
+    if not secret and settings.tls_ca is None and settings.worker_tls_ca is None:
         # Workers refuse unauthenticated calls: stages would fail with UNAUTHENTICATED.
         logging.getLogger("tailor.gateway").warning(
             "no TAILOR_WORKER_SECRET_FILE and no mutual TLS (TAILOR_TLS_CA): workers will refuse this "
             "gateway unless they run with TAILOR_INSECURE_OPEN_WORKER=true"
         )
     pools = WorkerPools(
-        worker_addresses(settings), settings.wait_for_worker_s, channel_credentials(settings), secret
+        worker_addresses(settings),
+        settings.wait_for_worker_s,
+        worker_credentials(settings),
+        secret,
+        tls_server_name=settings.worker_tls_server_name,
     )
     tokens = TokenFile(settings.tokens_file)
     store = open_service_store(settings)

@@ -82,11 +82,15 @@ class WorkerPools:
         wait_for_worker_s: float = 600.0,
         credentials: grpc.ChannelCredentials | None = None,
         secret: str = "",
+        tls_server_name: str = "",
     ):
         self.pools = pools
         self.wait_for_worker_s = wait_for_worker_s
         self.credentials = credentials  # mutual TLS to the workers when TAILOR_TLS_* are set
         self._interceptors = worker_call_interceptors(secret)  # the stack's secret and the project
+        # Over TLS, the name checked in each worker's certificate when its address is an IP (discovery).
+        override = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
+        self._options = [*GRPC_OPTIONS, *override]
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._cursor = {p: itertools.count() for p in POOLS}
         self._suspect_until: dict[str, float] = {}
@@ -97,7 +101,7 @@ class WorkerPools:
 
     def channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            options, interceptors = GRPC_OPTIONS, self._interceptors
+            options, interceptors = self._options, self._interceptors
             if self.credentials is not None:
                 channel = grpc.aio.secure_channel(
                     address, self.credentials, options=options, interceptors=interceptors

@@ -93,6 +93,22 @@ def channel_credentials(settings: ServiceSettings) -> grpc.ChannelCredentials | 
     )
 
 
+async def _start_probe_server(settings: ServiceSettings, health_servicer) -> grpc.aio.Server | None:
+    """TAILOR_HEALTH_PORT: gRPC health alone, in plaintext, because kubelet's gRPC probes cannot do TLS.
+    Nothing else is served there: the stage services stay behind mutual TLS on the main port."""
+    if not settings.health_port:
+        return None
+    probes = grpc.aio.server(options=GRPC_OPTIONS)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+    address = f"{settings.host}:{settings.health_port}"
+    if probes.add_insecure_port(address) == 0:
+        raise SystemExit(
+            f"tailor-{settings.service}: cannot listen on {address} (TAILOR_HEALTH_PORT in use?)"
+        )
+    await probes.start()
+    return probes
+
+
 def open_service_store(settings: ServiceSettings) -> ArtifactStore:
     return open_store(settings.store_url, **settings.store_options())
 
@@ -150,6 +166,7 @@ async def serve(
     if bound == 0:
         raise SystemExit(f"tailor-{settings.service}: cannot listen on {address} (port in use?)")
     await server.start()
+    probes = await _start_probe_server(settings, health_servicer)
 
     # Ready once the store answers; until then probes say NOT_SERVING and the gateway sends nothing.
     while True:
@@ -178,6 +195,8 @@ async def serve(
     runner.cancel_all()
     await runner.wait_idle(settings.grace_seconds * 0.2)
     await stop
+    if probes is not None:
+        await probes.stop(0)
     log.info("stopped")
 
 

@@ -19,6 +19,12 @@ class ServiceSettings(BaseModel):
     host: str = Field("127.0.0.1", description="Address the gRPC server binds to.")
     port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 disables.")
+    health_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="A plaintext port serving only gRPC health, for kubelet probes (they cannot do TLS); 0: none.",
+    )
     store_url: str = Field(
         ".tailor/store", description="Artifact store: a directory, file:// or s3://bucket/prefix."
     )
@@ -111,6 +117,7 @@ _FIELD_ENV = {
     "host": "TAILOR_HOST",
     "port": "TAILOR_PORT",
     "metrics_port": "TAILOR_METRICS_PORT",
+    "health_port": "TAILOR_HEALTH_PORT",
     "store_url": "TAILOR_STORE_URL",
     "s3_endpoint_url": "TAILOR_S3_ENDPOINT_URL",
     "s3_access_key": "TAILOR_S3_ACCESS_KEY",

@@ -121,7 +121,9 @@ def test_every_service_container_has_grpc_probes_and_a_grace_period(helm, values
         for container in spec["containers"]:
             ports = {p["name"]: p["containerPort"] for p in container["ports"]}
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"]["port"] == ports["grpc"], f"{obj['metadata']['name']} {probe}"
+                # Workers behind mutual TLS answer probes on their plaintext health port (kubelet cannot do TLS).
+                expected = ports.get("health", ports["grpc"])
+                assert container[probe]["grpc"]["port"] == expected, f"{obj['metadata']['name']} {probe}"
             grace = float(_env(container)["TAILOR_GRACE_SECONDS"])
             assert spec["terminationGracePeriodSeconds"] > grace, "SIGKILL must come after the graceful stop"
             assert _env(container)["TAILOR_METRICS_PORT"] == str(ports["metrics"])
@@ -305,7 +307,10 @@ def test_helm_test_hook_checks_every_enabled_component(helm):
     targets = pod["spec"]["containers"][0]["args"][1:]
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert targets == [
-        *(f"grpc=tailor-{c}:{values[c]['port']}" for c in COMPONENTS),
+        *(
+            f"grpc=tailor-{c}:{values[c]['port'] if c == 'gateway' else values['tls']['healthPort']}"
+            for c in COMPONENTS
+        ),
         "http=http://tailor-triton:8000/v2/health/ready",
         "http=http://tailor-minio:9000/minio/health/ready",
     ]

@@ -84,7 +84,8 @@ def test_network_policies_let_only_the_gateway_in_from_outside(helm, values):
         "app.kubernetes.io/instance": "other",
         "app.kubernetes.io/component": "gateway",
     }
-    helm_test = {**RELEASE, "app.kubernetes.io/component": "test"}
+    helm_test = {**RELEASE, "app.kubernetes.io/component": "test", "tailor.dev/helm-test-hook": "true"}
+    forged_test = {**RELEASE, "app.kubernetes.io/component": "test"}  # the label alone, without the hook's
     for name, labels in pods.items():
         mine = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
         assert len(mine) == 1, f"{name}: exactly one policy isolates it"
@@ -103,8 +104,13 @@ def test_network_policies_let_only_the_gateway_in_from_outside(helm, values):
         elif component in WORKERS or component == "postgresql":
             gateway_pods = {n for n, pod in pods.items() if pod["app.kubernetes.io/component"] == "gateway"}
             assert {n for n, ok in callers.items() if ok} == gateway_pods, f"{name}: from the gateway only"
-            assert _admitted(policy, helm_test, port)  # `helm test` checks its health
-            assert not _admitted(policy, other_release, port)
+            assert not _admitted(policy, forged_test, port) and not _admitted(policy, other_release, port)
+            if component == "postgresql":
+                assert _admitted(policy, helm_test, port)  # `helm test` only connects
+            else:
+                assert not _admitted(policy, helm_test, port), f"{name}: the test pod never reaches a stage"
+                assert _admitted(policy, helm_test, "health")  # `helm test` checks its health
+                assert not _admitted(policy, forged_test, "health")
         else:  # triton, minio: every pod of this release, nobody else
             assert all(callers.values()), f"{name}: every pod of the release"
             assert not _admitted(policy, outsider, port) and not _admitted(policy, other_release, port)

@@ -163,3 +163,43 @@ Deployment has the component's name. Use: (include "tailor.pools" $ctx | fromYam
 {{- randAlphaNum (int .length) | b64enc -}}
 {{- end -}}
 {{- end -}}
+
+{{/* DNS names in one component's certificate (dict "root" $ "name" N), as a YAML list. Workers add the
+name every worker shares, which the gateway verifies (it dials discovered workers by pod IP). */}}
+{{- define "tailor.certNames" -}}
+{{- $svc := include "tailor.componentName" . -}}
+{{- $ns := .root.Release.Namespace -}}
+- {{ $svc }}
+- {{ printf "%s.%s" $svc $ns }}
+- {{ printf "%s.%s.svc" $svc $ns }}
+- {{ printf "%s.%s.svc.cluster.local" $svc $ns }}
+{{- if ne .name "gateway" }}
+- {{ include "tailor.workerServerName" .root }}
+{{- end }}
+{{- end -}}
+
+{{- define "tailor.workerServerName" -}}{{ include "tailor.fullname" . }}-workers{{- end -}}
+
+{{/* The Secret with one component's certificate, and the items to mount from it as ca.crt, tls.crt, tls.key. */}}
+{{- define "tailor.tlsVolume" -}}
+{{- $tls := .root.Values.tls -}}
+name: internal-tls
+secret:
+{{- if $tls.certManager.enabled }}
+  secretName: {{ include "tailor.componentName" . }}-tls
+  items:
+    - {key: ca.crt, path: ca.crt}
+    - {key: tls.crt, path: tls.crt}
+    - {key: tls.key, path: tls.key}
+{{- else }}
+  secretName: {{ $tls.existingSecret | default (printf "%s-tls" (include "tailor.fullname" .root)) }}
+  items:  # only its own key: a worker pod cannot present the gateway's certificate
+    - {key: ca.crt, path: ca.crt}
+    - {key: {{ .name }}.crt, path: tls.crt}
+    - {key: {{ .name }}.key, path: tls.key}
+{{- end }}
+  defaultMode: 0440
+{{- end -}}
+
+{{/* The label only `helm test` hook pods carry; NetworkPolicies admit it to health ports, never to a stage service. */}}
+{{- define "tailor.testHookLabel" -}}tailor.dev/helm-test-hook{{- end -}}
