@@ -363,3 +363,66 @@ def test_tailor_up_restarts_a_killed_worker_and_pipelines_still_run(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(up.pid, signal.SIGKILL)
                 up.wait()
+
+
+def test_the_charts_generated_certificates_work_between_real_processes(tmp_path):
+    """The chart's genCA/genSignedCert output, as the pods mount it: a worker with its own certificate
+    accepts the gateway's (verified under the shared name tailor-workers, as the gateway dials pod IPs), not
+    another worker's; kubelet's plaintext health port answers and serves nothing else."""
+    import base64
+    import shutil
+
+    helm = shutil.which("helm") or str(ROOT / ".tools/node_modules/.bin/helm")
+    if not Path(helm).is_file():
+        pytest.fail("helm is needed to render the chart: run `make system-deps`")
+    rendered = subprocess.run(
+        [helm, "template", "tailor", str(ROOT / "charts/tailor"), "--namespace", "tailor", "--kube-version", "1.32.0", "--show-only",
+         "templates/internal-tls.yaml"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    data = next(d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "Secret")["data"]
+    for key, value in data.items():
+        (tmp_path / key).write_bytes(base64.b64decode(value))
+    port, health = free_port(), free_port()
+    env = _worker_env(
+        tmp_path,
+        port,
+        TAILOR_TLS_CA=str(tmp_path / "ca.crt"),
+        TAILOR_TLS_CERT=str(tmp_path / "selector.crt"),
+        TAILOR_TLS_KEY=str(tmp_path / "selector.key"),
+        TAILOR_GATEWAY_IDENTITIES="tailor-gateway",
+        TAILOR_HEALTH_PORT=str(health),
+    )
+    log = tmp_path / "selector.log"
+    proc = _start("tailor_selector", env, log)
+    try:
+        _wait_serving(proc, f"127.0.0.1:{health}", log)  # plaintext, as kubelet probes
+
+        def channel(name: str) -> grpc.Channel:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=(tmp_path / "ca.crt").read_bytes(),
+                private_key=(tmp_path / f"{name}.key").read_bytes(),
+                certificate_chain=(tmp_path / f"{name}.crt").read_bytes(),
+            )
+            options = [("grpc.ssl_target_name_override", "tailor-workers")]  # TAILOR_WORKER_TLS_SERVER_NAME
+            return grpc.secure_channel(f"127.0.0.1:{port}", credentials, options=options)
+
+        from tailor.selector.v1 import selector_service_pb2 as spb
+        from tailor.selector.v1 import selector_service_pb2_grpc as sgrpc
+
+        try:
+            sgrpc.SelectorServiceStub(channel("gateway")).Select(spb.SelectRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE), (
+                exc.details()
+            )
+        worker = sgrpc.SelectorServiceStub(channel("quantizer"))
+        assert (
+            _code(lambda: worker.Select(spb.SelectRequest(), timeout=10)) == grpc.StatusCode.UNAUTHENTICATED
+        )
+        probe_port = sgrpc.SelectorServiceStub(grpc.insecure_channel(f"127.0.0.1:{health}"))
+        assert (
+            _code(lambda: probe_port.Select(spb.SelectRequest(), timeout=10)) == grpc.StatusCode.UNIMPLEMENTED
+        )
+    finally:
+        _stop(proc)
