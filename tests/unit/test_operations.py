@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from tailor.common.v1 import common_pb2 as common
-from tailor_runtime.errors import InvalidArgument, WorkerBusy
+from tailor_runtime.errors import InvalidArgument, NotFound, WorkerBusy
 from tailor_runtime.operations import OperationRunner, WorkResult
 from tailor_runtime.store.local import LocalStore
 
@@ -106,5 +106,38 @@ def test_busy_worker_refuses_and_cache_answers(tmp_path):
         again = runner.start("t", lambda p: pytest.fail("must not run"), recipe=recipe)
         assert again.cached and again.state == S.OPERATION_STATE_SUCCEEDED
         assert again.results[0].id == done.results[0].id
+
+    asyncio.run(scenario())
+
+
+def test_operations_are_scoped_to_the_project_that_started_them(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    release = threading.Event()
+
+    def slow(progress):
+        while not release.wait(0.05):
+            progress(10, "waiting")
+        return WorkResult([_publish(store, tmp_path)])
+
+    async def scenario():
+        runner = OperationRunner("test", store, max_operations=2, require_project=True)
+        a = runner.start("quantize", slow, project="team-a")
+        with pytest.raises(InvalidArgument, match="names no project"):
+            runner.start("quantize", slow, project="")
+        assert [o.id for o in runner.list("team-a")] == [a.id]
+        assert runner.list("team-b") == [] and runner.list("") == []
+        for project in ("team-b", ""):
+            with pytest.raises(NotFound):
+                runner.snapshot(a.id, project)
+            with pytest.raises(NotFound):
+                runner.cancel(a.id, project)
+            with pytest.raises(NotFound):
+                async for _ in runner.watch(a.id, project):
+                    pass
+        assert runner.snapshot(a.id, "team-a").state != S.OPERATION_STATE_CANCELLED  # B's cancel did nothing
+        runner.cancel(a.id, "team-a")
+        release.set()
+        final = await _final(runner, a.id)
+        assert final.state == S.OPERATION_STATE_CANCELLED
 
     asyncio.run(scenario())
