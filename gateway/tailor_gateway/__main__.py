@@ -128,6 +128,7 @@ def main() -> None:
     tokens = TokenFile(settings.tokens_file)
     store = open_service_store(settings)
     state = StateStore(settings.state_url or settings.state_db)
+    state.hold_exclusive()  # one gateway drives a state: a second stands by here until the first stops
     access = Access(state.db, tokens.hashes)
     engine = Engine(
         state,

@@ -5,6 +5,13 @@ transition in the state store before acting on it, and follows remote operations
 gateway restart, `resume()` re-attaches to recorded operations, or dispatches again where the worker
 no longer knows them; finished stages are never run again (and the workers' recipe cache makes a
 re-dispatched stage cheap when its output already exists).
+
+Every database call runs on the state store's threads (`await self._db(...)`), never on the event loop.
+When the database stays away past its retry budget (db.py) the driver stops where it is, leaving the
+durable state as it was, and drives the pipeline again a little later, as a restarted gateway would:
+an outage delays a pipeline, it never fails it or leaves it RUNNING without a driver.
+A stage's metrics that are not finite (NaN, Inf: a model with broken weights) reject that candidate,
+with the reason; a failed or cancelled pipeline cancels its other operations on the workers.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import tempfile
 import time
 import uuid
@@ -29,6 +37,7 @@ from tailor.selector.v1 import selector_service_pb2_grpc as select_grpc
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
 from tailor_gateway.capabilities import Capabilities
+from tailor_gateway.db import DatabaseUnavailable
 from tailor_gateway.reporting import publish_report
 from tailor_gateway.spec import PipelineSpec, parse_spec, plan
 from tailor_gateway.stage_requests import select_request, start_call, trace_metadata
@@ -50,6 +59,8 @@ UNAVAILABLE_RETRY_S = 300.0
 WORKER_STALL_S = 120.0
 HEALTH_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
+# The database was away past its retry budget: drive the pipeline again after this long (logged).
+REDRIVE_AFTER_S = 5.0
 _OP_STATE = {
     OS.OPERATION_STATE_SUCCEEDED: st.SUCCEEDED,
     OS.OPERATION_STATE_FAILED: st.FAILED,
@@ -64,6 +75,46 @@ class StageFailed(Exception):
     def __init__(self, code: int, message: str):
         super().__init__(message)
         self.code, self.message = code, message
+
+
+def struct_to_dict(struct) -> dict:
+    """A Struct as a dict, NaN and Inf included (json_format refuses them with a ValueError)."""
+
+    def value(v):
+        kind = v.WhichOneof("kind")
+        if kind == "struct_value":
+            return struct_to_dict(v.struct_value)
+        if kind == "list_value":
+            return [value(x) for x in v.list_value.values]
+        if kind == "number_value":
+            return v.number_value
+        if kind == "string_value":
+            return v.string_value
+        if kind == "bool_value":
+            return v.bool_value
+        return None
+
+    return {k: value(v) for k, v in struct.fields.items()}
+
+
+def non_finite(metrics: dict, prefix: str = "") -> list[str]:
+    """'name=nan' for every metric (nested too) that is NaN or infinite."""
+    found = []
+    for key, v in metrics.items():
+        if isinstance(v, dict):
+            found += non_finite(v, f"{prefix}{key}.")
+        elif isinstance(v, float) and not math.isfinite(v):
+            found.append(f"{prefix}{key}={v}")
+    return found
+
+
+def finite_only(metrics: dict) -> dict:
+    """The metrics without their NaN / Inf values: what is stored and reported of a rejected candidate."""
+    return {
+        k: finite_only(v) if isinstance(v, dict) else v
+        for k, v in metrics.items()
+        if not (isinstance(v, float) and not math.isfinite(v))
+    }
 
 
 class Engine:
@@ -100,12 +151,16 @@ class Engine:
     async def submit(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
         """create(), after checking the spec's method and format names against the worker pools."""
         if idempotency_key:
-            existing = self.state.find_by_idempotency_key(project, idempotency_key)
+            existing = await self._db(self.state.find_by_idempotency_key, project, idempotency_key)
             if existing is not None:
                 return existing  # a retry: already accepted, not checked again
         spec = parse_spec(spec_yaml)
         await self.capabilities.check(spec, await asyncio.to_thread(self._model_config, spec, project))
-        return self.create(spec_yaml, project, idempotency_key)
+        return await self.create(spec_yaml, project, idempotency_key)
+
+    async def _db(self, fn, *args, **kwargs):
+        """A blocking state (or access) call, run on the state store's threads."""
+        return await self.state.run(fn, *args, **kwargs)
 
     def _model_config(self, spec: PipelineSpec, project: str) -> dict | None:
         """The spec model's parsed config.json, for the architecture check (blocking: run it in a thread).
@@ -137,18 +192,19 @@ class Engine:
         manifest, cached = await asyncio.to_thread(
             hub.import_from_hub, self.store, repo, revision, self.staging_dir
         )
-        self.access.own(project, [(manifest.id, manifest.kind)])
+        await self._db(self.access.own, project, [(manifest.id, manifest.kind)])
         return manifest, cached
 
-    def create(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
+    async def create(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
         if idempotency_key:
-            existing = self.state.find_by_idempotency_key(project, idempotency_key)
+            existing = await self._db(self.state.find_by_idempotency_key, project, idempotency_key)
             if existing is not None:
                 return existing
         spec = parse_spec(spec_yaml)
         for field, ref in spec.inputs().items():
             # Another project's artifact is as absent as a missing one.
-            if not self.access.owns(project, ref.artifact) or not self.store.exists(ref.artifact):
+            owned = await self._db(self.access.owns, project, ref.artifact)
+            if not owned or not await asyncio.to_thread(self.store.exists, ref.artifact):
                 raise NotFound(f"{field}: artifact {ref.artifact} not found in the store; upload it first")
         pipeline_id = uuid.uuid4().hex
         # One trace per pipeline: a short root span whose context every stage continues, across restarts.
@@ -175,28 +231,43 @@ class Engine:
             st.StageRow(pipeline_id, s.name, s.kind, i, s.depends_on, s.params)
             for i, s in enumerate(plan(spec))
         ]
-        stored = self.state.create_pipeline(row, stages)
+        stored = await self._db(self.state.create_pipeline, row, stages)
         if stored.id != pipeline_id:
             return stored  # a concurrent retry with the same idempotency key won the race
         log.info("pipeline created", extra={"fields": {"pipeline_id": pipeline_id, "pipeline": spec.name}})
         self._start_driver(pipeline_id)
         return row
 
-    def resume(self) -> int:
-        """After a restart: drive every pipeline that was not finished."""
-        unfinished = self.state.unfinished_pipelines()
+    def resume(self) -> None:
+        """After a restart: drive every pipeline that was not finished (in a task: the database is read
+        off the event loop, and retried should it be away)."""
+        task = asyncio.get_running_loop().create_task(self.resume_now())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def resume_now(self) -> int:
+        while True:
+            try:
+                unfinished = await self._db(self.state.unfinished_pipelines)
+                break
+            except DatabaseUnavailable as exc:
+                log.warning("resume: %s; trying again in %.0fs", exc.message, REDRIVE_AFTER_S)
+                await asyncio.sleep(REDRIVE_AFTER_S)
         for p in unfinished:
-            self._start_driver(p.id)
+            if p.id not in self._drivers:
+                self._start_driver(p.id)
         return len(unfinished)
 
     async def cancel(self, pipeline_id: str) -> None:
-        p = self.state.get_pipeline(pipeline_id)
+        p = await self._db(self.state.get_pipeline, pipeline_id)
         if p is None:
             raise NotFound(f"pipeline {pipeline_id} not found")
         if p.state in st.TERMINAL:
             return
         call_project.set(p.project)  # the cancel calls to its workers name the pipeline's project
-        self.state.set_pipeline(
+        # Durable first: a driver that ends a moment later finds the pipeline finished and leaves it so.
+        await self._db(
+            self.state.set_pipeline,
             pipeline_id,
             state=st.CANCELLED,
             error_code=grpc.StatusCode.CANCELLED.value[0],
@@ -205,18 +276,24 @@ class Engine:
         driver = self._drivers.get(pipeline_id)
         if driver:
             driver.cancel()
-        # Stop the work on the workers too, not only our waiting for it.
-        for s in self.state.stages(pipeline_id):
-            if s.state == st.RUNNING and s.operation_id and s.worker:
+        await self._stop_operations(pipeline_id, "the pipeline was cancelled")
+        self._notify(pipeline_id)
+
+    async def _stop_operations(self, pipeline_id: str, why: str) -> None:
+        """Cancel every operation of the pipeline still running on a worker (they would otherwise go on,
+        holding the worker, for nothing), and mark every unfinished stage CANCELLED with why."""
+        for s in await self._db(self.state.stages, pipeline_id):
+            if s.state == st.RUNNING and s.operation_id and s.worker and s.worker != "gateway":
                 try:
                     await common_grpc.OperationsServiceStub(self.pools.channel(s.worker)).CancelOperation(
                         common.CancelOperationRequest(operation_id=s.operation_id), timeout=10
                     )
                 except grpc.aio.AioRpcError as exc:
                     log.warning("could not cancel %s on %s: %s", s.operation_id, s.worker, exc.details())
-            if s.state not in (*st.TERMINAL, *st.SETTLED):
-                self.state.set_stage(pipeline_id, s.name, state=st.CANCELLED)
-        self._notify(pipeline_id)
+            if s.state in (st.PENDING, st.RUNNING):
+                await self._db(
+                    self.state.set_stage, pipeline_id, s.name, state=st.CANCELLED, error_message=why
+                )
 
     def progress_of(self, pipeline_id: str, stage: str) -> common.Progress | None:
         return self._progress.get((pipeline_id, stage))
@@ -243,29 +320,46 @@ class Engine:
     def _start_driver(self, pipeline_id: str) -> None:
         task = asyncio.get_running_loop().create_task(self._drive(pipeline_id))
         self._drivers[pipeline_id] = task
-        task.add_done_callback(lambda _t: self._drivers.pop(pipeline_id, None))
+
+        def done(t: asyncio.Task) -> None:
+            if self._drivers.get(pipeline_id) is t:
+                del self._drivers[pipeline_id]
+
+        task.add_done_callback(done)
+
+    def _redrive_later(self, pipeline_id: str) -> None:
+        async def later() -> None:
+            await asyncio.sleep(REDRIVE_AFTER_S)
+            if pipeline_id not in self._drivers:
+                self._start_driver(pipeline_id)
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _drive(self, pipeline_id: str) -> None:
         bind(pipeline_id=pipeline_id)
-        p = self.state.get_pipeline(pipeline_id)
-        call_project.set(p.project)  # every worker call of this pipeline names its project
-        spec = parse_spec(p.spec_yaml)
-        if p.state == st.PENDING:
-            self.state.set_pipeline(pipeline_id, state=st.RUNNING)
-            self._notify(pipeline_id)
         running: dict[str, asyncio.Task] = {}
         try:
+            p = await self._db(self.state.get_pipeline, pipeline_id)
+            call_project.set(p.project)  # every worker call of this pipeline names its project
+            if p.state in st.TERMINAL:
+                return  # cancelled while this driver waited to start
+            spec = parse_spec(p.spec_yaml)
+            if p.state == st.PENDING:
+                await self._db(self.state.set_pipeline, pipeline_id, state=st.RUNNING)
+                self._notify(pipeline_id)
             while True:
-                stages = {s.name: s for s in self.state.stages(pipeline_id)}
+                stages = {s.name: s for s in await self._db(self.state.stages, pipeline_id)}
                 failed = [s for s in stages.values() if s.state == st.FAILED]
                 if failed:
                     first = failed[0]
                     raise StageFailed(first.error_code, f"stage {first.name} failed: {first.error_message}")
                 if all(s.state in st.SETTLED for s in stages.values()):
-                    self.state.set_pipeline(pipeline_id, state=st.SUCCEEDED)
+                    await self._db(self.state.set_pipeline, pipeline_id, state=st.SUCCEEDED)
                     log.info("pipeline succeeded")
                     return
-                if self._skip_dependents_of_rejected(pipeline_id, stages):
+                if await self._skip_dependents_of_rejected(pipeline_id, stages):
                     continue
                 for s in stages.values():
                     ready = all(stages[d].state in st.SETTLED for d in s.depends_on)
@@ -279,29 +373,42 @@ class Engine:
                 for name in [n for n, t in running.items() if t in done]:
                     running.pop(name).result()
         except asyncio.CancelledError:
-            for t in running.values():
-                t.cancel()
+            await _cancel_tasks(running)
             raise
+        except DatabaseUnavailable as exc:
+            # Nothing is decided on what could not be recorded: stop here, drive again from the durable
+            # state later (operations recorded as RUNNING are re-attached to, as after a restart).
+            await _cancel_tasks(running)
+            log.warning("pipeline paused: %s; driving it again in %.0fs", exc.message, REDRIVE_AFTER_S)
+            self._redrive_later(pipeline_id)
         except StageFailed as exc:
-            for t in running.values():
-                t.cancel()
-            self.state.set_pipeline(
-                pipeline_id, state=st.FAILED, error_code=exc.code, error_message=exc.message
-            )
+            await _cancel_tasks(running)
+            await self._end_failed(pipeline_id, exc.code, exc.message)
             log.warning("pipeline failed: %s", exc.message)
         except Exception as exc:  # noqa: BLE001 - a bug fails this pipeline, not the gateway
             log.error("pipeline driver crashed", exc_info=exc)
-            self.state.set_pipeline(
+            await _cancel_tasks(running)
+            await self._end_failed(
                 pipeline_id,
-                state=st.FAILED,
-                error_code=grpc.StatusCode.INTERNAL.value[0],
-                error_message=f"internal error in the gateway ({type(exc).__name__})",
+                grpc.StatusCode.INTERNAL.value[0],
+                f"internal error in the gateway ({type(exc).__name__})",
             )
         finally:
             # Live progress is only kept while the pipeline runs: a long-lived gateway must not grow.
             for key in [k for k in self._progress if k[0] == pipeline_id]:
                 del self._progress[key]
             self._notify(pipeline_id)
+
+    async def _end_failed(self, pipeline_id: str, code: int, message: str) -> None:
+        try:
+            await self._db(
+                self.state.set_pipeline, pipeline_id, state=st.FAILED, error_code=code, error_message=message
+            )
+            # The other stages' operations stop too: the pipeline's outcome is decided.
+            await self._stop_operations(pipeline_id, "another stage failed, so the pipeline stopped")
+        except DatabaseUnavailable as exc:
+            log.warning("pipeline failure not recorded yet: %s; trying again later", exc.message)
+            self._redrive_later(pipeline_id)
 
     async def _run_stage(self, p: st.PipelineRow, spec: PipelineSpec, s: st.StageRow, stages) -> None:
         ctx = propagate.extract(json.loads(p.trace_parent or "{}"))
@@ -316,39 +423,53 @@ class Engine:
                     await self._run_select(p, spec, s, stages)
                 else:
                     await self._run_report(p, spec, s, stages)
+            except DatabaseUnavailable:
+                raise  # not this stage's failure: the driver pauses the pipeline
             except StageFailed as exc:
-                self._fail_stage(p.id, s, exc.code, exc.message)
+                await self._fail_stage(p.id, s, exc.code, exc.message)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
             except TailorError as exc:
-                self._fail_stage(p.id, s, exc.code.value[0], exc.message)
+                await self._fail_stage(p.id, s, exc.code.value[0], exc.message)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.message))
             except grpc.aio.AioRpcError as exc:
-                self._fail_stage(p.id, s, exc.code().value[0], exc.details() or exc.code().name)
+                await self._fail_stage(p.id, s, exc.code().value[0], exc.details() or exc.code().name)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, exc.code().name))
             finally:
                 self._notify(p.id)
 
-    def _skip_dependents_of_rejected(self, pipeline_id: str, stages: dict) -> bool:
+    async def _skip_dependents_of_rejected(self, pipeline_id: str, stages: dict) -> bool:
         """A benchmark of a rejected candidate has nothing to measure: mark it SKIPPED. True if any was."""
         skipped = False
         for s in stages.values():
             if s.kind == "benchmark" and s.state == st.PENDING:
                 if any(stages[d].state in (st.REJECTED, st.SKIPPED) for d in s.depends_on):
-                    self.state.set_stage(
-                        pipeline_id, s.name, state=st.SKIPPED, error_message="its candidate was rejected"
+                    await self._db(
+                        self.state.set_stage,
+                        pipeline_id,
+                        s.name,
+                        state=st.SKIPPED,
+                        error_message="its candidate was rejected",
                     )
                     skipped = True
         return skipped
 
-    def _fail_stage(self, pipeline_id: str, s: st.StageRow, code: int, message: str) -> None:
-        self.state.set_stage(pipeline_id, s.name, state=st.FAILED, error_code=code, error_message=message)
+    async def _fail_stage(self, pipeline_id: str, s: st.StageRow, code: int, message: str) -> None:
+        await self._db(
+            self.state.set_stage, pipeline_id, s.name, state=st.FAILED, error_code=code, error_message=message
+        )
 
-    def _succeed_stage(self, pipeline_id: str, s: st.StageRow, results, metrics, cached=False) -> None:
+    async def _succeed_stage(self, pipeline_id: str, s: st.StageRow, results, metrics, cached=False) -> None:
         # Ownership first: once the stage reads SUCCEEDED its results must be visible to the project.
-        project = self.state.get_pipeline(pipeline_id).project
-        self.access.own(project, [(r.get("id", ""), r.get("kind", "")) for r in results])
-        self.state.set_stage(
-            pipeline_id, s.name, state=st.SUCCEEDED, results=results, metrics=metrics, cached=cached
+        project = (await self._db(self.state.get_pipeline, pipeline_id)).project
+        await self._db(self.access.own, project, [(r.get("id", ""), r.get("kind", "")) for r in results])
+        await self._db(
+            self.state.set_stage,
+            pipeline_id,
+            s.name,
+            state=st.SUCCEEDED,
+            results=results,
+            metrics=metrics,
+            cached=cached,
         )
 
     # --- remote stages --------------------------------------------------------------------------
@@ -369,9 +490,20 @@ class Engine:
                 worker, op = await self.pools.dispatch(pool, request_call)
                 operation_id = op.id
                 # Durable before we wait on it: a restarted gateway re-attaches to this operation.
-                self.state.set_stage(
-                    p.id, s.name, state=st.RUNNING, operation_id=op.id, worker=worker, attempts=attempts
-                )
+                try:
+                    await self._db(
+                        self.state.set_stage,
+                        p.id,
+                        s.name,
+                        state=st.RUNNING,
+                        operation_id=op.id,
+                        worker=worker,
+                        attempts=attempts,
+                    )
+                except (DatabaseUnavailable, asyncio.CancelledError):
+                    # Not recorded, so nobody would ever re-attach to it: stop it, it is dispatched anew.
+                    self._cancel_in_background(worker, op.id)
+                    raise
                 self._notify(p.id)
             op = await self._follow(p.id, s.name, worker, operation_id)
             if op is None:
@@ -380,10 +512,29 @@ class Engine:
                 operation_id = ""
                 continue
             final = _OP_STATE.get(op.state)
+            metrics = struct_to_dict(op.metrics)
+            broken = non_finite(metrics) if s.kind in ("quantize", "benchmark") else []
+            if final == st.SUCCEEDED and broken:
+                # NaN or Inf measurements (broken weights, an overflow): a verdict on this candidate,
+                # not a failure of the pipeline; the other candidates go on to selection.
+                reason = (
+                    f"measured values that are not finite ({', '.join(sorted(broken)[:5])}): the model's "
+                    "weights or outputs are NaN or infinite, so this candidate is left out"
+                )
+                await self._db(
+                    self.state.set_stage,
+                    p.id,
+                    s.name,
+                    state=st.REJECTED,
+                    metrics=finite_only(metrics),
+                    error_code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                    error_message=reason,
+                )
+                log.warning("stage %s: rejected, %s", s.name, reason)
+                return
             if final == st.SUCCEEDED:
                 results = [json_format.MessageToDict(r, preserving_proto_field_name=True) for r in op.results]
-                metrics = json_format.MessageToDict(op.metrics)
-                self._succeed_stage(p.id, s, results, metrics, cached=op.cached)
+                await self._succeed_stage(p.id, s, results, metrics, cached=op.cached)
                 return
             if final == st.CANCELLED:
                 # Not by the user (that cancels this task first): the worker shut down. Dispatch again.
@@ -405,14 +556,15 @@ class Engine:
                     op.error.code,
                     f"still unavailable after {self.unavailable_retry_s:.0f}s of retries: {op.error.message}",
                 )
-            if s.kind == "quantize" and json_format.MessageToDict(op.metrics).get("gate") == "rejected":
+            if s.kind == "quantize" and metrics.get("gate") == "rejected":
                 # The accuracy gate refused the result: a verdict on this candidate, not a failure of
                 # the pipeline. Nothing was published; the numbers are kept for the report.
-                self.state.set_stage(
+                await self._db(
+                    self.state.set_stage,
                     p.id,
                     s.name,
                     state=st.REJECTED,
-                    metrics=json_format.MessageToDict(op.metrics),
+                    metrics=finite_only(metrics),
                     error_code=op.error.code,
                     error_message=op.error.message,
                 )
@@ -503,7 +655,7 @@ class Engine:
     async def _run_import(self, p, s: st.StageRow) -> None:
         """`model: {hub: ...}`: the gateway imports it (it holds the token and the store); a restarted
         gateway runs it again, answered from the recipe index (or the Hub cache) once it was published."""
-        self.state.set_stage(p.id, s.name, state=st.RUNNING, worker="gateway")
+        await self._db(self.state.set_stage, p.id, s.name, state=st.RUNNING, worker="gateway")
         self._notify(p.id)
         manifest, cached = await self.import_model(p.project, s.params["hub"], s.params["revision"])
         result = {
@@ -517,7 +669,7 @@ class Engine:
             "commit": manifest.recipe.get("commit", ""),
             "bytes": manifest.total_bytes,
         }
-        self._succeed_stage(p.id, s, [result], metrics, cached=cached)
+        await self._succeed_stage(p.id, s, [result], metrics, cached=cached)
 
     async def _run_select(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
         request, models = select_request(spec, stages)
@@ -528,11 +680,13 @@ class Engine:
         )
         result = json_format.MessageToDict(response, preserving_proto_field_name=True)
         result["recommended_model"] = models.get(response.recommended_id, {})
-        self.state.set_stage(p.id, s.name, worker=worker)
-        self._succeed_stage(p.id, s, [], result)
+        await self._db(self.state.set_stage, p.id, s.name, worker=worker)
+        await self._succeed_stage(p.id, s, [], result)
         if not response.recommended_id and "export" in stages:
             # Nothing to export; the report still runs and shows how far each candidate missed.
-            self.state.set_stage(p.id, "export", state=st.SKIPPED, error_message=NOTHING_TO_EXPORT)
+            await self._db(
+                self.state.set_stage, p.id, "export", state=st.SKIPPED, error_message=NOTHING_TO_EXPORT
+            )
 
     async def _run_report(self, p, spec: PipelineSpec, s: st.StageRow, stages) -> None:
         backoff, started = Backoff(base=1.0, cap=30.0), time.monotonic()
@@ -550,5 +704,12 @@ class Engine:
                 delay = backoff.next_delay()
                 log.warning("report: store unavailable (%s); retrying in %.1fs", exc.message, delay)
                 await asyncio.sleep(delay)
-        self.state.set_pipeline(p.id, summary=summary, report=ref)
-        self._succeed_stage(p.id, s, [ref], {})
+        await self._db(self.state.set_pipeline, p.id, summary=summary, report=ref)
+        await self._succeed_stage(p.id, s, [ref], {})
+
+
+async def _cancel_tasks(tasks: dict[str, asyncio.Task]) -> None:
+    """Cancel the stage tasks and wait for them: none writes to the state after the driver decided."""
+    for t in tasks.values():
+        t.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)

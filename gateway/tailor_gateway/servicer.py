@@ -1,4 +1,8 @@
-"""GatewayService: pipelines and artifacts for authenticated callers. Proto <-> engine only."""
+"""GatewayService: pipelines and artifacts for authenticated callers. Proto <-> engine only.
+
+Every database read and write runs on the state store's threads (`self._db`), never on the event loop:
+a commit waiting on the disk or on a database that is away holds up only its own call.
+"""
 
 from __future__ import annotations
 
@@ -65,6 +69,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.staging = staging
         self.max_upload_bytes = max_upload_bytes
 
+    async def _db(self, fn, *args, **kwargs):
+        return await self.engine.state.run(fn, *args, **kwargs)
+
+    async def _pipeline(self, pipeline_id: str, full: bool = True) -> pb.Pipeline:
+        """The caller's pipeline as a message (read on a database thread)."""
+        return await self._db(lambda: self._to_proto(self._owned(pipeline_id), full))
+
     # --- pipelines ------------------------------------------------------------------------------
     def _owned(self, pipeline_id: str) -> st.PipelineRow:
         p = self.engine.state.get_pipeline(pipeline_id)
@@ -114,25 +125,30 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def CreatePipeline(self, request, context):
         row = await self.engine.submit(request.spec_yaml, current_principal.get(), request.idempotency_key)
-        self.access.audit(current_caller.get(), "pipeline.create", row.id, name=row.name)
-        return self._to_proto(self.engine.state.get_pipeline(row.id))
+        await self._db(self.access.audit, current_caller.get(), "pipeline.create", row.id, name=row.name)
+        return await self._pipeline(row.id)
 
     async def GetPipeline(self, request, context):
-        return self._to_proto(self._owned(request.pipeline_id))
+        return await self._pipeline(request.pipeline_id)
 
     async def ListPipelines(self, request, context):
         # The newest first, bounded: a project with thousands of pipelines must not stall the gateway.
         limit = min(request.page_size or self.list_limit, self.list_limit)
-        rows = self.engine.state.list_pipelines(current_principal.get(), limit)[::-1]
+        project = current_principal.get()
         # The basic view leaves out stages and summaries: a listing of 20 full pipelines is ~67 KB and a
         # query per pipeline, which made ListPipelines ~30x slower than GetPipeline under load.
         full = request.view == pb.PIPELINE_VIEW_FULL
-        return pb.ListPipelinesResponse(pipelines=[self._to_proto(p, full) for p in rows])
+
+        def listing() -> pb.ListPipelinesResponse:
+            rows = self.engine.state.list_pipelines(project, limit)[::-1]
+            return pb.ListPipelinesResponse(pipelines=[self._to_proto(p, full) for p in rows])
+
+        return await self._db(listing)
 
     async def WatchPipeline(self, request, context):
         last = None
         while True:
-            snapshot = self._to_proto(self._owned(request.pipeline_id))
+            snapshot = await self._pipeline(request.pipeline_id)
             if snapshot != last:
                 yield pb.PipelineEvent(pipeline=snapshot)
                 last = snapshot
@@ -145,18 +161,23 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             await self.engine.wait_change(request.pipeline_id, timeout=2.0)
 
     async def CancelPipeline(self, request, context):
-        self._owned(request.pipeline_id)
+        await self._db(self._owned, request.pipeline_id)
         await self.engine.cancel(request.pipeline_id)
-        self.access.audit(current_caller.get(), "pipeline.cancel", request.pipeline_id)
-        return self._to_proto(self._owned(request.pipeline_id))
+        await self._db(self.access.audit, current_caller.get(), "pipeline.cancel", request.pipeline_id)
+        return await self._pipeline(request.pipeline_id)
 
     # --- artifacts ------------------------------------------------------------------------------
     async def UploadArtifact(self, request_iterator, context):
         manifest = await receive_upload(request_iterator, self.store, self.max_upload_bytes, self.staging)
-        self.access.own(current_principal.get(), [(manifest.id, manifest.kind)])
+        await self._db(self.access.own, current_principal.get(), [(manifest.id, manifest.kind)])
         size = sum(f.size for f in manifest.files)
-        self.access.audit(
-            current_caller.get(), "artifact.upload", manifest.id, kind=manifest.kind, bytes=size
+        await self._db(
+            self.access.audit,
+            current_caller.get(),
+            "artifact.upload",
+            manifest.id,
+            kind=manifest.kind,
+            bytes=size,
         )
         ref = common.ArtifactRef(
             id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
@@ -165,8 +186,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def DownloadArtifact(self, request, context):
         artifact_id = check_artifact_id(request.artifact_id)
-        self.access.require_owned(current_principal.get(), artifact_id)
-        self.access.audit(current_caller.get(), "artifact.download", artifact_id)
+        await self._db(self.access.require_owned, current_principal.get(), artifact_id)
+        await self._db(self.access.audit, current_caller.get(), "artifact.download", artifact_id)
         iterator = iter_download(self.store, artifact_id)
         while True:
             # The store may be remote (S3): read off the event loop.
@@ -177,7 +198,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def ListArtifacts(self, request, context):
         # Only what this project owns; the ownership table answers without reading the store.
-        found = self.access.owned(current_principal.get(), request.kind)
+        found = await self._db(self.access.owned, current_principal.get(), request.kind)
         return pb.ListArtifactsResponse(
             artifacts=[
                 common.ArtifactRef(id=i, kind=kind, uri=self.store.uri_for(i), sha256=i) for i, kind in found
@@ -188,7 +209,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         manifest, cached = await self.engine.import_model(
             current_principal.get(), request.hub_repo, request.revision or None
         )
-        self.access.audit(
+        await self._db(
+            self.access.audit,
             current_caller.get(),
             "artifact.import",
             manifest.id,
@@ -208,7 +230,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def GetArtifact(self, request, context):
         artifact_id = check_artifact_id(request.artifact_id)
-        self.access.require_owned(current_principal.get(), artifact_id)
+        await self._db(self.access.require_owned, current_principal.get(), artifact_id)
         manifest = await asyncio.to_thread(self.store.get_manifest, artifact_id)
         ref = common.ArtifactRef(
             id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id

@@ -2,17 +2,30 @@
 
 SQLite by default (one file, WAL), PostgreSQL in clusters (`postgresql://...`): the same statements run
 on both (see db.py). The tokens, artifact-ownership and audit tables live in the same database.
+The methods block (and retry a database that is away, see db.py): async code calls them through
+`await state.run(method, ...)`, which runs them on the store's own threads, off the event loop.
+A finished pipeline (SUCCEEDED, FAILED, CANCELLED) is never changed again: a user's cancel is not
+overwritten by a stage failing a moment later.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import json
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tailor_gateway.db import Conflict, Database, open_database
+
+T = TypeVar("T")
+# Threads for database calls: a few, so that a write waiting on a lock does not hold up every read.
+DB_THREADS = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pipelines (
@@ -125,9 +138,24 @@ class PipelineRow:
 class StateStore:
     def __init__(self, url: str | Path):
         self.db: Database = open_database(str(url), SCHEMA)
+        self._executor: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
         self.db.close()
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """fn(*args, **kwargs) on a database thread (with the caller's context: the request's project
+        and trace), so that a slow commit or a database that is away never stalls the event loop."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(DB_THREADS, thread_name_prefix="tailor-db")
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def hold_exclusive(self) -> None:
+        """Stand by until no other gateway drives this state, then hold it (see db.py)."""
+        self.db.hold_exclusive()
 
     def _tx(self, statements: list[tuple[str, tuple]]) -> None:
         self.db.execute(statements)
@@ -216,8 +244,12 @@ class StateStore:
             "report_json": json.dumps(fields["report"]) if "report" in fields else None,
         }
         sets = {k: v for k, v in columns.items() if v is not None}
-        sql = "UPDATE pipelines SET " + ", ".join(f"{k} = ?" for k in sets) + ", updated = ? WHERE id = ?"
-        self._tx([(sql, (*sets.values(), time.time(), pipeline_id))])
+        sql = (
+            "UPDATE pipelines SET "
+            + ", ".join(f"{k} = ?" for k in sets)
+            + ", updated = ? WHERE id = ? AND state NOT IN (?, ?, ?)"
+        )
+        self._tx([(sql, (*sets.values(), time.time(), pipeline_id, *TERMINAL))])
 
     # --- stages ---------------------------------------------------------------------------------
     def stages(self, pipeline_id: str) -> list[StageRow]:
