@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -123,6 +124,7 @@ def upload(
 
     if not path.exists():
         raise CliError(f"{path} does not exist")
+    refuse_outside_symlinks(path)
     converted = None
     if needs_conversion(path):
         converted = Path(tempfile.mkdtemp(prefix="tailor-convert-"))
@@ -162,23 +164,67 @@ def resolve_model(conn: Connection, value: str) -> str:
 
 
 def download(conn: Connection, artifact_id: str, dest: Path) -> list[Path]:
+    """Every file into a temporary folder beside dest, each checked against the artifact's manifest
+    (sha256, size, nothing missing); only then renamed into dest. A failure leaves nothing behind."""
+    stub = conn.gateway_stub()
+    reply = stub.GetArtifact(pb.GetArtifactRequest(artifact_id=artifact_id), metadata=conn.metadata())
+    raw = reply.manifest_json.encode()
+    if hashlib.sha256(raw).hexdigest() != artifact_id:
+        raise CliError(
+            f"the manifest the gateway sent for {artifact_id} does not match the id: nothing written"
+        )
+    expected = {f["path"]: (f["sha256"], f["size"]) for f in json.loads(raw)["files"]}
     dest.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    handles = {}
+    staging = Path(tempfile.mkdtemp(prefix=".tailor-download-", dir=dest))
+    handles: dict[str, tuple] = {}
+    done: set[str] = set()
     try:
-        for message in conn.gateway_stub().DownloadArtifact(
+        for message in stub.DownloadArtifact(
             pb.DownloadArtifactRequest(artifact_id=artifact_id), metadata=conn.metadata()
         ):
             rel = check_relative_path(message.chunk.path)
+            if rel not in expected or rel in done:
+                raise CliError(f"the gateway sent {rel!r}, which is not (or no longer) expected")
             if rel not in handles:
-                target = dest / rel
+                target = staging / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
-                handles[rel] = open(target, "wb")  # noqa: SIM115 - closed below
-                written.append(target)
-            handles[rel].write(message.chunk.data)
+                handles[rel] = (open(target, "wb"), hashlib.sha256())  # noqa: SIM115 - closed below
+            handle, digest = handles[rel]
+            handle.write(message.chunk.data)
+            digest.update(message.chunk.data)
             if message.chunk.eof:
-                handles.pop(rel).close()
+                handle.close()
+                handles.pop(rel)
+                size = (staging / rel).stat().st_size
+                if (digest.hexdigest(), size) != expected[rel]:
+                    raise CliError(f"{rel} arrived corrupt (sha256 or size differ from the manifest)")
+                done.add(rel)
+        if done != set(expected):
+            raise CliError(f"the download ended without {sorted(set(expected) - done)}")
+        written = []
+        for rel in sorted(done):
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, target)
+            written.append(target)
+        return written
     finally:
-        for handle in handles.values():
+        for handle, _ in handles.values():
             handle.close()
-    return written
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def refuse_outside_symlinks(path: Path) -> None:
+    """A folder's symlinks are never followed out of it: the upload would send what they point to."""
+    if not path.is_dir():
+        return
+    root = path.resolve()
+    for entry in path.rglob("*"):
+        if entry.is_symlink():
+            target = entry.resolve()
+            if root != target and root not in target.parents:
+                rel = entry.relative_to(path).as_posix()
+                raise CliError(
+                    f"{path}/{rel} is a symbolic link to a file outside the folder; Tailor uploads only the "
+                    "folder's own files: copy the file in (cp -L) or remove the link"
+                )

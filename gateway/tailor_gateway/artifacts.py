@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 import tempfile
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import BinaryIO
@@ -12,32 +14,38 @@ from typing import BinaryIO
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor_runtime.errors import InvalidArgument, ResourceExhausted
 from tailor_runtime.store import ArtifactStore, Manifest
+from tailor_runtime.store.content import ContentCheck
 from tailor_runtime.store.keys import check_relative_path
 from tailor_runtime.store.manifest import KINDS
 from tailor_runtime.streams import with_last
 
-# Pickle-based weight files: refused whatever their name says inside (safetensors, ONNX, GGUF only).
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's zip container holds a data.pkl
 DOWNLOAD_CHUNK = 1 << 20
+# Started before any upload of this process: staging folders older than this belong to a dead gateway.
+PROCESS_STARTED = time.time()
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
-def _refuse_pickles(path: Path, rel: str) -> None:
-    if rel.lower().endswith(PICKLE_SUFFIXES):
-        raise InvalidArgument(
-            f"{rel}: pickle-based weight files are refused; convert to safetensors, ONNX or GGUF: "
-            "`tailor models import FOLDER` converts a Hugging Face folder's pytorch_model.bin with "
-            "torch.load(weights_only=True) before uploading (llama2.c checkpoints: "
-            "python -m tailor_runtime.ml.llama2c)"
-        )
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head[:2] in PICKLE_MAGIC or (head == ZIP_MAGIC and not rel.endswith((".zip",))):
-        raise InvalidArgument(
-            f"{rel}: looks like a pickle or torch.save archive; only safetensors, ONNX, GGUF "
-            "(`tailor models import FOLDER` converts a pytorch_model.bin)"
-        )
+def clean_stale_staging(staging_root: Path, started: float = PROCESS_STARTED) -> int:
+    """Remove staging folders left by a gateway killed mid-upload (older than this process); returns
+    how many. Called once at start-up, where the staging folder is set up."""
+    removed = 0
+    if not staging_root.is_dir():
+        return 0
+    for entry in staging_root.iterdir():
+        if entry.name.startswith(("upload-", "hub-")) and entry.lstat().st_mtime < started:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _check_layout(rel: str, files: set[str], folders: set[str]) -> None:
+    """`a` then `a/b` (or the reverse) cannot both be stored: a path is a file or a folder."""
+    parents = rel.split("/")[:-1]
+    for i in range(1, len(parents) + 1):
+        if "/".join(parents[:i]) in files:
+            raise InvalidArgument(f"{rel}: {'/'.join(parents[:i])} is a file in this upload, not a folder")
+    if rel in folders:
+        raise InvalidArgument(f"{rel}: is a folder in this upload (it holds other files), not a file")
 
 
 async def receive_upload(
@@ -49,6 +57,8 @@ async def receive_upload(
     staging_root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="upload-", dir=staging_root))
     handles: dict[str, BinaryIO] = {}
+    checks: dict[str, ContentCheck] = {}
+    folders: set[str] = set()
     try:
         header: pb.UploadHeader | None = None
         finished: set[str] = set()
@@ -73,19 +83,26 @@ async def receive_upload(
             if total > max_bytes:
                 raise ResourceExhausted(f"upload is larger than the limit of {max_bytes} bytes")
             if rel not in handles:
+                _check_layout(rel, finished | set(handles), folders)
+                parts = rel.split("/")
+                folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
                 target = folder / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 handles[rel] = open(target, "wb")  # noqa: SIM115 - closed at eof or in finally
+                checks[rel] = ContentCheck(rel)
+            # Checked as the bytes arrive: a pickle is refused before the rest of it is stored.
+            checks[rel].feed(chunk.data)
             handles[rel].write(chunk.data)
             if chunk.eof:
                 handles.pop(rel).close()
+                checks.pop(rel).finish()
                 finished.add(rel)
         if header is None:
             raise InvalidArgument("empty upload: send a header and at least one file")
         if handles:
             raise InvalidArgument(f"upload ended before these files were complete: {sorted(handles)}")
-        for rel in finished:
-            _refuse_pickles(folder / rel, rel)
+        if not finished:
+            raise InvalidArgument("upload holds no files: send at least one file after the header")
         # Hashing and storing a 13 GB model takes minutes: off the event loop, which keeps serving.
         return await asyncio.to_thread(
             store.publish_directory,
@@ -96,6 +113,13 @@ async def receive_upload(
             metrics={},
             recipe={"stage": "upload"},
         )
+    except OSError as exc:
+        # Never the staging path in a message; a full disk is the caller's to retry, not a bug.
+        if exc.errno in DISK_FULL:
+            raise ResourceExhausted("the gateway's disk is full: nothing was stored; retry later") from None
+        if exc.errno == errno.ENAMETOOLONG:
+            raise InvalidArgument("a file path of this upload is too long") from None
+        raise
     finally:
         for handle in handles.values():
             handle.close()

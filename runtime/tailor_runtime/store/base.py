@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,7 +27,9 @@ from pydantic import ValidationError
 
 from tailor_runtime.errors import IntegrityError, InvalidArgument, NotFound
 from tailor_runtime.store.keys import check_artifact_id, check_relative_path
-from tailor_runtime.store.manifest import CHUNK, KINDS, Manifest, recipe_key, scan_directory
+from tailor_runtime.store.manifest import CHUNK, KINDS, Manifest, recipe_key, scan_directory, sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactStore(ABC):
@@ -82,7 +85,7 @@ class ArtifactStore(ABC):
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
         if not files:
-            raise InvalidArgument(f"nothing to publish: {src_dir} holds no files")
+            raise InvalidArgument(f"nothing to publish: {name or kind} holds no files")
         manifest = Manifest(
             kind=kind,
             format=format,
@@ -167,14 +170,19 @@ class ArtifactStore(ABC):
         return manifest
 
     def materialize(self, artifact_id: str, cache_dir: Path) -> Path:
-        """A verified local copy of the artifact under cache_dir/<id>, reused once verified."""
+        """A verified local copy of the artifact under cache_dir/<id>. A cached copy is re-hashed every
+        time it is used (a worker's cache can be changed under it); a copy that no longer matches its
+        manifest is discarded and fetched again from the store, which verifies what it sends."""
         check_artifact_id(artifact_id)
         target = cache_dir / artifact_id
-        marker = cache_dir / f"{artifact_id}.verified"
-        if marker.exists() and target.is_dir():
-            return target
+        if target.is_dir():
+            manifest = self.get_manifest(artifact_id)
+            if cached_copy_matches(target, manifest):
+                return target
+            log.warning(
+                "cached copy of artifact %s does not match its manifest: fetching it again", artifact_id
+            )
         self.download(artifact_id, target)
-        marker.touch()
         return target
 
     # --- the recipe cache ---------------------------------------------------------------------
@@ -210,6 +218,21 @@ class ArtifactStore(ABC):
     @staticmethod
     def _temp_name() -> str:
         return f".tmp-{uuid.uuid4().hex}"
+
+
+def cached_copy_matches(folder: Path, manifest: Manifest) -> bool:
+    """Every file of the manifest is in folder with its size and sha256, and nothing else is."""
+    try:
+        present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+        if present != {entry.path for entry in manifest.files}:
+            return False
+        for entry in manifest.files:
+            path = folder / entry.path
+            if path.is_symlink() or path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def open_store(url: str, **s3_options: Any) -> ArtifactStore:

@@ -71,7 +71,9 @@ def scan_directory(root: Path) -> tuple[FileEntry, ...]:
     entries = []
     for path in sorted(root.rglob("*")):
         if path.is_symlink():
-            raise ValueError(f"{path} is a symbolic link; artifacts hold regular files only")
+            raise ValueError(
+                f"{path.relative_to(root).as_posix()} is a symbolic link; artifacts hold regular files only"
+            )
         if path.is_file():
             rel = path.relative_to(root).as_posix()
             check_relative_path(rel)
