@@ -17,6 +17,9 @@ from tailor_runtime.errors import InvalidArgument
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# Bounds checked before anything is parsed or planned: a huge spec must not hold the gateway.
+MAX_SPEC_BYTES = 256 << 10
+MAX_CANDIDATES = 64  # quantize entries; each is a quantize and a benchmark stage
 
 
 class Input(BaseModel):
@@ -207,12 +210,24 @@ class PipelineSpec(BaseModel):
 
 def parse_spec(text: str, *, require_artifacts: bool = True) -> PipelineSpec:
     """YAML -> PipelineSpec; every problem reported with the path of the offending field."""
+    size = len(text.encode())
+    if size > MAX_SPEC_BYTES:
+        raise InvalidArgument(
+            f"pipeline spec is {size} bytes; at most {MAX_SPEC_BYTES} are accepted "
+            "(configs belong in the spec, data and models in artifacts)"
+        )
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InvalidArgument(f"pipeline spec is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise InvalidArgument("pipeline spec must be a YAML mapping with name, model, data and stages")
+    candidates = raw.get("quantize")
+    if isinstance(candidates, list) and len(candidates) > MAX_CANDIDATES:
+        raise InvalidArgument(
+            f"quantize lists {len(candidates)} candidates; at most {MAX_CANDIDATES} per pipeline "
+            "(split the search into several pipelines)"
+        )
     try:
         spec = PipelineSpec.model_validate(raw)
     except ValidationError as exc:

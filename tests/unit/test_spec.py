@@ -73,3 +73,13 @@ def test_duplicate_candidates_and_bad_yaml():
         parse_spec(_spec().replace("{method: nf4}", "{method: bf16}"))
     with pytest.raises(InvalidArgument, match="not valid YAML"):
         parse_spec("name: [")
+
+
+def test_oversized_specs_are_refused_before_parsing():
+    many = "\n".join(f"  - {{method: bf16, name: c{i}}}" for i in range(20_003))
+    text = _spec().split("quantize:")[0] + "quantize:\n" + many + "\n"
+    with pytest.raises(InvalidArgument, match="at most"):
+        parse_spec(text)
+    small = "\n".join(f"  - {{method: bf16, name: c{i}}}" for i in range(65))
+    with pytest.raises(InvalidArgument, match="65 candidates; at most 64"):
+        parse_spec(_spec().split("quantize:")[0] + "quantize:\n" + small + "\n")
