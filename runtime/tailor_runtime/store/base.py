@@ -27,7 +27,15 @@ from pydantic import ValidationError
 
 from tailor_runtime.errors import IntegrityError, InvalidArgument, NotFound
 from tailor_runtime.store.keys import check_artifact_id, check_relative_path
-from tailor_runtime.store.manifest import CHUNK, KINDS, Manifest, recipe_key, scan_directory, sha256_file
+from tailor_runtime.store.manifest import (
+    CHUNK,
+    KINDS,
+    Manifest,
+    canonical_json,
+    recipe_key,
+    scan_directory,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -191,9 +199,34 @@ class ArtifactStore(ABC):
         if not self._exists(key):
             return None
         artifact_id = self._get_bytes(key).decode().strip()
+        try:
+            check_artifact_id(artifact_id)
+        except InvalidArgument:
+            log.warning("recipe index entry %s is not an artifact id: treated as a miss", key)
+            return None
         if not self.exists(artifact_id):
             return None
-        return self.get_manifest(artifact_id)
+        manifest = self.get_manifest(artifact_id)
+        # An index entry can be rewritten: a hit counts only when the artifact says it was made by this
+        # recipe (checkpoint pointers publish without a recipe and are taken as they are).
+        if manifest.recipe and canonical_json(manifest.recipe) != canonical_json(recipe):
+            log.warning(
+                "recipe index entry %s names artifact %s of another recipe: treated as a miss",
+                key,
+                artifact_id,
+            )
+            return None
+        # A hit is served instead of a run: its stored files are verified first (DATA_LOSS when corrupt).
+        self.verify(artifact_id)
+        return manifest
+
+    def verify(self, artifact_id: str) -> Manifest:
+        """Read and hash every stored file of the artifact; IntegrityError (DATA_LOSS) names a corrupt one."""
+        manifest = self.get_manifest(artifact_id)
+        for entry in manifest.files:
+            for _ in self.iter_file(artifact_id, entry.path):
+                pass
+        return manifest
 
     def remember_recipe(self, recipe: dict[str, Any], artifact_id: str) -> None:
         self._put_bytes(f"recipes/{recipe_key(recipe)}", artifact_id.encode())
