@@ -11,19 +11,22 @@ class BenchmarkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     max_eval_tokens: int = Field(
-        8192, ge=2, description="Perplexity uses the first this many tokens of the text."
+        8192, ge=2, le=10_000_000, description="Perplexity uses the first this many tokens of the text."
     )
-    context_length: int = Field(256, ge=2, description="Tokens per perplexity window.")
+    context_length: int = Field(256, ge=2, le=131_072, description="Tokens per perplexity window.")
     stride: int = Field(128, ge=1, description="Tokens between window starts; <= context_length.")
     split_documents: bool = Field(
         True, description="Blank-line-separated documents each start with BOS; False: one document, one BOS."
     )
     latency_prompt: str = Field("Once upon a time", min_length=1, description="Prompt of the decode timing.")
-    latency_new_tokens: int = Field(32, ge=2, description="Tokens generated per timed run (EOS ignored).")
-    warmup: int = Field(1, ge=0, description="Untimed runs before the timed ones.")
-    repetitions: int = Field(3, ge=1, description="Timed runs.")
+    latency_new_tokens: int = Field(
+        32, ge=2, le=4096, description="Tokens generated per timed run (EOS ignored)."
+    )
+    warmup: int = Field(1, ge=0, le=100, description="Untimed runs before the timed ones.")
+    # Bounded: each run takes seconds on a real model; 1e9 of them would hold a worker for ever.
+    repetitions: int = Field(3, ge=1, le=1000, description="Timed runs.")
     threads: int | None = Field(
-        None, ge=1, description="CPU threads for torch / ONNX Runtime; None: default."
+        None, ge=1, le=1024, description="CPU threads for torch / ONNX Runtime; None: default."
     )
     batch_sizes: tuple[int, ...] = Field(
         (1, 4),
@@ -49,23 +52,25 @@ class BenchmarkConfig(BaseModel):
     agreement_max_tokens: int = Field(
         2048,
         ge=2,
+        le=1_000_000,
         description="With a reference model: top-1 agreement and KL(reference || model) over the first this "
         "many eval tokens, in the perplexity windows.",
     )
     choice_max_examples: int = Field(
-        64, ge=1, description="With choice data (SST-2 TSV): examples scored by log-likelihood."
+        64, ge=1, le=100_000, description="With choice data (SST-2 TSV): examples scored by log-likelihood."
     )
     generation_examples: int = Field(
         0,
         ge=0,
+        le=10_000,
         description="Eval documents continued greedily and scored against their own text (exact match, "
         "BLEU, ROUGE-L); 0: off.",
     )
     generation_prompt_tokens: int = Field(
-        32, ge=1, description="Tokens of each document given as the prompt."
+        32, ge=1, le=8192, description="Tokens of each document given as the prompt."
     )
     generation_new_tokens: int = Field(
-        16, ge=1, description="Tokens generated and compared with the document's next tokens."
+        16, ge=1, le=4096, description="Tokens generated and compared with the document's next tokens."
     )
 
     @model_validator(mode="after")
