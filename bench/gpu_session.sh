@@ -31,8 +31,12 @@ for part in "$@"; do
         | grep -v Warning | tail -30
       ;;
     train)
-      TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps 20 --warmup 3 --rows "${ROWS:-3}" --trace-memory \
-        --out "$OUT/trainer_speed.json" 2>&1 | tail -20
+      # Issue 15: HF Trainer + PEFT on the same packed rows against Tailor, 3 and 8 rows of 512, 1 row of 4096.
+      for setting in ${TRAIN_SETTINGS:-3x512 8x512 1x4096}; do
+        TAILOR_ALPACA=.whl/data/alpaca_5000.json python3 bench/trainer_speed_gpu.py --steps "${STEPS:-10}" --warmup 2 \
+          --rows "${setting%x*}" --seq "${setting#*x}" --model-dir /tmp/llama7b-random --trace-memory \
+          --out "$OUT/trainer_speed_$setting.json" 2>&1 | grep -E "^\||random model" | tail -8
+      done
       ;;
     *) echo "unknown part $part (tests, decode, benchmarker, train)"; exit 2 ;;
   esac

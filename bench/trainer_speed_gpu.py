@@ -6,8 +6,11 @@ The Llama-2 tokenizer is not available offline, so lengths are characters / 4 (a
 Llama-2 token on English) and token ids are random; the prompt part of each example carries no loss in
 both paths. Capped at 512 tokens.
 
-  baseline   transformers.Trainer + peft, batch 4, padded to the longest example in the batch, gradient
-             checkpointing, r=16 on all linear layers (the setup the issue measured)
+  baseline   transformers.Trainer + peft on the SAME packed rows x seq len as Tailor (issue 15): position
+             ids reset per document, block-diagonal mask, SDPA, bf16, fused AdamW, gradient checkpointing,
+             r=16 on all linear layers
+  padded     (--paths ...,padded, a labelled extra) Trainer + peft on batches of 4 examples padded to the
+             longest: the issue-4 baseline, which no practitioner runs once packing exists
   tailor     the trainer's own path (tailor_trainer.lora.build_peft_model + datasets.ExampleBatches +
              loop.train): examples packed into rows of 512 with a block-diagonal mask (no padding), 3 rows
              per step (--rows; with 4 the LoRA peak is 0.24 GB above the baseline's), gradient
@@ -98,10 +101,23 @@ def build_model(folder: Path, method: str, device: str):
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).to(device)
 
 
-def run_baseline(folder: Path, method: str, device: str, steps: int, warmup: int) -> dict:
+def run_baseline(
+    folder: Path, method: str, device: str, steps: int, warmup: int, rows: int, padded: bool = False
+) -> dict:
+    """transformers.Trainer + peft, bf16 autocast, gradient checkpointing.
+
+    Packed (the default, what a practitioner runs): the same packed rows as Tailor's path, in the same
+    order (datasets.ExampleBatches, same seed), position ids reset per document and the block-diagonal
+    4-D mask, through SDPA (flash-attn is not installed on the device; transformers 5.17 does not infer
+    document boundaries from reset position ids with SDPA or flex_attention: measured on CPU, a packed
+    document's logits then differ from the document alone by 0.5-0.7, so the explicit mask is the only
+    correct padding-free path there). Padded (--baseline-padded, a labelled extra): batches of 4
+    examples padded to the longest, the old issue-4 baseline."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from tailor_trainer.datasets import IGNORE, ExampleBatches, split
 
     model = build_model(folder, method, device)
     if method == "qlora":
@@ -110,21 +126,19 @@ def run_baseline(folder: Path, method: str, device: str, steps: int, warmup: int
     model = get_peft_model(
         model, LoraConfig(r=16, lora_alpha=32, target_modules=targets, task_type="CAUSAL_LM")
     )
-    data = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples(model.config.vocab_size)]
+    train_set, _ = split(examples(model.config.vocab_size), 0.0, 0)
+    batches = ExampleBatches(train_set, 4 if padded else rows, SEQ, packing=not padded, seed=0, pad_id=0)
+    data = list(range(1, steps + warmup + 1))  # the step numbers; the collator builds each step's batch
 
-    def collate(batch):  # pad to the longest in the batch (what DataCollatorForSeq2Seq does)
-        width = max(len(b["input_ids"]) for b in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n], labels[i, :n], mask[i, :n] = (
-                torch.tensor(b["input_ids"]),
-                torch.tensor(b["labels"]),
-                1,
-            )
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    def collate(items):
+        batch = batches.batch(items[0])
+        # Tailor's labels are shifted (labels[t] is token t+1's); the model's own loss shifts them itself.
+        labels = torch.full_like(batch["labels"], IGNORE)
+        labels[:, 1:] = batch["labels"][:, :-1]
+        out = {"input_ids": batch["input_ids"], "labels": labels, "position_ids": batch["position_ids"]}
+        out["attention_mask"] = batch["attention_mask"]
+        out["_real"] = batch["real_tokens"]
+        return out
 
     marks: dict = {"real": 0, "padded": 0}
 
@@ -141,18 +155,21 @@ def run_baseline(folder: Path, method: str, device: str, steps: int, warmup: int
 
     class Counting(Trainer):
         def training_step(self, model, inputs, *a, **k):
+            real = inputs.pop("_real")
             if self.state.global_step >= warmup:
-                marks["real"] += int(inputs["attention_mask"].sum())
+                marks["real"] += int(real)
                 marks["padded"] += inputs["input_ids"].numel()
             return super().training_step(model, inputs, *a, **k)
 
     args = TrainingArguments(
         output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=4,
+        per_device_train_batch_size=1,
         max_steps=steps + warmup,
         gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=device == "cuda",
         learning_rate=2e-4,
+        optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
         logging_steps=1000,
         save_strategy="no",
         report_to=[],
@@ -164,6 +181,7 @@ def run_baseline(folder: Path, method: str, device: str, steps: int, warmup: int
     Counting(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()]).train()
     seconds = marks["t1"] - marks["t0"]
     return {
+        "baseline": "padded batch 4" if padded else f"packed {rows} x {SEQ}",
         "real_tokens_per_s": marks["real"] / seconds,
         "padded_tokens_per_s": marks["padded"] / seconds,
         "padding_share": 1 - marks["real"] / marks["padded"],
@@ -240,10 +258,16 @@ def run_tailor(
 def child(args) -> None:
     import torch
 
+    global SEQ
+    SEQ = args.seq
+
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if args.path == "baseline":
-        result = run_baseline(Path(args.folder), args.method, args.device, args.steps, args.warmup)
+    if args.path in ("baseline", "padded"):
+        args.padded = args.path == "padded"
+        result = run_baseline(
+            Path(args.folder), args.method, args.device, args.steps, args.warmup, args.rows, args.padded
+        )
     else:
         result = run_tailor(
             Path(args.folder),
@@ -276,7 +300,16 @@ def main() -> None:
         default=3,
         help="Tailor's packed rows of 512 per step: 3 (1536 tokens) keeps its peak memory under the baseline's",
     )
+    parser.add_argument(
+        "--seq", type=int, default=SEQ, help="tokens per packed row (512; 4096: long context)"
+    )
+    parser.add_argument(
+        "--paths",
+        default="baseline,tailor",
+        help="baseline (HF Trainer + PEFT on the same packed rows), tailor, padded (the old padded batch-4 extra)",
+    )
     parser.add_argument("--trace-memory", action="store_true", help="Tailor's peak GPU memory per phase")
+    parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--path")
     parser.add_argument("--method")
@@ -289,17 +322,19 @@ def main() -> None:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = Path(tempfile.mkdtemp(prefix="llama7b-random-"))
-    started = time.perf_counter()
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(LlamaConfig(**(SMALL if args.small else LLAMA2_7B))).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    del model
-    print(f"random model saved in {time.perf_counter() - started:.0f}s", flush=True)
+    # --model-dir: the random model saved once and reused by the next invocations of a session.
+    folder = args.model_dir or Path(tempfile.mkdtemp(prefix="llama7b-random-"))
+    if not (folder / "config.json").exists():
+        started = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(args.device):
+            model = LlamaForCausalLM(LlamaConfig(**(SMALL if args.small else LLAMA2_7B))).to(torch.bfloat16)
+        model.save_pretrained(folder)
+        del model
+        print(f"random model saved in {time.perf_counter() - started:.0f}s", flush=True)
     results = []
     for method in args.methods.split(","):
-        for path in ("baseline", "tailor"):
+        for path in args.paths.split(","):
             cmd = [
                 sys.executable,
                 __file__,
@@ -319,10 +354,12 @@ def main() -> None:
             ]
             if args.no_fused:
                 cmd.append("--no-fused")
-            cmd += ["--rows", str(args.rows)] + (["--trace-memory"] if args.trace_memory else [])
+            cmd += ["--rows", str(args.rows), "--seq", str(args.seq)] + (
+                ["--trace-memory"] if args.trace_memory else []
+            )
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            row = {"method": method, "path": path}
+            row = {"method": method, "path": path, "rows": args.rows, "seq": args.seq}
             row.update(json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]})
             print(json.dumps(row), flush=True)
             results.append(row)
@@ -345,6 +382,7 @@ def main() -> None:
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "model": "Llama-2-7B architecture, RANDOM weights" if not args.small else "small random Llama",
     }
+    env["peft"] = __import__("peft").__version__
     if args.out:
         args.out.write_text(json.dumps({"environment": env, "results": results}, indent=2))
 
