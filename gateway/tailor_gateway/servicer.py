@@ -16,7 +16,7 @@ from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
-from tailor_gateway.artifacts import iter_download, receive_upload
+from tailor_gateway.artifacts import clean_stale_staging, iter_download, receive_upload
 from tailor_gateway.auth import current_caller
 from tailor_gateway.engine import Engine
 from tailor_runtime.errors import NotFound
@@ -67,6 +67,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.list_limit = list_limit
         self.store = store
         self.staging = staging
+        clean_stale_staging(staging)  # folders of a gateway killed mid-upload (issue 23)
         self.max_upload_bytes = max_upload_bytes
 
     async def _db(self, fn, *args, **kwargs):

@@ -184,3 +184,14 @@ def _upload_under_size_limit(tmp_path: Path, queue) -> None:
         queue.put((exc.code.name, exc.message))
     except BaseException as exc:  # noqa: BLE001
         queue.put((type(exc).__name__, str(exc)))
+
+
+def test_a_lying_safetensors_header_in_the_store_is_invalid_argument_at_fetch(tmp_path):
+    """A hub import or stage output skips the upload checks; the worker's fetch still refuses it."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(_safetensors(data_bytes=8, end=1 << 20))
+    store = LocalStore(tmp_path / "store")
+    manifest = store.publish_directory(folder, kind="model", format="hf-safetensors")
+    with pytest.raises(InvalidArgument, match="model.safetensors: is not a valid safetensors file"):
+        store.materialize(manifest.id, tmp_path / "cache")

@@ -26,6 +26,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tailor_runtime.errors import IntegrityError, InvalidArgument, NotFound
+from tailor_runtime.store.content import check_safetensors_header
 from tailor_runtime.store.keys import check_artifact_id, check_relative_path
 from tailor_runtime.store.manifest import (
     CHUNK,
@@ -190,7 +191,12 @@ class ArtifactStore(ABC):
             log.warning(
                 "cached copy of artifact %s does not match its manifest: fetching it again", artifact_id
             )
-        self.download(artifact_id, target)
+        manifest = self.download(artifact_id, target)
+        # Imports and stage outputs reach the store without the upload's checks: a lying safetensors
+        # header is refused here as INVALID_ARGUMENT, not left to the loader's SafetensorError.
+        for entry in manifest.files:
+            if entry.path.lower().endswith(".safetensors"):
+                check_safetensors_header(target / entry.path, entry.path)
         return target
 
     # --- the recipe cache ---------------------------------------------------------------------

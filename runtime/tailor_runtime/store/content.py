@@ -168,3 +168,18 @@ def check_file(path, rel: str, chunk: int = 1 << 20) -> None:
         while data := handle.read(chunk):
             check.feed(data)
     check.finish()
+
+
+def check_safetensors_header(path, rel: str) -> None:
+    """A stored .safetensors file's header against its size, reading the header only: a lying header
+    is INVALID_ARGUMENT naming the file, before a loader turns it into an internal SafetensorError."""
+    from pathlib import Path
+
+    check = ContentCheck(rel)
+    size = Path(path).stat().st_size
+    with open(path, "rb") as handle:
+        check.feed(handle.read(8))
+        while len(check.head) < check._head_limit() and (data := handle.read(1 << 20)):
+            check.feed(data)
+    check.size = size
+    check.finish()
