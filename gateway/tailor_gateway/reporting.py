@@ -35,6 +35,9 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
         if stage.kind == "quantize" and stage.state == st.REJECTED:
             candidates.append(gate_rejected_candidate(stage))
             continue
+        if stage.kind == "benchmark" and stage.state == st.REJECTED:
+            candidates.append(measurement_rejected_candidate(stage, stages))
+            continue
         if stage.kind != "benchmark" or stage.state != st.SUCCEEDED:
             continue
         name = stage.params["candidate"]
@@ -131,6 +134,25 @@ def gate_rejected_candidate(stage) -> dict[str, Any]:
         "pareto_optimal": False,
         "violations": violations,
         "rejected_by": "accuracy gate",
+        "rejection": stage.error_message,
+    }
+
+
+def measurement_rejected_candidate(stage, stages: dict) -> dict[str, Any]:
+    """A candidate whose benchmark measured NaN or Inf (broken weights): left out of the selection, shown
+    with its finite numbers and the reason."""
+    name = stage.params["candidate"]
+    quantize = stages.get(f"quantize/{name}")
+    return {
+        "name": name,
+        "method": quantize.params["method"] if quantize is not None else "original",
+        "artifact_id": quantize.results[0]["id"] if quantize is not None and quantize.results else "",
+        "report_id": "",
+        "metrics": {k: stage.metrics[k] for k in SUMMARY_METRICS if k in stage.metrics},
+        "feasible": False,
+        "pareto_optimal": False,
+        "violations": [],
+        "rejected_by": "benchmark",
         "rejection": stage.error_message,
     }
 

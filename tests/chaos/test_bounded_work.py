@@ -30,3 +30,42 @@ def test_nan_metrics_are_read_and_named_not_a_value_error():
     metrics = struct_to_dict(struct)  # json_format.MessageToDict raises ValueError here
     assert sorted(non_finite(metrics)) == ["latency.p50_ms=inf", "perplexity=nan"]
     assert finite_only(metrics) == {"size_mb": 1.5, "latency": {}}
+
+
+def test_a_nan_rejected_candidate_is_reported_with_its_reason_and_the_others_selected(tmp_path):
+    import time
+
+    import yaml
+
+    from tailor_gateway import state as st
+    from tailor_gateway.reporting import build_summary
+    from tailor_gateway.spec import parse_spec, plan
+
+    spec_yaml = yaml.safe_dump(
+        {
+            "name": "nan",
+            "model": {"artifact": "a" * 64},
+            "data": {"eval": {"artifact": "b" * 64}},
+            "quantize": [{"method": "bf16"}, {"method": "nf4"}],
+        }
+    )
+    spec = parse_spec(spec_yaml)
+    now = time.time()
+    p = st.PipelineRow("p-nan", "proj", "nan", spec_yaml, st.RUNNING, now, now)
+    stages = {}
+    for i, s in enumerate(plan(spec)):
+        stages[s.name] = st.StageRow(p.id, s.name, s.kind, i, s.depends_on, s.params, state=st.SUCCEEDED)
+    for name in ("bf16", "nf4"):
+        stages[f"quantize/{name}"].results = [{"id": name * 8}]
+    for name in ("original", "bf16", "nf4"):
+        stages[f"benchmark/{name}"].results = [{"id": "r" + name}]
+        stages[f"benchmark/{name}"].metrics = {"perplexity": 4.0}
+    stages["benchmark/nf4"].state = st.REJECTED
+    stages["benchmark/nf4"].error_message = "measured values that are not finite (perplexity=nan)"
+    stages["benchmark/nf4"].metrics = {"size_mb": 1.0}
+    stages["select"].metrics = {"recommended_id": "bf16", "verdicts": []}
+    summary = build_summary(p, spec, stages)
+    by_name = {c["name"]: c for c in summary["candidates"]}
+    assert set(by_name) == {"original", "bf16", "nf4"}
+    assert by_name["nf4"]["rejected_by"] == "benchmark" and "not finite" in by_name["nf4"]["rejection"]
+    assert summary["recommended"] == "bf16"
