@@ -59,7 +59,7 @@ def spec_for(inputs: dict, i: int) -> str:
     return yaml.safe_dump({"name": f"load-{i % 50}", **inputs, "quantize": [{"method": method}]})
 
 
-async def client_loop(address, token, spec, stop_at, out, submitted):
+async def client_loop(address, token, spec, stop_at, out, submitted, get_first=False):
     channel = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
     stub = gw_grpc.GatewayServiceStub(channel)
     meta = (("authorization", f"Bearer {token}"),)
@@ -99,19 +99,26 @@ async def client_loop(address, token, spec, stop_at, out, submitted):
                     out["lat"]["pipeline end-to-end"].append(time.perf_counter() - start)
         except grpc.aio.AioRpcError as exc:
             out["errors"][f"WatchPipeline:{exc.code().name}"] += 1
-        try:
-            await timed(
-                "ListPipelines", stub.ListPipelines(gw.ListPipelinesRequest(page_size=20), metadata=meta)
-            )
-            await timed(
-                "GetPipeline", stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=p.id), metadata=meta)
-            )
-        except grpc.aio.AioRpcError:
-            pass
+        calls = [
+            (
+                "ListPipelines",
+                lambda: stub.ListPipelines(gw.ListPipelinesRequest(page_size=20), metadata=meta),
+            ),
+            (
+                "GetPipeline",
+                lambda pid=p.id: stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=pid), metadata=meta),
+            ),
+        ]
+        # --get-first swaps them: whichever comes right after the pipeline's end used to be the slow one.
+        for name, call in calls[::-1] if get_first else calls:
+            try:
+                await timed(name, call())
+            except grpc.aio.AioRpcError:
+                break
     await channel.close()
 
 
-def client_process(address, tokens, inputs_by_token, seconds, queue):
+def client_process(address, tokens, inputs_by_token, seconds, queue, get_first=False):
     out = {
         "lat": collections.defaultdict(list),
         "errors": collections.Counter(),
@@ -123,7 +130,7 @@ def client_process(address, tokens, inputs_by_token, seconds, queue):
         stop_at = time.monotonic() + seconds
         await asyncio.gather(
             *(
-                client_loop(address, t, spec_for(inputs_by_token[t], i), stop_at, out, submitted)
+                client_loop(address, t, spec_for(inputs_by_token[t], i), stop_at, out, submitted, get_first)
                 for i, t in enumerate(tokens)
             )
         )
@@ -178,6 +185,7 @@ def main() -> int:
     parser.add_argument("--kill-every", type=float, default=0, help="SIGKILL a random worker every S seconds")
     parser.add_argument("--port", type=int, default=47100)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--get-first", action="store_true", help="GetPipeline before ListPipelines")
     parser.add_argument("--sample-every", type=float, default=10, help="seconds between RSS samples")
     args = parser.parse_args()
 
@@ -223,7 +231,7 @@ def main() -> int:
         procs = [
             mp.Process(
                 target=client_process,
-                args=(stack.address("gateway"), share, inputs_by_token, args.seconds, queue),
+                args=(stack.address("gateway"), share, inputs_by_token, args.seconds, queue, args.get_first),
             )
             for share in shares
         ]
