@@ -69,3 +69,27 @@ def test_a_nan_rejected_candidate_is_reported_with_its_reason_and_the_others_sel
     assert set(by_name) == {"original", "bf16", "nf4"}
     assert by_name["nf4"]["rejected_by"] == "benchmark" and "not finite" in by_name["nf4"]["rejection"]
     assert summary["recommended"] == "bf16"
+
+
+def test_a_config_that_disagrees_with_the_weights_is_refused_before_loading(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tailor_runtime.ml.model_io import check_config_against_weights, read_format
+
+    source = Path(__file__).resolve().parents[2] / "examples" / "models" / "stories260K"
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    fmt = read_format(folder)
+    check_config_against_weights(folder, fmt)  # the real model agrees with itself
+    config = json.loads((folder / "config.json").read_text())
+    for key, value, named in (
+        ("num_hidden_layers", 60_000, "num_hidden_layers is 60000"),
+        ("vocab_size", config["vocab_size"] * 1000, "vocab_size"),
+        ("hidden_size", config["hidden_size"] * 64, "hidden_size"),
+        ("max_position_embeddings", 1 << 30, "max_position_embeddings"),
+    ):
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(InvalidArgument, match=named):
+            check_config_against_weights(folder, fmt)

@@ -16,6 +16,7 @@ This module only reads that marker and dispatches; everything specific to a form
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +135,67 @@ def load_tokenizer(folder: Path):
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+MAX_POSITIONS = 1 << 22  # 4M positions: past this a config is not a model this platform can run
+
+
+def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
+    """Tensor name -> shape, from the safetensors headers only (8-byte length + JSON; no weights read)."""
+    files = sorted(folder.glob("*.safetensors"))
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        with path.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length <= 0 or length > 100 << 20:
+                raise InvalidArgument(f"{folder.name}/{path.name} is not a safetensors file (header size)")
+            header = json.loads(f.read(length))
+        shapes.update({k: v["shape"] for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def check_config_against_weights(folder: Path, fmt: dict[str, Any]) -> None:
+    """config.json's sizes agree with the tensors actually present, before anything is allocated: a config
+    that says 60,000 layers over a 2-layer checkpoint would otherwise build 60,000 layers until memory ran
+    out. InvalidArgument names the mismatch."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    config = {**config.get("text_config", {}), **config}
+    shapes = safetensors_shapes(folder)
+    if not shapes:
+        return
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if isinstance(positions, int) and positions > MAX_POSITIONS:
+        raise InvalidArgument(
+            f"{folder.name}/config.json: max_position_embeddings {positions} is more than {MAX_POSITIONS}"
+        )
+    layer_ids = {int(m.group(1)) for name in shapes if (m := re.search(r"\.(?:layers|h)\.(\d+)\.", name))}
+    layers = config.get("num_hidden_layers") or config.get("n_layer")
+    if layer_ids and isinstance(layers, int) and layers != max(layer_ids) + 1:
+        raise InvalidArgument(
+            f"{folder.name}/config.json: num_hidden_layers is {layers} but the weights hold "
+            f"{max(layer_ids) + 1} layers; fix config.json or upload the matching weights"
+        )
+    if fmt.get("format") != "hf-safetensors":
+        return  # quantized formats store packed shapes
+    embedding = next((shapes[n] for n in shapes if n.endswith(("embed_tokens.weight", "wte.weight"))), None)
+    if embedding is None or len(embedding) != 2:
+        return
+    for key, actual in (("vocab_size", embedding[0]), ("hidden_size", embedding[1])):
+        declared = config.get(key) if key in config else config.get({"hidden_size": "n_embd"}.get(key, key))
+        if isinstance(declared, int) and declared != actual:
+            raise InvalidArgument(
+                f"{folder.name}/config.json: {key} is {declared} but the embedding weights say {actual}; "
+                "fix config.json or upload the matching weights"
+            )
+
+
 def load_causal_lm(folder: Path, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) from a model folder of any loadable format; the model is in eval mode on
     `device` ("cpu", or "cuda" for the formats in formats.GPU_FORMATS)."""
     folder = Path(folder)
     fmt = read_format(folder)
+    check_config_against_weights(folder, fmt)
     loader = formats.get_loader(fmt["format"])
     if device == "cpu":
         model = loader(folder, fmt)
