@@ -93,3 +93,22 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_before_loading(tmp_
         (folder / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(InvalidArgument, match=named):
             check_config_against_weights(folder, fmt)
+
+
+@pytest.mark.integration
+def test_a_stopped_measuring_child_is_detected_by_its_missing_heartbeat(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from tailor_benchmarker import run
+
+    monkeypatch.setattr(run, "STALL_S", 1.5)
+    # A child that beats twice, then stops itself (SIGSTOP) as a frozen process would.
+    code = "import os, signal, time; print('@heartbeat', flush=True); time.sleep(0.3); os.kill(os.getpid(), signal.SIGSTOP)"
+    with (tmp_path / "stderr").open("wb") as stderr, pytest.raises(run.ChildStalled, match="heartbeat"):
+        run._follow([sys.executable, "-c", code], stderr, lambda *a: None)
+    # A beating child is left alone until it ends.
+    code = "import time\nfor _ in range(6):\n    print('@heartbeat', flush=True); time.sleep(0.5)"
+    with (tmp_path / "stderr").open("wb") as stderr:
+        assert run._follow([sys.executable, "-c", code], stderr, lambda *a: None) == 0
+    assert subprocess.run([sys.executable, "-c", "pass"]).returncode == 0

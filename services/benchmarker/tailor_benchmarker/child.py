@@ -31,6 +31,8 @@ import os
 import resource
 import signal
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -40,10 +42,20 @@ from tailor_runtime.errors import TailorError
 from tailor_runtime.ml.model_io import read_format
 
 PROGRESS_PREFIX = "@progress "
+# A line every HEARTBEAT_S from a thread of its own: a stopped (SIGSTOP) or frozen child goes silent,
+# and the parent (run.py) kills it after its stall timeout and tries once more.
+HEARTBEAT = "@heartbeat"
+HEARTBEAT_S = 2.0
 ONNX_FORMATS = ("onnx", "ort", "triton-repository")  # run by ONNX Runtime (tailor_runtime.ml.onnx.session)
 GGUF_FORMAT = "gguf"  # run by llama.cpp (tailor_runtime.ml.llama_cpp_model)
 # llama.cpp's own tokenizer is checked against the folder's on this text (recorded, not enforced).
 VOCAB_SAMPLE = 'Once upon a time, there was a little girl named Lily. She said: "Look, 3 red birds!"'
+
+
+def _heartbeat() -> None:
+    while True:
+        print(HEARTBEAT, flush=True)
+        time.sleep(HEARTBEAT_S)
 
 
 def report(percent: float, phase: str, message: str = "") -> None:
@@ -361,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--choices", type=Path, default=None, help="multiple-choice TSV (SST-2 format)")
     args = parser.parse_args(argv)
     _die_with_parent()
+    threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
 
     # Imported before the baseline RSS is read, so the baseline holds the frameworks, not the model.
     import torch  # noqa: F401

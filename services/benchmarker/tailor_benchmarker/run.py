@@ -31,6 +31,15 @@ from tailor_runtime.progress import ProgressFn
 
 # Progress (and with it the cancellation check) is called at least this often while the child runs.
 POLL_S = 0.25
+# No line (progress or heartbeat) from the child for this long: it is stopped or frozen; kill it, retry once.
+STALL_S = float(os.environ.get("TAILOR_BENCH_STALL_S", "60"))
+STALL_RETRIES = 1
+
+
+class ChildStalled(Exception):
+    pass
+
+
 STDERR_TAIL_LINES = 8
 _VERSIONED = (
     "torch",
@@ -81,9 +90,24 @@ def run_benchmark(
     with tempfile.TemporaryDirectory(prefix="tailor-bench-") as tmp:
         out = Path(tmp) / "result.json"
         stderr_path = Path(tmp) / "stderr.txt"
-        with stderr_path.open("wb") as stderr:
-            returncode = _follow(_child_command(model_dir, eval_text, cfg, out) + extra, stderr, progress)
-        result = _read_result(out, returncode, stderr_path, model_dir)
+        for attempt in range(STALL_RETRIES + 1):
+            try:
+                with stderr_path.open("wb") as stderr:
+                    command = _child_command(model_dir, eval_text, cfg, out) + extra
+                    returncode = _follow(command, stderr, progress)
+                result = _read_result(out, returncode, stderr_path, model_dir)
+                break
+            except (ChildStalled, FailedPrecondition) as exc:
+                # A stalled child, or one killed by a signal (not a domain error it reported): once more.
+                killed = isinstance(exc, FailedPrecondition) and "was killed by" in str(exc)
+                if attempt == STALL_RETRIES or not (isinstance(exc, ChildStalled) or killed):
+                    if isinstance(exc, ChildStalled):
+                        raise FailedPrecondition(
+                            f"benchmark of {model_dir.name}: the measuring process stalled twice "
+                            f"(no heartbeat for {STALL_S:.0f}s); it was killed"
+                        ) from None
+                    raise
+                progress(0.0, "retrying", f"the measuring process {exc}; starting it again")
 
     result["size_on_disk_mb"] = folder_size_bytes(model_dir) / 2**20
     result["wall_s"] = time.monotonic() - started
@@ -128,12 +152,14 @@ def _follow(command: list[str], stderr: Any, progress: ProgressFn) -> int:
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=stderr, env=_child_env(), encoding="utf-8", errors="replace"
     )
-    latest: dict[str, Any] = {"percent": 0.0, "phase": "starting", "message": ""}
+    latest: dict[str, Any] = {"percent": 0.0, "phase": "starting", "message": "", "beat": time.monotonic()}
     # A thread reads stdout so a chatty child never blocks on a full pipe.
     reader = threading.Thread(target=_read_progress, args=(proc.stdout, latest), daemon=True)
     reader.start()
     try:
         while proc.poll() is None:
+            if time.monotonic() - latest["beat"] > STALL_S:
+                raise ChildStalled(f"sent no heartbeat for {STALL_S:.0f}s (stopped or frozen)")
             progress(min(float(latest["percent"]), 99.0), str(latest["phase"]), str(latest["message"]))
             time.sleep(POLL_S)
     finally:
@@ -146,6 +172,7 @@ def _follow(command: list[str], stderr: Any, progress: ProgressFn) -> int:
 
 def _read_progress(stream: Any, latest: dict[str, Any]) -> None:
     for line in stream:
+        latest["beat"] = time.monotonic()
         if line.startswith(PROGRESS_PREFIX):
             try:
                 latest.update(json.loads(line[len(PROGRESS_PREFIX) :]))
