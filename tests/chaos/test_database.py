@@ -82,3 +82,32 @@ def test_a_second_gateway_stands_by_until_the_first_stops(tmp_path):
     finally:
         if second.poll() is None:
             second.kill()
+
+
+def test_a_postgresql_restart_delays_a_write_and_loses_nothing(tmp_path):
+    import os
+
+    import psycopg
+    from support.postgres import _as_server_user, fresh_database, postgres_server
+
+    with postgres_server() as server:
+        store = st.StateStore(fresh_database(server))
+        _pipeline(store, "p3")
+        with psycopg.connect(server, autocommit=True) as conn:
+            data = conn.execute("SHOW data_directory").fetchone()[0]
+        port = server.rsplit(":", 1)[1].split("/")[0]
+        options = f"-p {port} -k {os.path.dirname(data)} -c listen_addresses=127.0.0.1 -c fsync=off"
+        pg_ctl = ["pg_ctl", "-D", data, "-w"]
+        subprocess.run(_as_server_user([*pg_ctl, "-m", "fast", "stop"]), check=True, capture_output=True)
+
+        async def main():
+            write = asyncio.create_task(store.run(store.set_stage, "p3", "select", state=st.SUCCEEDED))
+            await asyncio.sleep(3)  # the server is down: the write retries, the event loop goes on
+            assert not write.done()
+            start = [*pg_ctl, "-o", options, "-l", f"{data}/../restart.log", "start"]
+            await asyncio.to_thread(subprocess.run, _as_server_user(start), check=True, capture_output=True)
+            await write
+
+        asyncio.run(main())
+        assert store.stages("p3")[0].state == st.SUCCEEDED
+        store.close()
