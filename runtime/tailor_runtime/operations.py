@@ -40,6 +40,7 @@ S = common.OperationState
 TERMINAL = {S.OPERATION_STATE_SUCCEEDED, S.OPERATION_STATE_FAILED, S.OPERATION_STATE_CANCELLED}
 # Finished operations kept for Get/Watch; older ones are forgotten first.
 KEEP_FINISHED = 500
+_LOOK_UP = object()  # start(): no recipe-cache answer given, look it up here
 
 
 @dataclass
@@ -131,9 +132,11 @@ class OperationRunner:
         labels: dict[str, str] | None = None,
         recipe: dict[str, Any] | None = None,
         project: str | None = None,
+        cached: Any = _LOOK_UP,
     ) -> common.Operation:
         """Begin work in a thread; a recipe already in the store's cache finishes at once, cached.
-        The operation belongs to `project` (default: the caller's, as the auth check found it)."""
+        The operation belongs to `project` (default: the caller's, as the auth check found it).
+        `cached`: the recipe-cache answer when the caller looked it up already (`start_async`)."""
         project = current_principal.get() if project is None else project
         if self.require_project and not project:
             raise InvalidArgument(
@@ -157,7 +160,8 @@ class OperationRunner:
             labels=labels or {},
         )
         record = _Record(op, project)
-        cached = self.store.lookup_recipe(recipe) if recipe else None
+        if cached is _LOOK_UP:
+            cached = self.store.lookup_recipe(recipe) if recipe else None
         with self._lock:
             if cached is None and self.active_count() >= self.max_operations:
                 raise WorkerBusy(
@@ -178,6 +182,24 @@ class OperationRunner:
         self._tasks.add(future)
         future.add_done_callback(self._tasks.discard)
         return self._copy(record)
+
+    async def start_async(
+        self,
+        kind: str,
+        work: Work,
+        *,
+        labels: dict[str, str] | None = None,
+        recipe: dict[str, Any] | None = None,
+        project: str | None = None,
+    ) -> common.Operation:
+        """`start` for servicers: the recipe-cache lookup re-hashes every file of a cached artifact
+        (seconds for a 7B model), so it runs in a thread and the event loop keeps answering meanwhile."""
+        if self.fake_work:
+            from tailor_runtime import fake_work
+
+            recipe = fake_work.fake_recipe(recipe)
+        cached = await asyncio.to_thread(self.store.lookup_recipe, recipe) if recipe else None
+        return self.start(kind, work, labels=labels, recipe=recipe, project=project, cached=cached)
 
     def active_count(self) -> int:
         return sum(1 for r in self._records.values() if r.op.state not in TERMINAL)

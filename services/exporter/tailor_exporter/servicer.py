@@ -161,7 +161,7 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
         labels = {**request.labels, "method": format_name}
         if request.target:
             labels["target"] = request.target
-        return self.ctx.runner.start("export", work, labels=labels, recipe=the_recipe)
+        return await self.ctx.runner.start_async("export", work, labels=labels, recipe=the_recipe)
 
 
 def register(server, ctx: ServiceContext) -> list[str]:

@@ -157,7 +157,7 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
                 )
             return WorkResult(results=[manifest], metrics=metrics)
 
-        return self.ctx.runner.start(
+        return await self.ctx.runner.start_async(
             "quantize", work, labels={**request.labels, "method": method.name}, recipe=the_recipe
         )
 
