@@ -13,6 +13,7 @@ from pydantic import Field
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from tailor_gateway.access import Access
+from tailor_gateway.artifacts import MAX_UPLOAD_FILES
 from tailor_gateway.auth import gateway_auth_check
 from tailor_gateway.engine import Engine
 from tailor_gateway.ratelimit import RateLimiter
@@ -41,6 +42,9 @@ class GatewaySettings(ServiceSettings):
         gt=0,
         description="Largest upload in MiB (default 256 GiB: a sharded 70B in bf16 is about 140 GB).",
     )
+    max_upload_files: int = Field(
+        MAX_UPLOAD_FILES, gt=0, description="Most files in one upload (each costs an open and a check)."
+    )
     wait_for_worker_s: float = Field(600.0, gt=0)
     discovery: Literal["static", "kubernetes"] = Field(
         "static", description="static: TAILOR_WORKERS; kubernetes: the pools' EndpointSlices."
@@ -68,6 +72,7 @@ ENV = {
     "tokens_file": "TAILOR_TOKENS_FILE",
     "workers": "TAILOR_WORKERS",
     "max_upload_mb": "TAILOR_MAX_UPLOAD_MB",
+    "max_upload_files": "TAILOR_MAX_UPLOAD_FILES",
     "wait_for_worker_s": "TAILOR_WAIT_FOR_WORKER_S",
     "discovery": "TAILOR_DISCOVERY",
     "discovery_namespace": "TAILOR_DISCOVERY_NAMESPACE",
@@ -142,7 +147,11 @@ def main() -> None:
 
     def register(server, ctx):
         servicer = GatewayServicer(
-            engine, store, settings.cache_dir / "uploads", settings.max_upload_mb << 20
+            engine,
+            store,
+            settings.cache_dir / "uploads",
+            settings.max_upload_mb << 20,
+            max_upload_files=settings.max_upload_files,
         )
         pb_grpc.add_GatewayServiceServicer_to_server(servicer, server)
         return [pb.DESCRIPTOR.services_by_name["GatewayService"].full_name]

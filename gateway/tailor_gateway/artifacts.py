@@ -23,6 +23,9 @@ DOWNLOAD_CHUNK = 1 << 20
 # Started before any upload of this process: staging folders older than this belong to a dead gateway.
 PROCESS_STARTED = time.time()
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Files in one upload: a sharded 70B holds about 60, a dataset folder a few hundred. Each file costs an
+# open, a content check and a manifest entry, so tens of thousands of empty files would tie the gateway up.
+MAX_UPLOAD_FILES = 10_000
 
 
 def clean_stale_staging(staging_root: Path, started: float = PROCESS_STARTED) -> int:
@@ -53,6 +56,7 @@ async def receive_upload(
     store: ArtifactStore,
     max_bytes: int,
     staging_root: Path,
+    max_files: int = MAX_UPLOAD_FILES,
 ) -> Manifest:
     staging_root.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="upload-", dir=staging_root))
@@ -83,6 +87,11 @@ async def receive_upload(
             if total > max_bytes:
                 raise ResourceExhausted(f"upload is larger than the limit of {max_bytes} bytes")
             if rel not in handles:
+                if len(finished) + len(handles) >= max_files:
+                    raise InvalidArgument(
+                        f"upload holds more than {max_files} files (TAILOR_MAX_UPLOAD_FILES); pack small "
+                        "files into fewer ones (e.g. one JSONL dataset, sharded safetensors of >= 1 GB)"
+                    )
                 _check_layout(rel, finished | set(handles), folders)
                 parts = rel.split("/")
                 folders.update("/".join(parts[:i]) for i in range(1, len(parts)))

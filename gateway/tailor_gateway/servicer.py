@@ -16,7 +16,12 @@ from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
-from tailor_gateway.artifacts import clean_stale_staging, iter_download, receive_upload
+from tailor_gateway.artifacts import (
+    MAX_UPLOAD_FILES,
+    clean_stale_staging,
+    iter_download,
+    receive_upload,
+)
 from tailor_gateway.auth import current_caller
 from tailor_gateway.engine import Engine
 from tailor_runtime.errors import NotFound
@@ -61,6 +66,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         staging: Path,
         max_upload_bytes: int,
         list_limit: int = 1000,
+        max_upload_files: int = MAX_UPLOAD_FILES,
     ):
         self.engine = engine
         self.access: Access = engine.access
@@ -69,6 +75,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.staging = staging
         clean_stale_staging(staging)  # folders of a gateway killed mid-upload (issue 23)
         self.max_upload_bytes = max_upload_bytes
+        self.max_upload_files = max_upload_files
 
     async def _db(self, fn, *args, **kwargs):
         return await self.engine.state.run(fn, *args, **kwargs)
@@ -169,7 +176,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     # --- artifacts ------------------------------------------------------------------------------
     async def UploadArtifact(self, request_iterator, context):
-        manifest = await receive_upload(request_iterator, self.store, self.max_upload_bytes, self.staging)
+        manifest = await receive_upload(
+            request_iterator, self.store, self.max_upload_bytes, self.staging, self.max_upload_files
+        )
         await self._db(self.access.own, current_principal.get(), [(manifest.id, manifest.kind)])
         size = sum(f.size for f in manifest.files)
         await self._db(

@@ -123,6 +123,22 @@ def test_traversal_and_absolute_paths_are_refused(tmp_path, path):
     _refused(tmp_path, [(path, b"x")], "file path")
 
 
+def test_more_files_than_the_limit_are_refused_and_nothing_is_published(tmp_path):
+    # D6: 36,000 empty files tied the gateway up and were published anyway; the limit stops the upload
+    # at the first file over it, before anything reaches the store.
+    async def messages():
+        yield pb.UploadArtifactRequest(header=pb.UploadHeader(kind="dataset", format="text", name="many"))
+        for i in range(50):
+            yield pb.UploadArtifactRequest(chunk=pb.FileChunk(path=f"f{i}.txt", data=b"", eof=True))
+
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(InvalidArgument) as info:
+        asyncio.run(receive_upload(messages(), store, 1 << 30, tmp_path / "staging", max_files=20))
+    assert "more than 20 files" in info.value.message
+    assert not list((tmp_path / "staging").iterdir())
+    assert not store.list_manifests()
+
+
 def test_empty_upload_names_no_staging_path(tmp_path):
     _refused(tmp_path, [], "holds no files")
 
