@@ -95,6 +95,23 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_before_loading(tmp_
             check_config_against_weights(folder, fmt)
 
 
+def test_weights_cut_short_are_invalid_argument_at_load_without_the_worker_path(tmp_path):
+    # V4: a lying safetensors file that reaches a worker was "internal error (SafetensorError)".
+    import shutil
+    from pathlib import Path
+
+    from tailor_runtime.ml.model_io import load_causal_lm
+
+    source = Path(__file__).resolve().parents[2] / "examples" / "models" / "stories260K"
+    folder = tmp_path / "model"
+    shutil.copytree(source, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])  # header intact, the last tensors' bytes missing
+    with pytest.raises(InvalidArgument, match="safetensors weights cannot be read") as info:
+        load_causal_lm(folder)
+    assert str(tmp_path) not in info.value.message
+
+
 @pytest.mark.integration
 def test_a_stopped_measuring_child_is_detected_by_its_missing_heartbeat(tmp_path, monkeypatch):
     import subprocess

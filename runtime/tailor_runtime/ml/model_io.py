@@ -197,15 +197,23 @@ def load_causal_lm(folder: Path, device: str = "cpu") -> tuple[Any, Any]:
     fmt = read_format(folder)
     check_config_against_weights(folder, fmt)
     loader = formats.get_loader(fmt["format"])
-    if device == "cpu":
-        model = loader(folder, fmt)
-    else:
-        if fmt["format"] not in formats.GPU_FORMATS:
-            raise FailedPrecondition(
-                f"a {fmt['format']!r} model runs on CPU only in Tailor (formats that run on a GPU: "
-                f"{', '.join(sorted(formats.GPU_FORMATS))}); measure it with device 'cpu' or 'auto'"
-            )
-        model = loader(folder, fmt, device=device)
+    if device != "cpu" and fmt["format"] not in formats.GPU_FORMATS:
+        raise FailedPrecondition(
+            f"a {fmt['format']!r} model runs on CPU only in Tailor (formats that run on a GPU: "
+            f"{', '.join(sorted(formats.GPU_FORMATS))}); measure it with device 'cpu' or 'auto'"
+        )
+    from safetensors import SafetensorError
+
+    try:
+        model = loader(folder, fmt) if device == "cpu" else loader(folder, fmt, device=device)
+    except SafetensorError as exc:
+        # The store checks headers at upload and fetch; a file that still lies is the model's fault, not
+        # the worker's: say so (without the worker's path) instead of an internal error.
+        raise InvalidArgument(
+            f"the model's safetensors weights cannot be read ({str(exc).replace(str(folder), '<model>')}); "
+            "re-save them with "
+            "save_pretrained(safe_serialization=True) and upload again"
+        ) from None
     model.eval()
     return model, load_tokenizer(folder)
 
