@@ -84,6 +84,30 @@ def test_a_second_gateway_stands_by_until_the_first_stops(tmp_path):
             second.kill()
 
 
+def test_a_second_gateway_on_postgresql_stands_by_until_the_first_stops():
+    # D2 on the cluster's database: the session advisory lock, held on a connection of its own.
+    from support.postgres import fresh_database, postgres_server
+
+    with postgres_server() as server:
+        url = fresh_database(server)
+        first = st.StateStore(url)
+        first.hold_exclusive()
+        code = (
+            "from tailor_gateway.state import StateStore; "
+            f"s = StateStore({url!r}); s.hold_exclusive(); print('active', flush=True)"
+        )
+        second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            with pytest.raises(subprocess.TimeoutExpired):
+                second.wait(timeout=4)  # standing by: the first gateway holds the lock
+            first.close()  # its connection, and with it the session lock, goes away
+            out, _ = second.communicate(timeout=30)
+            assert out.strip() == "active" and second.returncode == 0
+        finally:
+            if second.poll() is None:
+                second.kill()
+
+
 def test_a_postgresql_restart_delays_a_write_and_loses_nothing(tmp_path):
     import os
 
