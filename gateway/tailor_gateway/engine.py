@@ -521,15 +521,7 @@ class Engine:
                     f"measured values that are not finite ({', '.join(sorted(broken)[:5])}): the model's "
                     "weights or outputs are NaN or infinite, so this candidate is left out"
                 )
-                await self._db(
-                    self.state.set_stage,
-                    p.id,
-                    s.name,
-                    state=st.REJECTED,
-                    metrics=finite_only(metrics),
-                    error_code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
-                    error_message=reason,
-                )
+                await self._reject_stage(p.id, s.name, metrics, grpc.StatusCode.FAILED_PRECONDITION, reason)
                 log.warning("stage %s: rejected, %s", s.name, reason)
                 return
             if final == st.SUCCEEDED:
@@ -559,18 +551,24 @@ class Engine:
             if s.kind == "quantize" and metrics.get("gate") == "rejected":
                 # The accuracy gate refused the result: a verdict on this candidate, not a failure of
                 # the pipeline. Nothing was published; the numbers are kept for the report.
-                await self._db(
-                    self.state.set_stage,
-                    p.id,
-                    s.name,
-                    state=st.REJECTED,
-                    metrics=finite_only(metrics),
-                    error_code=op.error.code,
-                    error_message=op.error.message,
-                )
+                await self._reject_stage(p.id, s.name, metrics, op.error.code, op.error.message)
                 log.info("stage %s: rejected by the accuracy gate", s.name)
                 return
             raise StageFailed(op.error.code or grpc.StatusCode.UNKNOWN.value[0], op.error.message or "failed")
+
+    async def _reject_stage(self, pipeline_id: str, stage: str, metrics: dict, code, message: str) -> None:
+        """A verdict on one candidate (REJECTED, with its finite numbers kept for the report), not a failure
+        of the pipeline. `code`: a grpc.StatusCode or its number."""
+        number = code.value[0] if isinstance(code, grpc.StatusCode) else code
+        await self._db(
+            self.state.set_stage,
+            pipeline_id,
+            stage,
+            state=st.REJECTED,
+            metrics=finite_only(metrics),
+            error_code=number,
+            error_message=message,
+        )
 
     async def _follow(self, pipeline_id: str, stage: str, worker: str, operation_id: str):
         """Stream the operation's progress until it ends; None when the worker no longer knows it, is

@@ -64,24 +64,29 @@ def test_a_finished_pipeline_is_never_rewritten(tmp_path):
     assert store.get_pipeline("p2").state == st.CANCELLED
 
 
-def test_a_second_gateway_stands_by_until_the_first_stops(tmp_path):
-    db = tmp_path / "gateway.db"
-    first = st.StateStore(db)
+def _second_gateway_stands_by_until_the_first_stops(state: str) -> None:
+    """A second gateway process on `state` (an SQLite path or a postgresql:// URL) waits while the first
+    holds it, and becomes the active one once the first stops."""
+    first = st.StateStore(state)
     first.hold_exclusive()
     code = (
-        "import sys; from tailor_gateway.state import StateStore; "
-        f"s = StateStore({str(db)!r}); s.hold_exclusive(); print('active', flush=True)"
+        "from tailor_gateway.state import StateStore; "
+        f"s = StateStore({state!r}); s.hold_exclusive(); print('active', flush=True)"
     )
     second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         with pytest.raises(subprocess.TimeoutExpired):
             second.wait(timeout=4)  # standing by: the lock is the first gateway's
-        first.close()  # the first gateway stops
-        out, _ = second.communicate(timeout=20)
+        first.close()  # the first gateway stops (its flock / its session lock's connection goes)
+        out, _ = second.communicate(timeout=30)
         assert out.strip() == "active" and second.returncode == 0
     finally:
         if second.poll() is None:
             second.kill()
+
+
+def test_a_second_gateway_stands_by_until_the_first_stops(tmp_path):
+    _second_gateway_stands_by_until_the_first_stops(str(tmp_path / "gateway.db"))
 
 
 def test_a_second_gateway_on_postgresql_stands_by_until_the_first_stops():
@@ -89,23 +94,7 @@ def test_a_second_gateway_on_postgresql_stands_by_until_the_first_stops():
     from support.postgres import fresh_database, postgres_server
 
     with postgres_server() as server:
-        url = fresh_database(server)
-        first = st.StateStore(url)
-        first.hold_exclusive()
-        code = (
-            "from tailor_gateway.state import StateStore; "
-            f"s = StateStore({url!r}); s.hold_exclusive(); print('active', flush=True)"
-        )
-        second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        try:
-            with pytest.raises(subprocess.TimeoutExpired):
-                second.wait(timeout=4)  # standing by: the first gateway holds the lock
-            first.close()  # its connection, and with it the session lock, goes away
-            out, _ = second.communicate(timeout=30)
-            assert out.strip() == "active" and second.returncode == 0
-        finally:
-            if second.poll() is None:
-                second.kill()
+        _second_gateway_stands_by_until_the_first_stops(fresh_database(server))
 
 
 def test_a_postgresql_restart_delays_a_write_and_loses_nothing(tmp_path):
