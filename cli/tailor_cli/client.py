@@ -16,10 +16,11 @@ import grpc
 
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
-from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.errors import IntegrityError, InvalidArgument
 from tailor_runtime.ml.model_io import FORMAT_FILE, infer_format
 from tailor_runtime.server import GRPC_OPTIONS
 from tailor_runtime.store.keys import check_relative_path
+from tailor_runtime.store.manifest import Manifest
 from tailor_runtime.streams import read_chunks, with_last
 from tailor_runtime.trust import SyncWorkerCallInterceptor
 
@@ -168,12 +169,11 @@ def download(conn: Connection, artifact_id: str, dest: Path) -> list[Path]:
     (sha256, size, nothing missing); only then renamed into dest. A failure leaves nothing behind."""
     stub = conn.gateway_stub()
     reply = stub.GetArtifact(pb.GetArtifactRequest(artifact_id=artifact_id), metadata=conn.metadata())
-    raw = reply.manifest_json.encode()
-    if hashlib.sha256(raw).hexdigest() != artifact_id:
-        raise CliError(
-            f"the manifest the gateway sent for {artifact_id} does not match the id: nothing written"
-        )
-    expected = {f["path"]: (f["sha256"], f["size"]) for f in json.loads(raw)["files"]}
+    try:
+        manifest = Manifest.from_stored(reply.manifest_json.encode(), artifact_id)
+    except IntegrityError as exc:
+        raise CliError(f"{exc.message}; nothing written") from None
+    expected = {f.path: (f.sha256, f.size) for f in manifest.files}
     dest.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tailor-download-", dir=dest))
     handles: dict[str, tuple] = {}

@@ -144,10 +144,10 @@ class OperationRunner:
                 "gateway sends as 'x-tailor-project' metadata"
             )
         self._loop = asyncio.get_running_loop()
+        recipe = self._recipe(recipe)  # idempotent: start_async may have marked it already
         if self.fake_work:
             from tailor_runtime import fake_work
 
-            recipe = fake_work.fake_recipe(recipe)
             work = fake_work.fake_work(kind, labels or {}, recipe, self.store, self.fake_work_seconds)
         if self._changed is None:
             self._changed = asyncio.Event()
@@ -194,12 +194,17 @@ class OperationRunner:
     ) -> common.Operation:
         """`start` for servicers: the recipe-cache lookup re-hashes every file of a cached artifact
         (seconds for a 7B model), so it runs in a thread and the event loop keeps answering meanwhile."""
-        if self.fake_work:
-            from tailor_runtime import fake_work
-
-            recipe = fake_work.fake_recipe(recipe)
+        recipe = self._recipe(recipe)
         cached = await asyncio.to_thread(self.store.lookup_recipe, recipe) if recipe else None
         return self.start(kind, work, labels=labels, recipe=recipe, project=project, cached=cached)
+
+    def _recipe(self, recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The recipe the cache is keyed by: in test mode, marked fake (fake_work.py)."""
+        if not self.fake_work:
+            return recipe
+        from tailor_runtime import fake_work
+
+        return fake_work.fake_recipe(recipe)
 
     def active_count(self) -> int:
         return sum(1 for r in self._records.values() if r.op.state not in TERMINAL)

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tailor_runtime.errors import IntegrityError
 from tailor_runtime.store.keys import check_relative_path
 
 MANIFEST_SCHEMA = "tailor.artifact/v1"
@@ -52,6 +53,17 @@ class Manifest(BaseModel):
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    @classmethod
+    def from_stored(cls, raw: bytes, artifact_id: str) -> Manifest:
+        """The manifest of `artifact_id` from its stored bytes, which must hash to the id (content
+        addressing): IntegrityError (DATA_LOSS) when they do not or do not parse."""
+        if hashlib.sha256(raw).hexdigest() != artifact_id:
+            raise IntegrityError(f"manifest of artifact {artifact_id} does not match its id: refusing it")
+        try:
+            return cls.model_validate(json.loads(raw))
+        except (ValidationError, ValueError) as exc:
+            raise IntegrityError(f"manifest of artifact {artifact_id} is malformed: {exc}") from None
 
 
 def canonical_json(value: Any) -> bytes:
