@@ -2,12 +2,17 @@
 
 Formats (`data_format`, or "auto" from the file):
   * alpaca: a JSON array or JSONL of {"instruction", "input" (optional), "output"};
-  * chat: JSONL of {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]};
+  * chat: a JSON array or JSONL of {"messages": [{"role": "system" | "user" | "assistant", "content": str},
+    ...]} or ShareGPT's {"conversations": [{"from": "system" | "human" | "gpt", "value": str}, ...]};
   * text: plain text, documents separated by blank lines (trained as one token stream, see data.py).
 
-Templates (the defaults are Stanford Alpaca's prompts and a plain "### Role:" chat layout; both are
-overridable in the config). Every example becomes BOS + prompt + response + EOS; the loss is computed on
-the response and EOS only (the prompt is context), so the model learns to answer, not to repeat prompts.
+Layouts: Alpaca records use Stanford Alpaca's prompts (overridable in the config) and become BOS + prompt +
+response + EOS, with the loss on the response and EOS only (the prompt is context), so the model learns
+to answer, not to repeat prompts. Chat records are rendered with the chat template (the config's
+`chat_template`, else the tokenizer's own) through `tokenizer.apply_chat_template`, exactly as the model
+will see them in use, and the loss is on the assistant turns only (each turn's text as the template
+renders it, its end-of-turn marker included); the template decides BOS and EOS. A tokenizer without a
+template needs `chat_template` in the config, or `chat_turn_template` for a plain "### Role:" layout.
 
 Validation names the file, the line (JSONL) or record index (JSON array) and the field. Examples longer
 than `seq_len` are truncated (the response is cut, never the prompt) or dropped, as configured; examples
@@ -36,6 +41,14 @@ ALPACA_PROMPT_NO_INPUT = (
     "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
 CHAT_TURN = "### {role}:\n{content}\n\n"  # role capitalised; the assistant's content is the trained part
+CHAT_ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 IGNORE = -100  # label of positions that carry no loss (PyTorch cross_entropy's ignore_index)
 
 
@@ -43,7 +56,8 @@ IGNORE = -100  # label of positions that carry no loss (PyTorch cross_entropy's 
 class Templates:
     alpaca: str = ALPACA_PROMPT
     alpaca_no_input: str = ALPACA_PROMPT_NO_INPUT
-    chat_turn: str = CHAT_TURN
+    chat_turn: str | None = None  # a plain turn layout instead of a chat template
+    chat_template: str | None = None  # Jinja; None: the tokenizer's own
 
 
 @dataclass
@@ -63,7 +77,7 @@ def detect_format(path: Path) -> str:
     head = Path(path).read_text(encoding="utf-8", errors="replace")[:4096].lstrip()
     if not head.startswith(("{", "[")):
         return "text"
-    return "chat" if '"messages"' in head else "alpaca"
+    return "chat" if '"messages"' in head or '"conversations"' in head else "alpaca"
 
 
 def read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -114,32 +128,118 @@ def alpaca_pair(record: dict, where: str, templates: Templates) -> tuple[str, st
     return template.format(instruction=instruction, input=extra), output
 
 
-def chat_segments(record: dict, where: str, templates: Templates) -> list[tuple[str, bool]]:
-    """(text, trained) segments: every turn rendered; only assistant content is trained."""
-    messages = record.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise InvalidArgument(f"{where}: field 'messages' must be a non-empty list")
-    segments: list[tuple[str, bool]] = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise InvalidArgument(f"{where}: messages[{i}] must be an object")
-        role = message.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise InvalidArgument(
-                f"{where}: messages[{i}].role is {role!r}; expected system, user or assistant"
-            )
-        content = _string_field(message, "content", f"{where}: messages[{i}]")
-        header, _, tail = templates.chat_turn.partition("{content}")
-        segments.append((header.format(role=role.capitalize()), False))
-        segments.append((content, role == "assistant"))
-        segments.append((tail, False))
-    if not any(trained and text.strip() for text, trained in segments):
+def chat_messages(record: dict, where: str) -> list[dict[str, str]]:
+    """The record's turns as [{"role", "content"}], from `messages` (role/content) or ShareGPT's
+    `conversations` (from/value: human -> user, gpt -> assistant), each checked."""
+    if "conversations" in record and "messages" not in record:
+        key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
+    else:
+        key, role_key, content_key, roles = "messages", "role", "content", {r: r for r in CHAT_ROLES}
+    turns = record.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise InvalidArgument(f"{where}: field '{key}' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise InvalidArgument(f"{where}: {key}[{i}] must be an object")
+        role = turn.get(role_key)
+        if role not in roles:
+            raise InvalidArgument(f"{where}: {key}[{i}].{role_key} is {role!r}; expected {', '.join(roles)}")
+        content = _string_field(turn, content_key, f"{where}: {key}[{i}]")
+        messages.append({"role": roles[role], "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise InvalidArgument(f"{where}: no assistant message to learn from")
+    return messages
+
+
+def chat_segments(messages: list[dict[str, str]], turn_layout: str) -> list[tuple[str, bool]]:
+    """(text, trained) segments of the plain layout: every turn rendered; only assistant content trained."""
+    segments: list[tuple[str, bool]] = []
+    header, _, tail = turn_layout.partition("{content}")
+    for message in messages:
+        segments.append((header.format(role=message["role"].capitalize()), False))
+        segments.append((message["content"], message["role"] == "assistant"))
+        segments.append((tail, False))
     return segments
+
+
+def _render(tokenizer: Any, template: str, messages: list[dict[str, str]], where: str, prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=prompt
+        )
+    except Exception as exc:  # jinja2's errors, and the template's own raise_exception
+        raise InvalidArgument(f"{where}: the chat template cannot render this conversation: {exc}") from None
+
+
+def chat_template_spans(
+    tokenizer: Any, template: str, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The conversation as the template renders it, and the character spans of the assistant turns.
+
+    Turn i's span runs from the end of the conversation up to it with the generation prompt (what the
+    model is given at inference) to the end of the conversation including it: the reply and its end of
+    turn. That needs a template that renders each conversation as the start of its continuation, which
+    templates that rewrite earlier turns (dropping a past reply's reasoning, say) do not; those are
+    refused, as their masks would be wrong."""
+    full = _render(tokenizer, template, messages, where, prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, template, messages[:i], where, prompt=True) if i else ""
+        upto = _render(tokenizer, template, messages[: i + 1], where, prompt=False)
+        if not (full.startswith(upto) and upto.startswith(before)):
+            raise InvalidArgument(
+                f"{where}: the chat template renders turn {i} differently once later turns follow, so the "
+                "assistant's tokens cannot be told apart; use a template that appends each turn"
+            )
+        spans.append((len(before), len(upto)))
+    return full, spans
+
+
+def template_example(
+    tokenizer: Any, template: str, messages: list[dict[str, str]], where: str
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a conversation rendered with `template`: labels only on the assistant
+    spans. The whole text is tokenized at once (as at inference), and a token is trained when it starts
+    inside an assistant span; tokenizers without offsets encode the spans one by one instead."""
+    full, spans = chat_template_spans(tokenizer, template, messages, where)
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        labels = [
+            token if any(a <= begin < b for a, b in spans) else IGNORE
+            for token, (begin, _end) in zip(ids, encoded["offset_mapping"], strict=True)
+        ]
+        return ids, labels
+    ids, labels, at = [], [], 0
+    for a, b in [*spans, (len(full), len(full))]:
+        for text, trained in ((full[at:a], False), (full[a:b], True)):
+            piece = _encode(tokenizer, text)
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+        at = b
+    return ids, labels
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def _with_bos_and_eos(tokenizer: Any, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """BOS + the segments, each encoded (labels where trained) + EOS (trained: the model learns to stop)."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = [bos] if bos is not None else []
+    labels = [IGNORE] * len(ids)
+    for text, trained in segments:
+        piece = _encode(tokenizer, text)
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    if eos is not None:
+        ids.append(eos)
+        labels.append(eos)
+    return ids, labels
 
 
 def build_examples(
@@ -152,27 +252,30 @@ def build_examples(
 ) -> tuple[list[Example], dict[str, Any]]:
     """Tokenized examples with labels, and the counts (read, truncated, dropped)."""
     fmt = detect_format(path) if data_format == "auto" else data_format
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if fmt not in ("alpaca", "chat"):
+        raise InvalidArgument(f"unknown data_format {fmt!r}", choices=("alpaca", "chat", "text", "auto"))
+    chat_template = templates.chat_template or getattr(tokenizer, "chat_template", None)
+    if fmt == "chat" and templates.chat_turn is None and not chat_template:
+        raise InvalidArgument(
+            f"{Path(path).name} is chat data, and this model's tokenizer has no chat template: set "
+            "chat_template in the config to the Jinja template the model should be used with (as in a "
+            "tokenizer_config.json), or chat_turn_template for a plain '### {role}:' layout"
+        )
     records = read_records(path)
     examples: list[Example] = []
     truncated = dropped = 0
     for where, record in records:
-        if fmt == "alpaca":
-            prompt, response = alpaca_pair(record, where, templates)
-            segments = [(prompt, False), (response, True)]
-        elif fmt == "chat":
-            segments = chat_segments(record, where, templates)
+        if fmt == "chat" and templates.chat_turn is None:
+            ids, labels = template_example(tokenizer, chat_template, chat_messages(record, where), where)
         else:
-            raise InvalidArgument(f"unknown data_format {fmt!r}", choices=("alpaca", "chat", "text", "auto"))
-        ids = [bos] if bos is not None else []
-        labels = [IGNORE] * len(ids)
-        for text, trained in segments:
-            piece = _encode(tokenizer, text)
-            ids += piece
-            labels += piece if trained else [IGNORE] * len(piece)
-        if eos is not None:
-            ids.append(eos)
-            labels.append(eos)
+            if fmt == "alpaca":
+                prompt, response = alpaca_pair(record, where, templates)
+                segments = [(prompt, False), (response, True)]
+            else:
+                segments = chat_segments(chat_messages(record, where), templates.chat_turn)
+            ids, labels = _with_bos_and_eos(tokenizer, segments)
+        if not any(label != IGNORE for label in labels):
+            raise InvalidArgument(f"{where}: the rendered conversation has no assistant tokens to learn from")
         if len(ids) > seq_len:
             first_trained = next((i for i, v in enumerate(labels) if v != IGNORE), len(ids))
             if overlong == "drop" or first_trained >= seq_len - 1:

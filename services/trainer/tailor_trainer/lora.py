@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.progress import ProgressFn
@@ -36,8 +36,22 @@ class LoraTrainConfig(BaseModel):
         "architecture (all of attention and MLP for Llama), never the output embedding.",
     )
     steps: int = Field(default=30, ge=1, le=1_000_000, description="Optimizer steps.")
-    learning_rate: float = Field(default=1e-3, gt=0, le=1.0, description="AdamW learning rate (constant).")
-    batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per step.")
+    learning_rate: float = Field(
+        default=1e-3, gt=0, le=1.0, description="Peak AdamW learning rate (after warm-up; see lr_schedule)."
+    )
+    batch_size: int = Field(
+        default=8,
+        ge=1,
+        le=4096,
+        description="Rows per micro-batch; an optimizer step takes batch_size x gradient_accumulation_steps.",
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1,
+        ge=1,
+        le=1024,
+        description="Micro-batches whose gradients one optimizer step sums (weighted by labelled tokens): "
+        "the step of a batch that many times larger, in the memory of one micro-batch.",
+    )
     seq_len: int = Field(default=128, ge=2, le=1_000_000, description="Tokens per training sequence.")
     seed: int = Field(default=0, ge=0, description="Seeds LoRA initialisation and batch sampling.")
     dora: bool = Field(default=False, description="DoRA: learn magnitude and direction (peft use_dora).")
@@ -47,7 +61,14 @@ class LoraTrainConfig(BaseModel):
     )
     data_format: Literal["auto", "text", "alpaca", "chat"] = Field(
         default="auto",
-        description="Training data format; auto: JSON with 'messages' is chat, other JSON alpaca.",
+        description="Training data format; auto: JSON with 'messages' or 'conversations' (ShareGPT) is "
+        "chat, other JSON alpaca, anything else text.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        max_length=100_000,
+        description="Jinja chat template for chat data (as in tokenizer_config.json); None: the "
+        "tokenizer's own. Saved into the merged model's tokenizer.",
     )
     alpaca_template: str | None = Field(
         default=None,
@@ -57,7 +78,9 @@ class LoraTrainConfig(BaseModel):
         default=None, description="Prompt for Alpaca records without input ({instruction}); None: Alpaca's."
     )
     chat_turn_template: str | None = Field(
-        default=None, description="One chat turn ({role}, {content}); None: '### {role}:\\n{content}\\n\\n'."
+        default=None,
+        description="A plain layout instead of a chat template: one turn ({role}, {content}), e.g. "
+        "'### {role}:\\n{content}\\n\\n'; None: use the chat template.",
     )
     overlong: Literal["truncate", "drop"] = Field(
         default="truncate", description="Examples longer than seq_len: cut the response, or leave them out."
@@ -71,8 +94,27 @@ class LoraTrainConfig(BaseModel):
         lt=0.5,
         description="Share of examples held out for the eval loss (seeded split).",
     )
-    lr_schedule: Literal["constant", "cosine"] = Field(default="constant", description="After warm-up.")
-    warmup_steps: int = Field(default=0, ge=0, description="Linear learning-rate warm-up steps.")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant",
+        description="Learning rate after warm-up: constant, or linear or cosine decay to 10% by the end.",
+    )
+    warmup_steps: int = Field(
+        default=0, ge=0, le=1_000_000, description="Linear learning-rate warm-up steps (less than steps)."
+    )
+    eval_every: int = Field(
+        default=0,
+        ge=0,
+        le=1_000_000,
+        description="Measure the held-out loss every N steps and at the last step, and publish the weights "
+        "of the best evaluation; 0: one evaluation at the end, last weights published.",
+    )
+    early_stopping_patience: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="Stop after this many evaluations without a lower eval loss (needs eval_every); "
+        "0: never stop early.",
+    )
     checkpoint_every: int = Field(
         default=25,
         ge=0,
@@ -113,6 +155,36 @@ class LoraTrainConfig(BaseModel):
         if missing:
             raise ValueError(f"must contain {', '.join(needed)}; missing {', '.join(missing)}")
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _jinja(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must be a Jinja template, or left unset for the tokenizer's own")
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            ImmutableSandboxedEnvironment().parse(v)
+        except TemplateSyntaxError as exc:
+            raise ValueError(f"is not a valid Jinja template: {exc.message} (line {exc.lineno})") from None
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoraTrainConfig:
+        if self.warmup_steps and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be less than steps ({self.steps})")
+        if self.eval_every and self.eval_fraction == 0:
+            raise ValueError("eval_every needs held-out data: set eval_fraction above 0, or eval_every to 0")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ValueError(
+                "early_stopping_patience needs evaluations during training: set eval_every (e.g. 10)"
+            )
+        if self.chat_template is not None and self.chat_turn_template is not None:
+            raise ValueError("give chat_template or chat_turn_template, not both")
+        return self
 
     @field_validator("target_modules")
     @classmethod
@@ -201,6 +273,10 @@ def finetune_lora(
 
     model, tokenizer = load_full_precision_base(model_dir, cfg.seq_len, "LoRA training", progress)
     targets = resolve_target_modules(model, cfg.target_modules)
+    if cfg.chat_template is not None:
+        # Chat data is rendered with it, and the merged model's tokenizer keeps it: the model then meets
+        # the layout it was trained on (and an export, e.g. GGUF, can carry it).
+        tokenizer.chat_template = cfg.chat_template
     # All data is read and validated before the (possibly 4-bit, possibly GPU) model is built.
     batch_at, eval_batches, data_stats = training_batches(train_text, tokenizer, cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -234,6 +310,9 @@ def finetune_lora(
         eval_batches=eval_batches,
         to_device=to_device,
         parallel=parallel,
+        accumulation=cfg.gradient_accumulation_steps,
+        eval_every=cfg.eval_every,
+        patience=cfg.early_stopping_patience,
     )
     if parallel is not None and not parallel.is_main:
         return {}
@@ -266,14 +345,30 @@ def finetune_lora(
         "initial_loss": result.losses[0],
         "eval_loss": result.eval_loss,
         "loss_curve": result.losses,
+        "learning_rates": result.learning_rates,
         "tokens_per_s": result.real_tokens / max(result.seconds, 1e-9),
-        "steps": cfg.steps,
+        "steps": result.steps_run,
+        "max_steps": cfg.steps,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        **evaluation_metrics(result),
         "resumed_from_step": result.resumed_from,
         "trainable_params": trainable,
         "total_params": total,
         "target_modules": targets,
         "device": device,
         **data_stats,
+    }
+
+
+def evaluation_metrics(result: Any) -> dict[str, Any]:
+    """What the evaluations during training found: each one, the step whose weights were published
+    (the best evaluation's) and whether the run stopped early; empty without eval_every."""
+    if not result.eval_losses:
+        return {}
+    return {
+        "eval_losses": [{"step": step, "loss": loss} for step, loss in result.eval_losses],
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
     }
 
 
@@ -399,7 +494,8 @@ def training_batches(path: Path, tokenizer: Any, cfg: LoraTrainConfig):
     templates = datasets.Templates(
         alpaca=cfg.alpaca_template or datasets.ALPACA_PROMPT,
         alpaca_no_input=cfg.alpaca_template_no_input or datasets.ALPACA_PROMPT_NO_INPUT,
-        chat_turn=cfg.chat_turn_template or datasets.CHAT_TURN,
+        chat_turn=cfg.chat_turn_template,
+        chat_template=cfg.chat_template,
     )
     examples, stats = datasets.build_examples(path, tokenizer, fmt, cfg.seq_len, cfg.overlong, templates)
     train_set, eval_set = datasets.split(examples, cfg.eval_fraction, cfg.seed)
