@@ -25,11 +25,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import grpc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
@@ -44,6 +47,7 @@ from tailor_runtime.store.manifest import recipe_key
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTS = 10
 TERMINAL = (gw.PIPELINE_STATE_SUCCEEDED, gw.PIPELINE_STATE_FAILED, gw.PIPELINE_STATE_CANCELLED)
+LAG_TICK_S = 0.1
 KILLABLE = ("quantizer", "quantizer-2", "benchmarker", "benchmarker-2")
 
 
@@ -126,13 +130,22 @@ def client_process(address, tokens, inputs_by_token, seconds, queue, get_first=F
     }
     submitted: list[str] = []
 
+    async def loop_lag(stop_at):
+        # How late this client process's own event loop wakes up: time the clients' latencies include
+        # that is spent neither in the network nor in the gateway.
+        while time.monotonic() < stop_at:
+            start = time.perf_counter()
+            await asyncio.sleep(LAG_TICK_S)
+            out["lat"]["client event loop lag"].append(time.perf_counter() - start - LAG_TICK_S)
+
     async def main():
         stop_at = time.monotonic() + seconds
         await asyncio.gather(
+            loop_lag(stop_at),
             *(
                 client_loop(address, t, spec_for(inputs_by_token[t], i), stop_at, out, submitted, get_first)
                 for i, t in enumerate(tokens)
-            )
+            ),
         )
 
     asyncio.run(main())
@@ -168,6 +181,53 @@ def sampler(pid: int, every: float, stop: threading.Event, series: list) -> None
         )
         if stop.wait(every):
             return
+
+
+def health_prober(address: str, stop: threading.Event, latencies: list) -> None:
+    """The gateway's Health/Check (no auth, no database) twice a second from this mostly idle process:
+    its latency is the wait for the gateway's event loop and the machine, not any handler's work."""
+    with grpc.insecure_channel(address) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        while not stop.wait(0.5):
+            start = time.perf_counter()
+            try:
+                check(health_pb2.HealthCheckRequest(), timeout=30)
+            except grpc.RpcError:
+                continue
+            latencies.append(time.perf_counter() - start)
+
+
+def histograms(metrics_url: str, name: str, label: str) -> dict:
+    """One histogram of the gateway's /metrics, per value of `label`: count, mean and the bucket bounds
+    that hold the p50 and the p99 (what the gateway itself measured, without the client's side)."""
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    series: dict[str, dict] = collections.defaultdict(lambda: {"buckets": [], "sum": 0.0, "count": 0})
+    for family in text_string_to_metric_families(text):
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            key = sample.labels.get(label, "")
+            if sample.name.endswith("_bucket"):
+                series[key]["buckets"].append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_sum"):
+                series[key]["sum"] = sample.value
+            elif sample.name.endswith("_count"):
+                series[key]["count"] = int(sample.value)
+
+    def bound(buckets, count, q):
+        return next((le for le, n in sorted(buckets) if n >= q * count), float("inf"))
+
+    return {
+        key: {
+            "count": h["count"],
+            "mean_ms": round(1000 * h["sum"] / h["count"], 1),
+            "p50_le_ms": 1000 * bound(h["buckets"], h["count"], 0.5),
+            "p99_le_ms": 1000 * bound(h["buckets"], h["count"], 0.99),
+            "over_1s": h["count"] - next((n for le, n in h["buckets"] if le == 1.0), h["count"]),
+        }
+        for key, h in sorted(series.items())
+        if h["count"]
+    }
 
 
 def percentile(values, q):
@@ -224,6 +284,10 @@ def main() -> int:
         threading.Thread(
             target=sampler, args=(gateway_pid, args.sample_every, stop, series), daemon=True
         ).start()
+        health_latencies: list[float] = []
+        threading.Thread(
+            target=health_prober, args=(stack.address("gateway"), stop, health_latencies), daemon=True
+        ).start()
         if args.kill_every:
             threading.Thread(target=killer, args=(stack, args.kill_every, stop, kills), daemon=True).start()
         queue = mp.Queue()
@@ -243,6 +307,11 @@ def main() -> int:
             p.join()
         wall = time.monotonic() - started
         rss_after = rss_mb(gateway_pid)
+        # The gateway's own view: latency inside its handlers and the steps of CreatePipeline. What the
+        # clients saw minus this is queueing (gRPC, the event loop, the clients' own processes).
+        metrics_url = f"http://127.0.0.1:{stack.metrics_port('gateway')}/metrics"
+        server_rpcs = histograms(metrics_url, "tailor_rpc_latency_seconds", "method")
+        create_phases = histograms(metrics_url, "tailor_gateway_create_pipeline_phase_seconds", "phase")
         stop.set()
         load_after = os.getloadavg()
 
@@ -252,6 +321,7 @@ def main() -> int:
             collections.Counter(),
             [],
         )
+        lat["Health/Check (from an idle process)"] = health_latencies
         for r in results:
             for k, v in r["lat"].items():
                 lat[k].extend(v)
@@ -286,6 +356,8 @@ def main() -> int:
                 }
                 for name, v in sorted(lat.items())
             },
+            "server_rpcs": {k.rsplit("/", 1)[-1]: v for k, v in server_rpcs.items() if "Gateway" in k},
+            "create_pipeline_phases": create_phases,
             "errors": dict(errors),
             "gateway_rss_mb": {"before": round(rss_before, 1), "after": round(rss_after, 1)},
             "gateway_rss_series": series,

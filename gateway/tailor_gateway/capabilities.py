@@ -2,7 +2,8 @@
 
 CreatePipeline asks each pool the spec needs (quantizer ListMethods, trainer ListMethods, exporter
 ListFormats) with a short deadline, and caches the answer for a few seconds, so a burst of submissions
-costs one round of calls. A name that no answering worker lists is INVALID_ARGUMENT, with the field
+costs one round of calls; past that, the last answer still serves while a new round runs in the
+background (only a gateway that never had an answer waits, at most the deadline; it asks at start). A name that no answering worker lists is INVALID_ARGUMENT, with the field
 path and the valid choices. When no worker of a pool answers (none running yet, all busy restarting,
 a pool scaling up from zero), the spec is accepted: dispatch checks the name again on the worker and
 fails the stage with the same INVALID_ARGUMENT, so nothing is lost by not knowing now.
@@ -83,7 +84,15 @@ class Capabilities:
         if pool not in self._inflight:
             self._inflight[pool] = asyncio.ensure_future(self._ask(pool))
             self._inflight[pool].add_done_callback(lambda _f: self._inflight.pop(pool, None))
+        if cached:
+            # The last answer serves while the new round runs: a worker slow to list (a cold one imports
+            # every method's libraries first, ~7 s) must not hold up submissions (issue 23's load bar).
+            return cached[1]
         return await asyncio.shield(self._inflight[pool])
+
+    async def warm(self) -> None:
+        """Ask every pool now (at gateway start), so that the first submissions find an answer."""
+        await asyncio.gather(*(self._replies(pool) for pool in _LISTERS))
 
     async def _ask(self, pool: str) -> list | None:
         call = _LISTERS[pool]

@@ -17,6 +17,7 @@ with the reason; a failed or cancelled pipeline cancels its other operations on 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from prometheus_client import Histogram
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.common.v1 import common_pb2_grpc as common_grpc
@@ -66,6 +68,24 @@ _OP_STATE = {
     OS.OPERATION_STATE_FAILED: st.FAILED,
     OS.OPERATION_STATE_CANCELLED: st.CANCELLED,
 }
+
+
+# Where a CreatePipeline's time goes (issue 23's load bar): one series per step, on the gateway's /metrics.
+CREATE_PHASE_SECONDS = Histogram(
+    "tailor_gateway_create_pipeline_phase_seconds",
+    "Wall time of each step of CreatePipeline",
+    ["phase"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+)
+
+
+@contextlib.contextmanager
+def create_phase(name: str):
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        CREATE_PHASE_SECONDS.labels(name).observe(time.perf_counter() - started)
 
 
 NOTHING_TO_EXPORT = "no candidate met the constraints, so none was exported"
@@ -149,14 +169,39 @@ class Engine:
 
     # --- public API -----------------------------------------------------------------------------
     async def submit(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
-        """create(), after checking the spec's method and format names against the worker pools."""
+        """A new pipeline, durable before this returns, after checking the spec's names against the worker
+        pools (and the model's architecture) and that every input is this project's artifact.
+
+        Three trips off the event loop (the key's lookup, the inputs, the insert): under load each one
+        waits its turn on a busy loop, so CreatePipeline makes no more of them than it needs."""
         if idempotency_key:
-            existing = await self._db(self.state.find_by_idempotency_key, project, idempotency_key)
+            with create_phase("idempotency_lookup"):
+                existing = await self._db(self.state.find_by_idempotency_key, project, idempotency_key)
             if existing is not None:
                 return existing  # a retry: already accepted, not checked again
-        spec = parse_spec(spec_yaml)
-        await self.capabilities.check(spec, await asyncio.to_thread(self._model_config, spec, project))
-        return await self.create(spec_yaml, project, idempotency_key)
+        with create_phase("parse"):
+            spec = parse_spec(spec_yaml)
+        with create_phase("inputs"):
+            config, missing = await asyncio.to_thread(self._read_inputs, spec, project)
+        with create_phase("capabilities"):
+            await self.capabilities.check(spec, config)
+        if missing is not None:
+            raise NotFound(missing)
+        return await self._create(spec, spec_yaml, project, idempotency_key)
+
+    def _read_inputs(self, spec: PipelineSpec, project: str) -> tuple[dict | None, str | None]:
+        """(the model's config.json or None, what is missing or None), blocking: run it in a thread.
+        Every input must be an artifact of this project in the store; another project's artifact is as
+        absent as a missing one."""
+        missing = next(
+            (
+                f"{field}: artifact {ref.artifact} not found in the store; upload it first"
+                for field, ref in spec.inputs().items()
+                if not self.access.owns(project, ref.artifact) or not self.store.exists(ref.artifact)
+            ),
+            None,
+        )
+        return self._model_config(spec, project), missing
 
     async def _db(self, fn, *args, **kwargs):
         """A blocking state (or access) call, run on the state store's threads."""
@@ -167,7 +212,7 @@ class Engine:
 
         `artifact:` read from the store; `hub:` from the store when that commit was imported before, else
         only config.json is fetched from the Hub (huggingface_hub's cache first). None when the model is not
-        (yet) a readable artifact of this project (create() then reports it as not found), or when the Hub
+        (yet) a readable artifact of this project (submit() then reports it as not found), or when the Hub
         cannot be reached now (the import stage then fails with the reason, or finds it in the cache)."""
         model = spec.model
         if model.hub is not None:
@@ -195,17 +240,9 @@ class Engine:
         await self._db(self.access.own, project, [(manifest.id, manifest.kind)])
         return manifest, cached
 
-    async def create(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
-        if idempotency_key:
-            existing = await self._db(self.state.find_by_idempotency_key, project, idempotency_key)
-            if existing is not None:
-                return existing
-        spec = parse_spec(spec_yaml)
-        for field, ref in spec.inputs().items():
-            # Another project's artifact is as absent as a missing one.
-            owned = await self._db(self.access.owns, project, ref.artifact)
-            if not owned or not await asyncio.to_thread(self.store.exists, ref.artifact):
-                raise NotFound(f"{field}: artifact {ref.artifact} not found in the store; upload it first")
+    async def _create(
+        self, spec: PipelineSpec, spec_yaml: str, project: str, idempotency_key: str
+    ) -> st.PipelineRow:
         pipeline_id = uuid.uuid4().hex
         # One trace per pipeline: a short root span whose context every stage continues, across restarts.
         request_span = trace.get_current_span().get_span_context()
@@ -231,19 +268,24 @@ class Engine:
             st.StageRow(pipeline_id, s.name, s.kind, i, s.depends_on, s.params)
             for i, s in enumerate(plan(spec))
         ]
-        stored = await self._db(self.state.create_pipeline, row, stages)
+        with create_phase("insert"):
+            stored = await self._db(self.state.create_pipeline, row, stages)
         if stored.id != pipeline_id:
             return stored  # a concurrent retry with the same idempotency key won the race
         log.info("pipeline created", extra={"fields": {"pipeline_id": pipeline_id, "pipeline": spec.name}})
-        self._start_driver(pipeline_id)
+        with create_phase("start_driver"):
+            self._start_driver(pipeline_id)
         return row
 
     def resume(self) -> None:
         """After a restart: drive every pipeline that was not finished (in a task: the database is read
         off the event loop, and retried should it be away)."""
-        task = asyncio.get_running_loop().create_task(self.resume_now())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        loop = asyncio.get_running_loop()
+        # And the pools' method lists, so that the first submissions find them cached instead of each
+        # waiting (up to the deadline) on a cold worker's first listing.
+        for task in (loop.create_task(self.resume_now()), loop.create_task(self.capabilities.warm())):
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def resume_now(self) -> int:
         while True:

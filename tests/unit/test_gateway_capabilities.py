@@ -131,7 +131,82 @@ def test_cache_expires_and_concurrent_submits_share_one_call():
             assert q.calls == 1
             await asyncio.sleep(0.3)
             await caps.check(parse_spec(_spec()))
-            assert q.calls == 2
+            await _until(lambda: q.calls == 2)
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+async def _until(condition, tries: int = 300) -> None:
+    """Wait for condition() (a bool, or an awaitable of one) to hold, polling every 10 ms."""
+    for _ in range(tries):
+        held = condition()
+        if await held if asyncio.iscoroutine(held) else held:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the condition never held")
+
+
+class GatedQuantizer(Quantizer):
+    """Answers its first listing at once, every later one only when `release` is set: a worker that
+    became slow to list (busy, or restarted cold) after the gateway had its answer."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.asked, self.release = 0, asyncio.Event()
+
+    async def ListMethods(self, request, context):
+        self.asked += 1
+        if self.asked > 1:
+            await self.release.wait()
+        return await super().ListMethods(request, context)
+
+
+def test_a_slow_listing_does_not_hold_up_submissions():
+    async def main():
+        q = GatedQuantizer(["bf16"])
+        server, address = await _serve(q)
+        pools = WorkerPools({"quantizer": [address]})
+        caps = Capabilities(pools, timeout_s=30, ttl_s=0.05)
+        try:
+            await caps.check(parse_spec(_spec()))
+            await asyncio.sleep(0.1)
+            q.names = ["bf16", "nf4"]
+            # Past the ttl: the check answers from the last listing while the new round is still
+            # blocked on the worker (it cannot finish before `release`), so nothing waited on it.
+            await caps.check(parse_spec(_spec()))
+            await _until(lambda: q.asked == 2)
+            assert q.calls == 1
+            with pytest.raises(InvalidArgument, match="'nf4'"):
+                await caps.check(parse_spec(_spec(("nf4",))))
+            # Once the worker answers, its new list is what counts.
+            q.release.set()
+
+            async def nf4_listed():
+                return "nf4" in await caps.offered("quantizer")
+
+            await _until(nf4_listed)
+            await caps.check(parse_spec(_spec(("nf4",))))
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
+
+
+def test_warm_asks_every_pool_before_any_submission():
+    async def main():
+        q, exporter = Quantizer(["bf16"]), Exporter()
+        server, address = await _serve(q, Trainer(), exporter)
+        pools = WorkerPools({"quantizer": [address], "trainer": [address], "exporter": [address]})
+        caps = Capabilities(pools, timeout_s=2, ttl_s=60)
+        try:
+            await caps.warm()
+            assert (q.calls, exporter.calls) == (1, 1)
+            await caps.check(parse_spec(_spec(export="onnx")))
+            assert (q.calls, exporter.calls) == (1, 1)  # answered from what warm() got
         finally:
             await pools.close()
             await server.stop(None)
