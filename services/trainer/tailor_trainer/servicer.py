@@ -361,9 +361,23 @@ def _check_gpus(world_size: int) -> None:
         )
 
 
+# Deterministic for a recipe (same seed, same data): these go into the content-addressed manifest. With
+# eval_every, the eval losses, the step whose weights were published and whether the run stopped early
+# say which model the artifact is.
+STABLE_METRICS = (
+    "final_loss",
+    "eval_loss",
+    "steps",
+    "trainable_params",
+    "eval_losses",
+    "best_step",
+    "stopped_early",
+)
+
+
 def _stable(metrics: dict) -> dict:
     """Timings differ run to run: they go to the operation, not into the content-addressed manifest."""
-    return {k: v for k, v in metrics.items() if k in ("final_loss", "eval_loss", "steps", "trainable_params")}
+    return {k: v for k, v in metrics.items() if k in STABLE_METRICS}
 
 
 def register(server, ctx: ServiceContext) -> list[str]:
