@@ -103,8 +103,10 @@ class Database:
 
 
 class SqliteDatabase(Database):
-    """A write connection and a read connection, each behind its own lock: in WAL mode readers are not
-    blocked by a writer (ours, or another process holding the write lock), so reads keep answering."""
+    """A write connection behind a lock, and a read connection per thread: in WAL mode readers are not
+    blocked by a writer (ours, or another process holding the write lock), nor by each other, so reads
+    keep answering. Per thread, not one shared: the token check on the event loop must never wait for a
+    database thread's listing (issue 23's load bar)."""
 
     dialect = "sqlite"
 
@@ -113,8 +115,10 @@ class SqliteDatabase(Database):
         self.path = path
         self._db = self._connect()
         self._db.executescript(schema)
-        self._reader = self._connect()
-        self._lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._lock_file: int | None = None
 
     def _connect(self) -> sqlite3.Connection:
@@ -127,9 +131,21 @@ class SqliteDatabase(Database):
         conn.execute("PRAGMA busy_timeout=1000")
         return conn
 
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read connection (made at its first read)."""
+        conn = getattr(self._local, "reader", None)
+        if conn is None:
+            conn = self._local.reader = self._connect()
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
     def close(self) -> None:
         self._db.close()
-        self._reader.close()
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
         if self._lock_file is not None:
             os.close(self._lock_file)
 
@@ -159,10 +175,9 @@ class SqliteDatabase(Database):
 
     def query(self, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
         def attempt():
-            with self._read_lock:
-                cursor = self._reader.execute(sql, args)
-                names = [d[0] for d in cursor.description]
-                return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            cursor = self._reader().execute(sql, args)
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
         return self._retrying("read", attempt)
 

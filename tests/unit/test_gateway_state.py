@@ -74,3 +74,29 @@ def test_listing_is_bounded_to_the_newest(db_url):
         store.create_pipeline(p, [])
     assert [p.id for p in store.list_pipelines("proj", limit=2)] == ["p3", "p4"]
     assert len(store.list_pipelines("proj")) == 5 and store.list_pipelines("other") == []
+
+
+def test_sqlite_reads_on_different_threads_do_not_wait_for_each_other(tmp_path):
+    """The token check runs on the event loop: it must not queue behind a database thread's read."""
+    import threading
+
+    store = st.StateStore(tmp_path / "gw.db")
+    store.create_pipeline(_pipeline(), [])
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_read():
+        # This thread's own read connection, with a function that holds its query until released.
+        store.db._reader().create_function("hold", 0, lambda: entered.set() or release.wait(30) or 1)
+        store.db.query("SELECT hold() AS x")
+
+    holder = threading.Thread(target=slow_read)
+    holder.start()
+    try:
+        assert entered.wait(30)
+        # Another thread's read answers while the first is still inside its query.
+        assert store.get_pipeline("p1").id == "p1"
+        assert holder.is_alive()
+    finally:
+        release.set()
+        holder.join(30)
+        store.close()
