@@ -24,7 +24,9 @@ import math
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import json_format
@@ -168,31 +170,42 @@ class Engine:
         self._changed: dict[str, asyncio.Event] = {}
 
     # --- public API -----------------------------------------------------------------------------
-    async def submit(self, spec_yaml: str, project: str, idempotency_key: str = "") -> st.PipelineRow:
+    async def submit(
+        self,
+        spec_yaml: str,
+        project: str,
+        idempotency_key: str = "",
+        then: Callable[[st.PipelineRow], Any] | None = None,
+    ) -> Any:
         """A new pipeline, durable before this returns, after checking the spec's names against the worker
-        pools (and the model's architecture) and that every input is this project's artifact.
+        pools (and the model's architecture) and that every input is this project's artifact. With the
+        same idempotency key as an earlier call: that call's pipeline, not checked again.
 
-        Three trips off the event loop (the key's lookup, the inputs, the insert): under load each one
-        waits its turn on a busy loop, so CreatePipeline makes no more of them than it needs."""
-        if idempotency_key:
-            with create_phase("idempotency_lookup"):
-                existing = await self._db(self.state.find_by_idempotency_key, project, idempotency_key)
-            if existing is not None:
-                return existing  # a retry: already accepted, not checked again
-        with create_phase("parse"):
-            spec = parse_spec(spec_yaml)
-        with create_phase("inputs"):
-            config, missing = await asyncio.to_thread(self._read_inputs, spec, project)
+        Two trips off the event loop (the key, the spec and the inputs; then the insert): under load each
+        trip waits its turn on a busy loop, so CreatePipeline makes no more than it needs. `then(row)`,
+        when given, runs in the same thread right after the row is stored or found (the caller's audit
+        row and read-back cost no trip of their own), and its result is returned instead of the row."""
+        with create_phase("admit"):
+            existing, spec, config, missing = await asyncio.to_thread(
+                self._admit, spec_yaml, project, idempotency_key, then
+            )
+        if existing is not None:
+            return existing
         with create_phase("capabilities"):
             await self.capabilities.check(spec, config)
         if missing is not None:
             raise NotFound(missing)
-        return await self._create(spec, spec_yaml, project, idempotency_key)
+        return await self._create(spec, spec_yaml, project, idempotency_key, then)
 
-    def _read_inputs(self, spec: PipelineSpec, project: str) -> tuple[dict | None, str | None]:
-        """(the model's config.json or None, what is missing or None), blocking: run it in a thread.
-        Every input must be an artifact of this project in the store; another project's artifact is as
-        absent as a missing one."""
+    def _admit(self, spec_yaml: str, project: str, idempotency_key: str, then) -> tuple:
+        """Blocking (run it in a thread): (the earlier call's answer, or None; the parsed spec; the model's
+        config.json or None; what input is missing, or None). Every input must be an artifact of this
+        project in the store; another project's artifact is as absent as a missing one."""
+        if idempotency_key:
+            found = self.state.find_by_idempotency_key(project, idempotency_key)
+            if found is not None:
+                return (then(found) if then else found), None, None, None
+        spec = parse_spec(spec_yaml)
         missing = next(
             (
                 f"{field}: artifact {ref.artifact} not found in the store; upload it first"
@@ -201,7 +214,7 @@ class Engine:
             ),
             None,
         )
-        return self._model_config(spec, project), missing
+        return None, spec, self._model_config(spec, project), missing
 
     async def _db(self, fn, *args, **kwargs):
         """A blocking state (or access) call, run on the state store's threads."""
@@ -241,8 +254,8 @@ class Engine:
         return manifest, cached
 
     async def _create(
-        self, spec: PipelineSpec, spec_yaml: str, project: str, idempotency_key: str
-    ) -> st.PipelineRow:
+        self, spec: PipelineSpec, spec_yaml: str, project: str, idempotency_key: str, then=None
+    ) -> Any:
         pipeline_id = uuid.uuid4().hex
         # One trace per pipeline: a short root span whose context every stage continues, across restarts.
         request_span = trace.get_current_span().get_span_context()
@@ -268,14 +281,18 @@ class Engine:
             st.StageRow(pipeline_id, s.name, s.kind, i, s.depends_on, s.params)
             for i, s in enumerate(plan(spec))
         ]
+
+        def insert() -> tuple[st.PipelineRow, Any]:
+            stored = self.state.create_pipeline(row, stages)
+            return stored, (then(stored) if then else stored)
+
         with create_phase("insert"):
-            stored = await self._db(self.state.create_pipeline, row, stages)
+            stored, answer = await self._db(insert)
         if stored.id != pipeline_id:
-            return stored  # a concurrent retry with the same idempotency key won the race
+            return answer  # a concurrent retry with the same idempotency key won the race
         log.info("pipeline created", extra={"fields": {"pipeline_id": pipeline_id, "pipeline": spec.name}})
-        with create_phase("start_driver"):
-            self._start_driver(pipeline_id)
-        return row
+        self._start_driver(pipeline_id)
+        return answer
 
     def resume(self) -> None:
         """After a restart: drive every pipeline that was not finished (in a task: the database is read

@@ -132,19 +132,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return message
 
     async def CreatePipeline(self, request, context):
+        caller = current_caller.get()
+
+        def audit_and_read(row: st.PipelineRow) -> pb.Pipeline:
+            # On the engine's database thread, right after the row is stored: no trip of its own.
+            self.access.audit(caller, "pipeline.create", row.id, name=row.name)
+            return self._to_proto(self._owned(row.id))
+
         with create_phase("total_in_handler"):
-            row = await self.engine.submit(
-                request.spec_yaml, current_principal.get(), request.idempotency_key
+            return await self.engine.submit(
+                request.spec_yaml, current_principal.get(), request.idempotency_key, then=audit_and_read
             )
-            caller = current_caller.get()
-
-            def audit_and_read() -> pb.Pipeline:
-                # One trip to the database threads for both: each trip waits its turn on a busy loop.
-                self.access.audit(caller, "pipeline.create", row.id, name=row.name)
-                return self._to_proto(self._owned(row.id))
-
-            with create_phase("audit_and_read_back"):
-                return await self._db(audit_and_read)
 
     async def GetPipeline(self, request, context):
         return await self._pipeline(request.pipeline_id)
