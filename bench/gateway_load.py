@@ -51,6 +51,22 @@ LAG_TICK_S = 0.1
 KILLABLE = ("quantizer", "quantizer-2", "benchmarker", "benchmarker-2")
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (its threads included); 0 once it is gone (--kill-every)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent not idle (every core, every process, ours or not)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -151,6 +167,7 @@ def client_process(address, tokens, inputs_by_token, seconds, queue, get_first=F
     asyncio.run(main())
     queue.put(
         {
+            "cpu_s": time.process_time(),
             "lat": dict(out["lat"]),
             "errors": dict(out["errors"]),
             "states": dict(out["states"]),
@@ -299,6 +316,11 @@ def main() -> int:
             )
             for share in shares
         ]
+        # Where the machine's CPU goes during the run: the gateway, the stage workers, the clients, or
+        # processes that are not the bench's at all (the box is shared).
+        services = {name: proc.pid for name, proc in stack.processes.items()}
+        cpu_before = {name: cpu_s(pid) for name, pid in services.items()}
+        busy_before = machine_busy_s()
         started = time.monotonic()
         for p in procs:
             p.start()
@@ -306,6 +328,17 @@ def main() -> int:
         for p in procs:
             p.join()
         wall = time.monotonic() - started
+        busy = machine_busy_s() - busy_before
+        # A worker killed by --kill-every takes its CPU seconds with it: "workers" is then a lower bound.
+        service_cpu = {name: max(0.0, cpu_s(pid) - cpu_before[name]) for name, pid in services.items()}
+        clients_cpu = sum(r["cpu_s"] for r in results)
+        cores = {
+            "machine": busy / wall,
+            "gateway": service_cpu.pop("gateway") / wall,
+            "workers": sum(service_cpu.values()) / wall,
+            "clients": clients_cpu / wall,
+        }
+        cores["other"] = cores["machine"] - cores["gateway"] - cores["workers"] - cores["clients"]
         rss_after = rss_mb(gateway_pid)
         # The gateway's own view: latency inside its handlers and the steps of CreatePipeline. What the
         # clients saw minus this is queueing (gRPC, the event loop, the clients' own processes).
@@ -365,6 +398,7 @@ def main() -> int:
                 "before": [round(x, 2) for x in load_before],
                 "after": [round(x, 2) for x in load_after],
             },
+            "cores_used": {k: round(v, 2) for k, v in cores.items()},
             "kills": len(kills),
             "pipelines_in_db": len(rows),
             "submissions": len(set(submitted)),
