@@ -1,7 +1,8 @@
 """Training checkpoints: everything a run needs to continue exactly where it stopped, without pickles.
 
 A checkpoint folder holds `state.safetensors` (the trainable parameters, the optimizer's tensors, the
-torch RNG state) and `state.json` (step, losses so far, optimizer hyperparameters, scheduler position).
+torch RNG state, and with evaluations during training the best evaluation's weights) and `state.json`
+(step, losses so far, optimizer hyperparameters, scheduler position, the evaluations so far).
 Batches are a function of (seed, step) (see data.py and datasets.py), so the data position is the step.
 In the store a checkpoint is an artifact of kind "checkpoint"; the latest one of a run is found through
 the store's recipe index under {"checkpoint_of": <the run's recipe key>}, so a run dispatched again
@@ -21,7 +22,16 @@ STATE_JSON = "state.json"
 FORMAT = "tailor-checkpoint"
 
 
-def save(folder: Path, model: Any, optimizer: Any, scheduler: Any, step: int, losses: list[float]) -> None:
+def save(
+    folder: Path,
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    step: int,
+    losses: list[float],
+    evaluations: dict[str, Any] | None = None,
+) -> None:
+    """`evaluations`: loop.BestWeights.state() (JSON values, and its kept weights under "weights")."""
     import torch
     from safetensors.torch import save_file
 
@@ -38,6 +48,10 @@ def save(folder: Path, model: Any, optimizer: Any, scheduler: Any, step: int, lo
         for key, value in state.items():
             tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     tensors["rng/torch"] = torch.get_rng_state()
+    evaluations = dict(evaluations) if evaluations else None
+    if evaluations is not None:
+        for i, kept in enumerate(evaluations.pop("weights", None) or []):
+            tensors[f"best/{i}"] = kept.detach().cpu().contiguous()
     save_file(tensors, folder / STATE_TENSORS, metadata={"format": "pt"})
     meta = {
         "step": step,
@@ -45,12 +59,16 @@ def save(folder: Path, model: Any, optimizer: Any, scheduler: Any, step: int, lo
         "trainable": names,
         "param_groups": opt["param_groups"],
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "evaluations": evaluations,
     }
     (folder / STATE_JSON).write_text(json.dumps(meta, sort_keys=True))
 
 
-def load(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, list[float]]:
-    """Restore the state saved by `save` into this run's objects; (step reached, losses so far)."""
+def load(
+    folder: Path, model: Any, optimizer: Any, scheduler: Any
+) -> tuple[int, list[float], dict[str, Any] | None]:
+    """Restore the state saved by `save` into this run's objects; (step reached, losses so far, the
+    evaluations so far with their kept weights, or None)."""
     import torch
     from safetensors.torch import load_file
 
@@ -75,4 +93,8 @@ def load(folder: Path, model: Any, optimizer: Any, scheduler: Any) -> tuple[int,
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng/torch"])
-    return int(meta["step"]), list(meta["losses"])
+    evaluations = meta.get("evaluations")  # absent in checkpoints from before evaluations existed
+    if evaluations is not None:
+        kept = sorted((int(k.split("/")[1]), v) for k, v in tensors.items() if k.startswith("best/"))
+        evaluations["weights"] = [v for _, v in kept] or None
+    return int(meta["step"]), list(meta["losses"]), evaluations

@@ -33,8 +33,18 @@ class Checkpointer(Protocol):
 
     every: int  # save after every `every` steps (0: never on a timer)
 
-    def restore(self, model: Any, optimizer: Any, scheduler: Any) -> tuple[int, list[float]] | None: ...
-    def save(self, step: int, model: Any, optimizer: Any, scheduler: Any, losses: list[float]) -> None: ...
+    def restore(
+        self, model: Any, optimizer: Any, scheduler: Any
+    ) -> tuple[int, list[float], dict[str, Any] | None] | None: ...  # (step, losses, evaluations)
+    def save(
+        self,
+        step: int,
+        model: Any,
+        optimizer: Any,
+        scheduler: Any,
+        losses: list[float],
+        evaluations: dict[str, Any] | None = None,  # BestWeights.state()
+    ) -> None: ...
     def draining(self) -> bool: ...  # the worker is shutting down: save now
 
 
@@ -234,6 +244,28 @@ class BestWeights:
             self.since_best += 1
         return bool(self.patience) and self.since_best >= self.patience
 
+    def state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of the evaluations (None before the first), so a resumed run still
+        knows the best evaluation and its weights."""
+        if not self.history:
+            return None
+        return {
+            "history": [list(entry) for entry in self.history],
+            "best_step": self.best_step,
+            "best_loss": self.best_loss if math.isfinite(self.best_loss) else None,
+            "since_best": self.since_best,
+            "weights": self._copy,
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.history = [(int(step), float(loss)) for step, loss in state["history"]]
+        self.best_step = state["best_step"]
+        self.best_loss = math.inf if state["best_loss"] is None else float(state["best_loss"])
+        self.since_best = int(state["since_best"])
+        weights = state.get("weights")
+        if weights is not None:
+            self._copy = [w.to(p.device, p.dtype) for w, p in zip(weights, self.params, strict=True)]
+
     def restore(self) -> None:
         """Put the best evaluation's weights back into the parameters."""
         import torch
@@ -307,16 +339,22 @@ def train(
     scheduler = scheduler_for(optimizer, schedule, warmup, steps)
     losses: list[float] = []
     start = 1
+    best = BestWeights(params, patience)
     restored = checkpointer.restore(model, optimizer, scheduler) if checkpointer else None
     if restored is not None:
-        done, losses = restored
+        done, losses, evaluations = restored
+        if evaluations:
+            best.load_state(evaluations)
         start = done + 1
         progress(95.0 * done / steps, "resuming", f"from the checkpoint at step {done}")
+    # The rates of steps before a resume follow from the schedule; those of this run are recorded.
+    rates = [learning_rate * lr_factor(i, schedule, warmup, steps) for i in range(start - 1)]
+    # A run that had already decided to stop (checkpointed at that step) stays stopped.
+    stopped_early = bool(patience) and best.since_best >= patience and start <= steps
+    if stopped_early:
+        start = steps + 1
     model.train()
     real_tokens = 0
-    rates: list[float] = []
-    best = BestWeights(params, patience)
-    stopped_early = False
     started = time.perf_counter()
     step = start - 1
     try:
@@ -337,19 +375,20 @@ def train(
             real_tokens += step_tokens
             elapsed = max(time.perf_counter() - started, 1e-9)
             done_here = step - start + 1
-            if (
-                main
-                and checkpointer
-                and ((checkpointer.every and step % checkpointer.every == 0) or checkpointer.draining())
-            ):
-                checkpointer.save(step, model, optimizer, scheduler, losses)
-            evaluated: dict[str, float] = {}
             if eval_every and (step % eval_every == 0 or step == steps):
                 stop = False
                 if main:
                     stop = best.record(step, evaluate(model, [to_device(b) for b in eval_batches]))
                     model.train()
                 stopped_early = _agree(parallel, stop, params) and step < steps
+            # After the evaluation, so that a run resumed from this step knows it (and its weights).
+            if (
+                main
+                and checkpointer
+                and ((checkpointer.every and step % checkpointer.every == 0) or checkpointer.draining())
+            ):
+                checkpointer.save(step, model, optimizer, scheduler, losses, evaluations=best.state())
+            evaluated: dict[str, float] = {}
             if best.history:
                 evaluated = {"eval_loss": best.history[-1][1], "best_eval_loss": best.best_loss}
             progress(
@@ -369,7 +408,7 @@ def train(
     except Cancelled:
         # Cancelled (by the user, or by a shutdown past its grace): keep what was learned so far.
         if main and checkpointer and step >= start and losses:
-            checkpointer.save(step, model, optimizer, scheduler, losses)
+            checkpointer.save(step, model, optimizer, scheduler, losses, evaluations=best.state())
         raise
     except torch.OutOfMemoryError as exc:
         raise ResourceExhausted(

@@ -98,11 +98,11 @@ class StoreCheckpointer:
         folder = self.store.materialize(manifest.id, self.cache_dir)
         return checkpoint.load(folder, model, optimizer, scheduler)
 
-    def save(self, step, model, optimizer, scheduler, losses) -> None:
+    def save(self, step, model, optimizer, scheduler, losses, evaluations=None) -> None:
         from tailor_trainer import checkpoint
 
         with tempfile.TemporaryDirectory(prefix="tailor-ckpt-", dir=self.cache_dir.parent) as tmp:
-            checkpoint.save(Path(tmp), model, optimizer, scheduler, step, losses)
+            checkpoint.save(Path(tmp), model, optimizer, scheduler, step, losses, evaluations)
             manifest = self.store.publish_directory(
                 Path(tmp),
                 kind="checkpoint",
@@ -173,8 +173,8 @@ class RankCheckpointer:
     def draining(self) -> bool:
         return self.writer and self._checkpointer().draining()  # a reader never saves
 
-    def save(self, step, model, optimizer, scheduler, losses) -> None:
-        self._checkpointer().save(step, model, optimizer, scheduler, losses)
+    def save(self, step, model, optimizer, scheduler, losses, evaluations=None) -> None:
+        self._checkpointer().save(step, model, optimizer, scheduler, losses, evaluations)
 
 
 def lora_rank_with_store(parallel, checkpointer: RankCheckpointer, *args, progress):

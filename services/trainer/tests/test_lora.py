@@ -182,10 +182,10 @@ class MemoryCheckpointer:
 
         return checkpoint.load(self.folder, model, optimizer, scheduler) if self.saved else None
 
-    def save(self, step, model, optimizer, scheduler, losses):
+    def save(self, step, model, optimizer, scheduler, losses, evaluations=None):
         from tailor_trainer import checkpoint
 
-        checkpoint.save(self.folder, model, optimizer, scheduler, step, losses)
+        checkpoint.save(self.folder, model, optimizer, scheduler, step, losses, evaluations)
         self.saved.append(step)
 
 

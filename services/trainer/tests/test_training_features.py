@@ -231,3 +231,57 @@ def test_bad_values_are_refused_with_the_field_name(config, field):
     with pytest.raises(InvalidArgument) as err:
         validate_config(LoraTrainConfig, config, "lora")
     assert field in err.value.message
+
+
+class FolderCheckpointer:
+    """Checkpoints in a folder (the store-backed one keeps them as artifacts), saved on cancel."""
+
+    every = 0
+
+    def __init__(self, folder: Path):
+        self.folder, self.saved = folder, []
+
+    def draining(self) -> bool:
+        return False
+
+    def restore(self, model, optimizer, scheduler):
+        from tailor_trainer import checkpoint
+
+        return checkpoint.load(self.folder, model, optimizer, scheduler) if self.saved else None
+
+    def save(self, step, model, optimizer, scheduler, losses, evaluations=None):
+        from tailor_trainer import checkpoint
+
+        checkpoint.save(self.folder, model, optimizer, scheduler, step, losses, evaluations)
+        self.saved.append(step)
+
+
+def test_a_resumed_run_keeps_its_evaluations_and_the_best_weights(tmp_path):
+    """Cancelled at step 4 (the best evaluation was step 1's), resumed: the same evaluations, the same
+    best step and step 1's adapter, byte for byte what the uninterrupted run publishes."""
+    from tailor_runtime.errors import Cancelled
+
+    config = {"learning_rate": 0.05, "steps": 6, "eval_every": 1}
+    whole, whole_adapter = run(tmp_path, "whole", **config)
+    assert whole["best_step"] == 1
+
+    def cancel_at_4(percent, phase="", message="", **metrics):
+        if message == "step 4/6":
+            raise Cancelled("cancelled by test")
+
+    cfg = LoraTrainConfig(merge=False, batch_size=4, seq_len=64, **config)
+    ckpt = FolderCheckpointer(tmp_path / "ckpt")
+    out = tmp_path / "resumed"
+    with pytest.raises(Cancelled):
+        finetune_lora(MODEL, TRAIN, out / "m", out / "adapter", cfg, cancel_at_4, ckpt)
+    assert ckpt.saved == [4]
+    resumed = finetune_lora(MODEL, TRAIN, out / "m", out / "adapter", cfg, Recorder(), ckpt)
+    assert resumed["resumed_from_step"] == 4
+    assert [e["step"] for e in resumed["eval_losses"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["loss"] for e in resumed["eval_losses"]] == pytest.approx(
+        [e["loss"] for e in whole["eval_losses"]]
+    )
+    assert resumed["best_step"] == 1 and resumed["learning_rates"] == whole["learning_rates"]
+    assert sha256(out / "adapter" / "adapter_model.safetensors") == sha256(
+        whole_adapter / "adapter_model.safetensors"
+    )
