@@ -285,3 +285,73 @@ def test_a_resumed_run_keeps_its_evaluations_and_the_best_weights(tmp_path):
     assert sha256(out / "adapter" / "adapter_model.safetensors") == sha256(
         whole_adapter / "adapter_model.safetensors"
     )
+
+
+def test_finetune_operation_reports_evaluations_and_publishes_the_best_step(tmp_path):
+    """Through the servicer: the operation's progress carries loss, learning rate, tokens/s and the eval
+    loss while it trains; the adapter's manifest says which step's weights it holds."""
+    import asyncio
+    import shutil
+
+    from google.protobuf import json_format
+
+    from tailor.common.v1 import common_pb2 as common
+    from tailor.trainer.v1 import trainer_service_pb2 as pb
+    from tailor_runtime.operations import TERMINAL, OperationRunner, to_struct
+    from tailor_runtime.server import ServiceContext
+    from tailor_runtime.settings import ServiceSettings
+    from tailor_runtime.store import open_store
+    from tailor_trainer.servicer import TrainerServicer
+
+    settings = ServiceSettings(
+        service="trainer", store_url=str(tmp_path / "store"), cache_dir=tmp_path / "cache"
+    )
+    store = open_store(settings.store_url)
+    model = store.publish_directory(MODEL, kind="model", format="hf-safetensors", name="stories260K")
+    (tmp_path / "data").mkdir()
+    shutil.copy(TRAIN, tmp_path / "data" / "train.txt")
+    dataset = store.publish_directory(tmp_path / "data", kind="dataset", format="text", name="train")
+    servicer = TrainerServicer(ServiceContext(settings, store, OperationRunner("trainer", store)))
+    config = {
+        "steps": 6,
+        "batch_size": 4,
+        "seq_len": 64,
+        "learning_rate": 0.05,
+        "eval_every": 1,
+        "early_stopping_patience": 1,
+        "gradient_accumulation_steps": 2,
+        "lr_schedule": "linear",
+        "merge": False,
+        "checkpoint_every": 0,
+    }
+
+    async def finetune(config: dict) -> tuple[list, object]:
+        request = pb.FineTuneRequest(
+            base_model=common.ArtifactRef(id=model.id),
+            dataset=common.ArtifactRef(id=dataset.id),
+            method="lora",
+            config=to_struct(config),
+        )
+        started = await servicer.FineTune(request, None)
+        seen = []
+        async for op in servicer.ctx.runner.watch(started.id):
+            seen.append(json_format.MessageToDict(op.progress.metrics))
+            if op.state in TERMINAL:
+                return seen, op
+
+    seen, op = asyncio.run(finetune(config))
+    assert op.state == common.OPERATION_STATE_SUCCEEDED, op.error.message
+    training = [m for m in seen if "step" in m]
+    assert training and all(
+        {"loss", "learning_rate", "tokens_per_s", "eta_s", "eval_loss"} <= m.keys() for m in training
+    )
+    (ref,) = op.results
+    manifest = store.get_manifest(ref.id)
+    assert manifest.metrics["best_step"] == 1 and manifest.metrics["stopped_early"] is True
+    assert [e["step"] for e in manifest.metrics["eval_losses"]] == [1, 2]
+    assert manifest.metrics["eval_loss"] == manifest.metrics["eval_losses"][0]["loss"]
+    metrics = json_format.MessageToDict(op.metrics)
+    assert metrics["steps"] == 2 and metrics["max_steps"] == 6 and len(metrics["learning_rates"]) == 2
+
+    with pytest.raises(InvalidArgument, match="gradient_accumulation_steps"):
+        asyncio.run(finetune({**config, "gradient_accumulation_steps": 0}))
