@@ -6,7 +6,9 @@ gateway restart, `resume()` re-attaches to recorded operations, or dispatches ag
 no longer knows them; finished stages are never run again (and the workers' recipe cache makes a
 re-dispatched stage cheap when its output already exists).
 
-Every database call runs on the state store's threads (`await self._db(...)`), never on the event loop.
+Every database call runs on the state store's threads (`await self._db(...)`), never on the event loop;
+CreatePipeline's admission (key lookup, spec, inputs, which read the store too) runs in one
+`asyncio.to_thread`, so that a slow store does not hold a database thread.
 When the database stays away past its retry budget (db.py) the driver stops where it is, leaving the
 durable state as it was, and drives the pipeline again a little later, as a restarted gateway would:
 an outage delays a pipeline, it never fails it or leaves it RUNNING without a driver.

@@ -1,6 +1,6 @@
 """GatewayService: pipelines and artifacts for authenticated callers. Proto <-> engine only.
 
-Every database read and write runs on the state store's threads (`self._db`), never on the event loop:
+Every database read and write runs off the event loop, on the state store's threads (`self._db`):
 a commit waiting on the disk or on a database that is away holds up only its own call.
 """
 
