@@ -6,8 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 PROTOS := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
+# llama.cpp's GGUF converter (see the converter target).
+CONVERTER := .tools/llama.cpp
 
-.PHONY: help install protos run up test test-unit test-integration lint format system-deps clean bench-gpu
+.PHONY: help install protos converter run up test test-unit test-integration lint format system-deps clean bench-gpu
 
 help:
 	@echo "make run    install into .venv, start the local stack, run the quickstart pipeline"
@@ -34,7 +36,7 @@ $(VENV)/.editable: gen/.stamp pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-install: $(VENV)/.editable
+install: $(VENV)/.editable $(CONVERTER)/.stamp
 
 protos: gen/.stamp
 
@@ -71,6 +73,14 @@ $(HELM):
 $(VENV)/.llamacpp: requirements-llamacpp.txt | $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q --disable-pip-version-check -r requirements-llamacpp.txt
 	touch $@
+
+# llama.cpp's own Hugging Face -> GGUF converter, extracted from the pinned llama-cpp-python sdist
+# (tools/llama-cpp-converter.sh says what is kept and why; the images run the same script). GGUF exports and
+# the gguf_* methods need it; `make install` fetches it (a download of a few MB, no build).
+$(CONVERTER)/.stamp: requirements-llamacpp.txt tools/llama-cpp-converter.sh | $(VENV)/.installed
+	tools/llama-cpp-converter.sh $(CONVERTER) $(BIN)/python
+
+converter: $(CONVERTER)/.stamp
 
 # MLServer, a real KServe v2 server, stands in for Triton (not installable here) in the Triton client
 # tests (integration; tests/support/mlserver.py). Its own environment: it needs protobuf < 7, the project

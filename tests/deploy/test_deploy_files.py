@@ -90,3 +90,14 @@ def test_dockerfile_is_slim_non_root_and_pinned(name):
     if name in WITHOUT_TORCH:
         assert "torch|transformers" in text, f"{name} must not install torch"
         assert "TORCH_INDEX" not in text
+
+
+@pytest.mark.parametrize("component", ["exporter", "quantizer"])
+def test_images_that_write_gguf_carry_llama_cpps_converter(component):
+    """GGUF exports and the gguf_* methods run llama.cpp's converter (tailor_runtime.ml.llama_cpp_convert):
+    the image extracts it with the same script as `make converter` and says where it is."""
+    text = DOCKERFILES[component].read_text()
+    assert "RUN tools/llama-cpp-converter.sh /converter" in text
+    assert "COPY --from=llamacpp /converter/ /opt/llama.cpp/" in text
+    assert "ENV TAILOR_LLAMA_CPP_CONVERTER=/opt/llama.cpp" in text
+    assert (REPO / "tools" / "llama-cpp-converter.sh").stat().st_mode & 0o111  # executable in the build

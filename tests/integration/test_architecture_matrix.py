@@ -24,19 +24,19 @@ from tailor_runtime.ml import architectures
 
 pytestmark = pytest.mark.integration
 
-# family -> (the quantize methods, the export format or None). GPT-2 and Mixtral have no export format
-# yet and take fewer methods: the registry says why, and the refusals are tested below.
+# family -> (the quantize methods, the export format). GPT-2 and Mixtral have no ONNX export and take
+# fewer methods: the registry says why, and the refusals are tested below; GGUF takes every family.
 MATRIX = {
     "llama": (["int8_dynamic", "gptq"], "executorch"),
-    "llama3": (["int8_dynamic", "awq"], "onnx"),  # GGUF: Llama 1/2 only (README)
+    "llama3": (["int8_dynamic", "awq"], "onnx"),
     "mistral": (["int8_dynamic", "nf4"], "onnx-int8"),
     "qwen2": (["int8_dynamic", "awq"], "onnx"),
     "qwen3": (["int8_dynamic", "gptq"], "onnx-int8"),
     "phi3": (["int8_dynamic", "nf4"], "onnx"),
     "gemma2": (["int8_dynamic", "rtn"], "onnx-int8"),
     "gemma3": (["int8_dynamic", "nf4"], "onnx"),
-    "gpt2": (["nf4"], None),
-    "mixtral": (["bf16"], None),
+    "gpt2": (["nf4", "gguf_q8_0"], "gguf"),
+    "mixtral": (["bf16"], "gguf"),
 }
 FAMILY_OF = {"llama3": "llama"}  # test model name -> registry family, where they differ
 GROUPED = {"gptq", "awq", "rtn"}  # tiny layers are 64 wide: groups of 32

@@ -39,6 +39,16 @@ def test_a_refusal_says_why_and_which_families_can():
     architectures.require(architectures.get("gpt2"), "quantize/nf4")  # not refused
 
 
+def test_a_family_llama_cpp_cannot_convert_has_no_gguf():
+    import dataclasses
+
+    unknown = dataclasses.replace(architectures.get("llama"), family="granite", llama_cpp_arch=None)
+    for capability in architectures.GGUF_CAPABILITIES:
+        assert unknown.refusal(capability) == architectures.NO_GGUF
+    assert unknown.refusal("export/onnx") is None
+    assert architectures.get("llama").refusal("export/gguf") is None
+
+
 @pytest.mark.parametrize("name", TINY_FAMILIES)
 def test_declarations_hold_for_a_model_of_the_family(name, tmp_path):
     from transformers import AutoModelForCausalLM
@@ -74,4 +84,7 @@ def test_workers_publish_the_families_of_each_method():
 
     gptq = method_info(get_method("gptq"))
     assert "qwen2" in gptq.architectures and "gpt2" not in gptq.architectures
-    assert method_info(get_method("gguf_q8_0")).architectures == ["llama"]
+    # llama.cpp's converter writes every registered family (tests/unit/test_gguf_io.py converts each).
+    assert method_info(get_method("gguf_q8_0")).architectures == sorted(
+        a.family for a in architectures.families()
+    )

@@ -1,15 +1,21 @@
-"""A Hugging Face SentencePiece-style tokenizer.json as llama.cpp's "llama" (SPM) vocabulary in a GGUF.
+"""A Hugging Face SentencePiece-style tokenizer.json as a SentencePiece model, for llama.cpp's converter.
 
-llama.cpp's SPM tokenizer splits text into characters and repeatedly merges the adjacent pair whose
-concatenation is the vocabulary entry with the highest *score* (leftmost on ties), falling back to <0xXX>
-byte tokens for characters outside the vocabulary. A tokenizer.json stores no scores, only BPE merges in
-rank order; HF's BPE merges the adjacent pair of lowest *rank*. Giving each piece the score -rank of its
-best merge makes the two the same algorithm (Tailor's llama2.c import derives the merges the other way, from
-the original scores). llama.cpp's own converter writes a placeholder score of -1000 for every token of such
-a tokenizer, which makes it merge in text order instead and tokenize differently from the source.
+Many folders (every save_pretrained of a `tokenizers`-only tokenizer, llama2.c imports, the tiny test
+models) carry only tokenizer.json, no tokenizer.model. llama.cpp's converter then either fails (Phi-3 and
+Gemma read tokenizer.model; GPT-2 and Qwen3 expect a byte-level BPE with a pre-tokenizer it recognises), or
+reads the tokenizer with placeholder scores of -1000 for every token, which makes llama.cpp's SPM
+tokenizer merge in text order and tokenize differently from the source. `sentencepiece_model` writes the
+tokenizer.json as the SentencePiece model it was derived from, with real scores, and the converter reads
+that as llama.cpp's "llama" (SPM) vocabulary for any family (see tailor_runtime.ml.llama_cpp_convert).
 
-Supported: BPE with byte fallback (Llama 1/2, Mistral v0.1, llama2.c models). Byte-level BPE (GPT-2,
-Llama 3) needs llama.cpp's "gpt2" vocabulary with a pre-tokenizer name, which is not written here.
+Scores. llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose concatenation is the vocabulary
+entry with the highest score (leftmost on ties), falling back to <0xXX> byte tokens. A tokenizer.json
+stores no scores, only BPE merges in rank order; HF's BPE merges the adjacent pair of lowest rank. Giving
+each piece the score -rank of its best merge makes the two the same algorithm (Tailor's llama2.c import
+derives the merges the other way, from the original scores).
+
+Supported: BPE with byte fallback (Llama 1/2, Mistral v0.1, TinyLlama, llama2.c models). Byte-level BPE
+(GPT-2, Llama 3, Qwen) is left to the converter, which knows those tokenizers by their pre-tokenizer.
 """
 
 from __future__ import annotations
@@ -21,22 +27,28 @@ from typing import Any
 from tailor_runtime.errors import InvalidArgument
 
 METASPACE = "\u2581"
+# sentencepiece_model.proto's SentencePiece.Type values.
+NORMAL, UNKNOWN, CONTROL, BYTE, UNUSED = 1, 2, 3, 6, 5
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def spm_vocab(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[float], list[int]]:
-    """(tokens, scores, token types) for ids 0..vocab_size-1 from a byte-fallback BPE tokenizer.json."""
-    from gguf import TokenType
-
+def is_sentencepiece_style(tokenizer_json: dict[str, Any]) -> bool:
+    """Whether a tokenizer.json is SentencePiece's BPE (byte fallback), the kind written here."""
     model = tokenizer_json.get("model", {})
-    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback"))
+
+
+def spm_vocab(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[float], list[int]]:
+    """(pieces, scores, SentencePiece types) for ids 0..vocab_size-1 from a byte-fallback BPE tokenizer.json."""
+    model = tokenizer_json.get("model", {})
+    if not is_sentencepiece_style(tokenizer_json):
         raise InvalidArgument(
             f"cannot write the tokenizer (model {model.get('type')!r}, byte_fallback "
-            f"{model.get('byte_fallback')}) to GGUF; supported: SentencePiece-style BPE with byte fallback "
-            "(Llama 1/2, Mistral v0.1, llama2.c models)"
+            f"{model.get('byte_fallback')}) as a SentencePiece model; supported: SentencePiece-style BPE with "
+            "byte fallback (Llama 1/2, Mistral v0.1, llama2.c models)"
         )
     pieces = {i: p for p, i in model["vocab"].items()}
     special = set()
@@ -59,19 +71,19 @@ def spm_vocab(tokenizer_json: dict[str, Any], vocab_size: int) -> tuple[list[str
         if piece is None:  # rows the embedding has beyond the tokenizer (padding), as llama.cpp names them
             tokens.append(f"[PAD{i}]")
             scores.append(lowest)
-            types.append(TokenType.UNUSED)
+            types.append(UNUSED)
             continue
         tokens.append(piece)
         scores.append(-float(best_rank[piece]) if piece in best_rank else lowest)
         if piece == model.get("unk_token"):
-            types.append(TokenType.UNKNOWN)
+            types.append(UNKNOWN)
         elif i in special:
-            types.append(TokenType.CONTROL)
+            types.append(CONTROL)
         elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            types.append(TokenType.BYTE)
+            types.append(BYTE)
         else:
-            types.append(TokenType.NORMAL)
-    return tokens, scores, [int(t) for t in types]
+            types.append(NORMAL)
+    return tokens, scores, types
 
 
 def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
@@ -88,44 +100,39 @@ def adds_space_prefix(tokenizer_json: dict[str, Any]) -> bool:
     return False
 
 
-def _first(value: Any) -> Any:
-    return value[0] if isinstance(value, list) else value
+def sentencepiece_model(tokenizer_json: dict[str, Any], vocab_size: int) -> bytes:
+    """A serialized SentencePiece BPE ModelProto (what tokenizer.model holds) equal to `tokenizer_json`."""
+    from sentencepiece import sentencepiece_model_pb2 as spm
 
-
-def add_vocab(writer: Any, model_dir: Path, vocab_size: int) -> dict[str, Any]:
-    """Add the tokenizer of `model_dir` to a GGUFWriter; returns the special token ids written."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise InvalidArgument(f"{model_dir} has no tokenizer.json; GGUF needs the tokenizer in the file")
-    tok = json.loads(path.read_text())
-    tokens, scores, types = spm_vocab(tok, vocab_size)
-    config = _read_json(model_dir / "config.json")
-    tok_config = _read_json(model_dir / "tokenizer_config.json")
-    generation = _read_json(model_dir / "generation_config.json")
+    tokens, scores, types = spm_vocab(tokenizer_json, vocab_size)
+    proto = spm.ModelProto()
+    for piece, score, kind in zip(tokens, scores, types, strict=True):
+        proto.pieces.add(piece=piece, score=score, type=kind)
     ids = {t: i for i, t in enumerate(tokens)}
-    bos = _first(config.get("bos_token_id")) if config.get("bos_token_id") is not None else ids.get("<s>")
-    eos = _first(config.get("eos_token_id")) if config.get("eos_token_id") is not None else ids.get("</s>")
-    # generation_config may stop on more ids than eos (llama2.c models stop at BOS, which separates their
-    # training stories); llama.cpp has one more end-of-generation slot, EOT, so the first extra id goes there
-    # and llama.cpp / Ollama stop where transformers' generate stops.
-    stops = generation.get("eos_token_id", [])
-    extra = [i for i in (stops if isinstance(stops, list) else [stops]) if i != eos]
+    unk = tokenizer_json["model"].get("unk_token")
+    spec = proto.trainer_spec
+    spec.model_type = spm.TrainerSpec.BPE
+    spec.vocab_size = vocab_size
+    spec.byte_fallback = True
+    spec.unk_id = ids.get(unk, 0)
+    spec.bos_id = ids.get("<s>", -1)
+    spec.eos_id = ids.get("</s>", -1)
+    spec.pad_id = -1
+    norm = proto.normalizer_spec
+    norm.name = "identity"
+    norm.add_dummy_prefix = adds_space_prefix(tokenizer_json)
+    norm.remove_extra_whitespaces = False
+    norm.escape_whitespaces = True
+    return proto.SerializeToString()
 
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    written = {"bos": bos, "eos": eos, "unk": ids.get(tok["model"].get("unk_token"))}
-    if extra:
-        written["eot"] = extra[0]
-    for key, value in written.items():
-        if value is not None:
-            getattr(writer, f"add_{key}_token_id")(int(value))
-    add_bos = tok_config.get("add_bos_token")
-    if add_bos is None:  # tokenizers-only folders say it in the post-processor's template
-        add_bos = bos is not None and tokens[bos] in json.dumps(tok.get("post_processor") or {})
-    writer.add_add_bos_token(bool(add_bos))
-    writer.add_add_eos_token(bool(tok_config.get("add_eos_token", False)))
-    writer.add_add_space_prefix(adds_space_prefix(tok))
-    return written
+
+def extra_stop_id(model_dir: Path) -> int | None:
+    """The first id generation_config stops on besides eos (llama2.c models stop at BOS, which separates
+    their training stories): llama.cpp's one further end-of-generation slot, EOT, gets it, so llama.cpp and
+    Ollama stop where transformers' generate stops."""
+    config = read_json(model_dir / "config.json")
+    eos = config.get("eos_token_id")
+    eos = set(eos if isinstance(eos, list) else [eos])
+    stops = read_json(model_dir / "generation_config.json").get("eos_token_id", [])
+    extra = [i for i in (stops if isinstance(stops, list) else [stops]) if i not in eos and i is not None]
+    return int(extra[0]) if extra else None

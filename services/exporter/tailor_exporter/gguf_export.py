@@ -1,8 +1,10 @@
-"""Export a Llama folder to GGUF for llama.cpp and Ollama, verify it against PyTorch, then publish it.
+"""Export a Hugging Face folder to GGUF for llama.cpp and Ollama, verify it against PyTorch, then publish it.
 
-The folder gets `model.gguf` (written by `tailor_runtime.ml.gguf_io`: F16 and Q8_0/Q4_0 by gguf-py, Q4_K_M
-by llama.cpp's own quantizer), an Ollama `Modelfile`, the source's tokenizer and config files (so Tailor
-can load the folder, format `gguf`), verification.json and tailor_format.json.
+The folder gets `model.gguf` (written by llama.cpp's own converter through `tailor_runtime.ml.gguf_io`:
+F16 and Q8_0 by the converter, Q4_0 and Q4_K_M by llama.cpp's quantizer from its F32 file), an Ollama
+`Modelfile`, the source's tokenizer and config files (so Tailor can load the folder, format `gguf`),
+verification.json and tailor_format.json. Every family llama.cpp's converter knows and the architecture
+registry does not refuse for `export/gguf` is taken (tailor_runtime.ml.architectures).
 
 Verification, before anything is published (see gguf_verify): the GGUF dequantized into PyTorch against
 the source, always; and, where llama-cpp-python is installed, the file run by llama.cpp against the source
@@ -10,7 +12,7 @@ the source, always; and, where llama-cpp-python is installed, the file run by ll
 VerificationFailed carries the numbers and `out_dir` is never created. Without llama-cpp-python the
 metrics say so ("llama_cpp": "not installed: ...") instead of claiming a llama.cpp check.
 
-Sources: hf-safetensors Llama folders, written in the requested type; and gguf folders from the quantizer
+Sources: hf-safetensors folders, written in the requested type; and gguf folders from the quantizer
 (gguf_q8_0, gguf_q4_k_m), published byte for byte in their own type and checked against their own
 dequantized weights (their float parent is not at hand; its distance is the quantizer's measurement).
 """
@@ -45,8 +47,9 @@ NOT_INSTALLED = "not installed: verified by dequantization only"
 
 # Per type, against the float32 source: max |logit difference| and min top-1 agreement of the dequantized
 # file ("atol", "top1") and of llama.cpp running it ("llama_atol", "llama_top1"), and the min share of greedy
-# tokens llama.cpp generates like the source ("greedy"). Measured on stories260K (logits up to ~22; its
-# 64-wide rows give each block scale little to average over, larger models lose less), then widened:
+# tokens llama.cpp generates like the source ("greedy"). Measured on stories260K with Tailor's earlier
+# writer (logits up to ~22; its 64-wide rows give each block scale little to average over, larger models
+# lose less), then widened; llama.cpp's converter writes the same blocks (test_family_gguf.py measures it):
 #          dequantized      llama.cpp        greedy
 #   F16    0.016 / 100%     0.038 / 100%     100%
 #   Q8_0   0.40  / 99.1%    0.59  / 99.3%    100%
@@ -68,8 +71,8 @@ class GgufExportConfig(BaseModel):
 
     type: Literal["F16", "Q8_0", "Q4_0", "Q4_K_M"] = Field(
         "Q8_0",
-        description="GGUF tensor type: F16; Q8_0 / Q4_0 (blocks of 32, written by gguf-py); Q4_K_M (llama.cpp's "
-        "K-quant mix, needs llama-cpp-python).",
+        description="GGUF tensor type: F16; Q8_0 (blocks of 32, written by llama.cpp's converter); Q4_0 and "
+        "Q4_K_M (llama.cpp's quantizer, needs llama-cpp-python).",
     )
     verify_batches: int = Field(3, ge=2, description="Sample batches of real text for the dequantized check.")
     greedy_tokens: int = Field(
@@ -114,8 +117,10 @@ def export_gguf(
     """Export `model_dir` to `out_dir` (which must not exist yet, or be empty) as a verified gguf folder."""
     from tailor_exporter.gguf_verify import compare_dequantized, compare_llama_cpp
     from tailor_exporter.onnx_verify import sample_batches
+    from tailor_runtime.ml import architectures
     from tailor_runtime.ml.formats.gguf import copy_gguf_folder, save_gguf_folder
-    from tailor_runtime.ml.gguf_io import GGUF_FILE, llama_cpp_availability, llama_hparams, load_gguf_model
+    from tailor_runtime.ml.gguf_io import GGUF_FILE, LLAMA_CPP_TYPES, llama_cpp_availability, load_gguf_model
+    from tailor_runtime.ml.llama_cpp_convert import require_converter
     from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -133,9 +138,11 @@ def export_gguf(
                 f"type (requested {cfg.type}); export its hf-safetensors parent for another type"
             )
     else:
-        llama_hparams(json.loads((model_dir / "config.json").read_text()))  # unsupported models fail early
-        if cfg.type == "Q4_K_M" and not has_llama_cpp:
-            raise FailedPrecondition(f"GGUF Q4_K_M is made by llama.cpp's quantizer: {why_not}")
+        # Families llama.cpp cannot take fail here, before anything is loaded.
+        architectures.require(architectures.for_folder(model_dir), "export/gguf")
+        require_converter()
+        if cfg.type in LLAMA_CPP_TYPES and not has_llama_cpp:
+            raise FailedPrecondition(f"GGUF {cfg.type} is made by llama.cpp's quantizer: {why_not}")
     check_destination(out_dir)
 
     started = time.monotonic()
@@ -238,7 +245,7 @@ def modelfile(model_dir: Path, gguf_type: str) -> str:
         "# story with <s>). The GGUF marks the same ids as end-of-generation tokens for llama.cpp itself.",
         *[f'PARAMETER stop "{pieces[s]}"' for s in stops if s in pieces],
         "# The context the model was trained with: beyond it the model was never trained to predict.",
-        f"PARAMETER num_ctx {config.get('max_position_embeddings', 2048)}",
+        f"PARAMETER num_ctx {config.get('max_position_embeddings') or config.get('n_positions') or 2048}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -18,7 +18,7 @@ from support.optional import require_llama_cpp
 
 from tailor_exporter.gguf_export import NOT_INSTALLED, TOLERANCES, GgufExportConfig, export_gguf
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, VerificationFailed
-from tailor_runtime.ml import gguf_io, gguf_vocab
+from tailor_runtime.ml import gguf_io, gguf_vocab, llama_cpp_convert
 from tailor_runtime.ml.formats.gguf import save_gguf_folder
 from tailor_runtime.ml.formats.int8_dynamic import save_quantized
 from tailor_runtime.ml.model_io import load_causal_lm
@@ -160,8 +160,19 @@ def test_export_is_byte_identical_when_repeated(exports, tmp_path):
 
 
 def test_a_file_that_computes_something_else_fails_and_publishes_nothing(monkeypatch, tmp_path):
-    # Writing Q and K without llama.cpp's RoPE permutation: the reader's inverse then scrambles them.
-    monkeypatch.setattr(gguf_io, "to_interleaved_rope", lambda w, heads: w)
+    # The converter's file with every layer's Q and K rows reversed (what a wrong RoPE permutation does):
+    # the checks must see the difference and nothing may be published.
+    import gguf
+
+    convert = llama_cpp_convert.convert
+
+    def convert_then_scramble(model_dir, out_path, gguf_type, name=None):
+        convert(model_dir, out_path, gguf_type, name)
+        for tensor in gguf.GGUFReader(out_path, "r+").tensors:
+            if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+                tensor.data[:] = tensor.data[::-1].copy()
+
+    monkeypatch.setattr(llama_cpp_convert, "convert", convert_then_scramble)
     with pytest.raises(
         VerificationFailed, match=r"dequantized check over \d+ positions.*top-1 agreement 0\.\d+ <"
     ):
@@ -190,13 +201,13 @@ def test_unsupported_sources_are_refused_before_anything_is_written(tmp_path):
     save_quantized(model, tok, tmp_path / "int8")
     with pytest.raises(InvalidArgument, match="valid choices: gguf, hf-safetensors"):
         export_gguf(tmp_path / "int8", tmp_path / "a", GgufExportConfig(), no_progress)
-    mistral = tmp_path / "mistral"
-    shutil.copytree(MODEL, mistral)
-    config = json.loads((mistral / "config.json").read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
-    (mistral / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidArgument, match="supported: LlamaForCausalLM"):
-        export_gguf(mistral, tmp_path / "b", GgufExportConfig(), no_progress)
+    falcon = tmp_path / "falcon"  # a family the architecture registry does not know
+    shutil.copytree(MODEL, falcon)
+    config = json.loads((falcon / "config.json").read_text())
+    config.update(architectures=["FalconForCausalLM"], model_type="falcon")
+    (falcon / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InvalidArgument, match="'falcon'.*not an architecture Tailor supports yet"):
+        export_gguf(falcon, tmp_path / "b", GgufExportConfig(), no_progress)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

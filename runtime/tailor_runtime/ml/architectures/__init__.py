@@ -48,8 +48,17 @@ class Architecture:
         for pattern, reason in self.refused.items():
             if fnmatch.fnmatchcase(capability, pattern):
                 return reason
+        if self.llama_cpp_arch is None and capability in GGUF_CAPABILITIES:
+            return NO_GGUF
         return None
 
+
+# Everything written by llama.cpp's converter: a family it does not know (llama_cpp_arch None) has neither.
+GGUF_CAPABILITIES = ("export/gguf", "quantize/gguf_q8_0", "quantize/gguf_q4_k_m")
+NO_GGUF = (
+    "llama.cpp's converter (convert_hf_to_gguf.py) has no writer for this family, so there is no GGUF of "
+    "it; export to onnx, or quantize with int8_dynamic or nf4"
+)
 
 _REGISTRY: dict[str, Architecture] = {}
 _BY_MODEL_TYPE: dict[str, Architecture] = {}

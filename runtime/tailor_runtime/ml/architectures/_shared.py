@@ -11,14 +11,6 @@ MOBILE_LLAMA_ONLY = (
     "layer layout only; export this model to onnx or ort instead"
 )
 
-# Tailor's GGUF writer (tailor_runtime.ml.gguf_io) writes Llama's tensor layout only; moving GGUF to
-# llama.cpp's own convert_hf_to_gguf.py, which knows the other families, is not finished.
-GGUF_LLAMA_ONLY = (
-    "Tailor writes GGUF files for Llama's layout only so far (llama.cpp's own converter for the other "
-    "families is not wired in yet); export to onnx or onnx-int8, or quantize with int8_dynamic, nf4 or rtn"
-)
-GGUF_REFUSED = {"export/gguf": GGUF_LLAMA_ONLY, "quantize/gguf_*": GGUF_LLAMA_ONLY}
-
 # torch.onnx's dynamo exporter fails on these models' decoder with a KV cache (tested).
 ONNX_FORMATS = ("onnx", "onnx-fp16", "onnx-int8", "onnx-int8-static", "ort", "triton")
 

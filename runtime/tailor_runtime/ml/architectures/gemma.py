@@ -2,7 +2,7 @@
 GeGLU MLP, attention and final-logit soft-capping (Gemma 2), local/global attention layers."""
 
 from tailor_runtime.ml.architectures import Architecture, register
-from tailor_runtime.ml.architectures._shared import ATTENTION, GATED_MLP, GGUF_REFUSED, MOBILE_LLAMA_ONLY
+from tailor_runtime.ml.architectures._shared import ATTENTION, GATED_MLP, MOBILE_LLAMA_ONLY
 
 GEMMA2 = register(
     Architecture(
@@ -11,7 +11,7 @@ GEMMA2 = register(
         description="Gemma 2: (1+w) norms, scaled embeddings, GeGLU, logit soft-capping, sliding window",
         lora_targets=ATTENTION + GATED_MLP,
         llama_cpp_arch="gemma2",
-        refused={**GGUF_REFUSED, "export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
+        refused={"export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
     )
 )
 
@@ -22,6 +22,6 @@ GEMMA3 = register(
         description="Gemma 3 (text): (1+w) norms, q/k norms, scaled embeddings, local/global attention",
         lora_targets=ATTENTION + GATED_MLP,
         llama_cpp_arch="gemma3",
-        refused={**GGUF_REFUSED, "export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
+        refused={"export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
     )
 )

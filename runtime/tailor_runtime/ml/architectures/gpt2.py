@@ -3,7 +3,6 @@ learned absolute positions."""
 
 from tailor_runtime.ml.architectures import Architecture, register
 from tailor_runtime.ml.architectures._shared import (
-    GGUF_REFUSED,
     LINEAR_ONLY_METHODS,
     MOBILE_LLAMA_ONLY,
     ONNX_FORMATS,
@@ -35,7 +34,6 @@ GPT2 = register(
         refused={
             **{f"quantize/{method}": CONV1D for method in LINEAR_ONLY_METHODS},
             "quantize/int8_dynamic": INT8_DYNAMIC_CONV1D,
-            **GGUF_REFUSED,
             **{f"export/{fmt}": ONNX_GPT2 for fmt in ONNX_FORMATS},
             "quantize/int8_static": ONNX_GPT2,
             "export/executorch": MOBILE_LLAMA_ONLY,

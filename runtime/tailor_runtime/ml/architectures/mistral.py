@@ -1,7 +1,7 @@
 """Mistral: Llama's layer with grouped-query attention and an optional sliding window."""
 
 from tailor_runtime.ml.architectures import Architecture, register
-from tailor_runtime.ml.architectures._shared import ATTENTION, GATED_MLP, GGUF_REFUSED, MOBILE_LLAMA_ONLY
+from tailor_runtime.ml.architectures._shared import ATTENTION, GATED_MLP, MOBILE_LLAMA_ONLY
 
 MISTRAL = register(
     Architecture(
@@ -10,6 +10,6 @@ MISTRAL = register(
         description="Mistral: Llama's layer, grouped-query attention, optional sliding-window attention",
         lora_targets=ATTENTION + GATED_MLP,
         llama_cpp_arch="llama",  # convert_hf_to_gguf.py writes Mistral as a llama model
-        refused={**GGUF_REFUSED, "export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
+        refused={"export/executorch": MOBILE_LLAMA_ONLY, "export/coreml": MOBILE_LLAMA_ONLY},
     )
 )

@@ -1,7 +1,7 @@
 """Mixtral: Mistral's attention with a sparse mixture-of-experts MLP (top-k routed experts)."""
 
 from tailor_runtime.ml.architectures import Architecture, register
-from tailor_runtime.ml.architectures._shared import ATTENTION, GGUF_REFUSED, MOBILE_LLAMA_ONLY, ONNX_FORMATS
+from tailor_runtime.ml.architectures._shared import ATTENTION, MOBILE_LLAMA_ONLY, ONNX_FORMATS
 
 # Everything these methods replace is a torch.nn.Linear; Mixtral's experts (most of its weights) are not.
 FUSED_EXPERTS = (
@@ -30,7 +30,6 @@ MIXTRAL = register(
         llama_cpp_arch="llama",
         refused={
             **{f"quantize/{method}": FUSED_EXPERTS for method in LINEAR_QUANTIZERS},
-            **GGUF_REFUSED,
             **{f"export/{fmt}": ONNX_MOE for fmt in ONNX_FORMATS},
             "export/executorch": MOBILE_LLAMA_ONLY,
             "export/coreml": MOBILE_LLAMA_ONLY,

@@ -1,7 +1,7 @@
 """Qwen2 and Qwen2.5: Llama's layer with biases on the q, k and v projections."""
 
 from tailor_runtime.ml.architectures import Architecture, register
-from tailor_runtime.ml.architectures._shared import ATTENTION, GATED_MLP, GGUF_REFUSED, MOBILE_LLAMA_ONLY
+from tailor_runtime.ml.architectures._shared import ATTENTION, GATED_MLP, MOBILE_LLAMA_ONLY
 
 QWEN2 = register(
     Architecture(
@@ -11,7 +11,6 @@ QWEN2 = register(
         lora_targets=ATTENTION + GATED_MLP,
         llama_cpp_arch="qwen2",
         refused={
-            **GGUF_REFUSED,
             "quantize/int8_static": "static INT8 calibration of the exported graph failed on Qwen2 in testing (IndexError); use int8_dynamic or the onnx-int8 export",
             "export/executorch": MOBILE_LLAMA_ONLY,
             "export/coreml": MOBILE_LLAMA_ONLY,

@@ -1,6 +1,7 @@
 """GGUF methods: llama.cpp's Q8_0 and Q4_K_M, written as a `gguf` folder (see tailor_runtime.ml.formats.gguf).
 
-The file writing lives in `tailor_runtime.ml.gguf_io`, shared with the exporter; these methods only make
+The file writing lives in `tailor_runtime.ml.gguf_io` (llama.cpp's own converter, every family it knows),
+shared with the exporter; these methods only make
 the formats selectable as quantization methods, so a GGUF can be measured (perplexity, size) and compared
 with the other methods before it is exported for llama.cpp or Ollama. Round-to-nearest per block, no
 calibration (no importance matrix), deterministic.
@@ -20,6 +21,14 @@ class GgufConfig(BaseModel):
     """No options: the tensor types follow llama.cpp's rules for the file type."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _converter_and(*modules: str) -> tuple[bool, str]:
+    """Both GGUF methods start from llama.cpp's converter (tailor_runtime.ml.llama_cpp_convert)."""
+    from tailor_runtime.ml.llama_cpp_convert import converter_availability
+
+    ok, why = importable(*modules)
+    return converter_availability() if ok else (ok, why)
 
 
 def _quantize(model_dir: Path, out_dir: Path, gguf_type: str, job: Job) -> dict[str, Any]:
@@ -49,7 +58,7 @@ def _quantize(model_dir: Path, out_dir: Path, gguf_type: str, job: Job) -> dict[
         description=(
             "GGUF Q8_0 (llama.cpp / Ollama): 8-bit weights with one fp16 scale per block of 32, about 8.5 "
             "bits per weight; norms stay F32, rows not a multiple of 32 wide fall back to F16. Written "
-            "with gguf-py; measured here by dequantizing into PyTorch."
+            "by llama.cpp's own converter; measured here by dequantizing into PyTorch."
         ),
     ),
 )
@@ -58,7 +67,7 @@ class GgufQ8_0:
 
     @staticmethod
     def availability() -> tuple[bool, str]:
-        return importable("gguf", "numpy")
+        return _converter_and("gguf", "numpy")
 
     @staticmethod
     def run(model_dir: Path, out_dir: Path, cfg: GgufConfig, job: Job) -> dict[str, Any]:
@@ -88,7 +97,7 @@ class GgufQ4KM:
     def availability() -> tuple[bool, str]:
         from tailor_runtime.ml.gguf_io import llama_cpp_availability
 
-        ok, why = importable("gguf", "numpy")
+        ok, why = _converter_and("gguf", "numpy")
         return llama_cpp_availability() if ok else (ok, why)
 
     @staticmethod
