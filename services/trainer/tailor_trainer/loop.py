@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -188,37 +188,48 @@ def evaluate(model: Any, batches: list[dict[str, Any]]) -> float:
 def accumulate_gradients(
     model: Any,
     params: list[Any],
-    micro_batches: list[dict[str, Any]],
+    micro_batches: Iterable[dict[str, Any]],
     step: int,
     to_device: Callable[[dict[str, Any]], dict[str, Any]],
     parallel: Any = None,
-) -> float:
+) -> tuple[float, int]:
     """Backward over the micro-batches of one optimizer step, leaving in `.grad` the gradient of the
     mean loss over all their labelled positions (what one batch of all those rows would give); returns
-    that mean loss.
+    (that mean loss, the real tokens of the step's full batches).
 
-    Each micro-batch's mean loss is weighted by its share of the step's labelled positions, so
-    micro-batches with more labelled tokens count more, exactly as in the big batch. With `parallel`,
-    the micro-batches are this rank's shards and the ranks' gradients are then combined
-    (`average_gradients`, weighted by each rank's labelled positions)."""
-    counts = [int((b["labels"] != IGNORE).sum()) for b in micro_batches]
-    total = sum(counts)
+    Each micro-batch's mean loss is weighted by its labelled positions, and the summed gradients are
+    divided by the step's total once all are in, so the micro-batches are taken one at a time and never
+    held together (long rows carry a [T, T] mask each): pass a generator. A list of one batch is the
+    plain backward of its mean loss. With `parallel`, each micro-batch is cut to this rank's shard and
+    the ranks' gradients are then combined (`average_gradients`, weighted by each rank's labelled
+    positions)."""
+    single = isinstance(micro_batches, list | tuple) and len(micro_batches) == 1
+    total = tokens = 0
     loss_sum = 0.0
-    for batch, n in zip(micro_batches, counts, strict=True):
+    for full in micro_batches:
+        tokens += int(full.get("real_tokens", full["input_ids"].numel()))
+        batch = full if parallel is None else parallel.shard(full)
+        n = int((batch["labels"] != IGNORE).sum())
+        total += n
         if parallel is not None and not n:
             continue  # nothing labelled here: zeros, and the rank still joins the all-reduce
         loss = batch_loss(model, to_device(batch))
         value = loss.item()
         if parallel is None:
             _check_finite(value, step)  # before backward: a diverged loss must not reach the weights
-        share = n / total if total else 1.0 / len(micro_batches)
-        (loss if share == 1.0 else loss * share).backward()
-        loss_sum += value * share
+        (loss if single else loss * n).backward()
+        loss_sum += value if single else value * n
+        del loss, batch
+    if not single and total:
+        for param in params:
+            if param.grad is not None:
+                param.grad.div_(total)
+        loss_sum /= total
     if parallel is None:
-        return loss_sum
-    mean, _ = parallel.average_gradients([p for p in model.parameters() if p.requires_grad], total, loss_sum)
+        return loss_sum, tokens
+    mean, _ = parallel.average_gradients(params, total, loss_sum)
     _check_finite(mean, step)  # the same value on every rank: all stop together
-    return mean
+    return mean, tokens
 
 
 class BestWeights:
@@ -361,11 +372,13 @@ def train(
         for step in range(start, steps + 1):
             # Before the forward pass, so the last step's gradients are not held through it.
             optimizer.zero_grad(set_to_none=True)
-            micro = [batch_at((step - 1) * accumulation + j + 1) for j in range(accumulation)]
-            step_tokens = sum(int(b.get("real_tokens", b["input_ids"].numel())) for b in micro)
-            if parallel is not None:
-                micro = [parallel.shard(b) for b in micro]
-            loss_value = accumulate_gradients(model, params, micro, step, to_device, parallel)
+            first = (step - 1) * accumulation + 1
+            micro = (
+                [batch_at(first)]
+                if accumulation == 1
+                else (batch_at(first + j) for j in range(accumulation))  # one at a time
+            )
+            loss_value, step_tokens = accumulate_gradients(model, params, micro, step, to_device, parallel)
             # Clip: an occasional odd batch (the data has some mojibake) must not undo the steps before it.
             torch.nn.utils.clip_grad_norm_(params, max_norm=1.0)
             rates.append(scheduler.get_last_lr()[0])
