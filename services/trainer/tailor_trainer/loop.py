@@ -358,6 +358,7 @@ def train(
             best.load_state(evaluations)
         start = done + 1
         progress(95.0 * done / steps, "resuming", f"from the checkpoint at step {done}")
+    resumed_from = start - 1
     # The rates of steps before a resume follow from the schedule; those of this run are recorded.
     rates = [learning_rate * lr_factor(i, schedule, warmup, steps) for i in range(start - 1)]
     # A run that had already decided to stop (checkpointed at that step) stays stopped.
@@ -439,7 +440,7 @@ def train(
         losses,
         seconds,
         real_tokens,
-        start - 1,
+        resumed_from,
         eval_loss,
         rates,
         eval_losses=best.history,

@@ -236,10 +236,8 @@ def test_bad_values_are_refused_with_the_field_name(config, field):
 class FolderCheckpointer:
     """Checkpoints in a folder (the store-backed one keeps them as artifacts), saved on cancel."""
 
-    every = 0
-
-    def __init__(self, folder: Path):
-        self.folder, self.saved = folder, []
+    def __init__(self, folder: Path, every: int = 0):
+        self.folder, self.every, self.saved = folder, every, []
 
     def draining(self) -> bool:
         return False
@@ -355,3 +353,28 @@ def test_finetune_operation_reports_evaluations_and_publishes_the_best_step(tmp_
 
     with pytest.raises(InvalidArgument, match="gradient_accumulation_steps"):
         asyncio.run(finetune({**config, "gradient_accumulation_steps": 0}))
+
+
+def test_a_run_checkpointed_at_its_early_stop_stays_stopped_when_run_again(tmp_path):
+    """The worker dies after the stop step's checkpoint, before publishing: the request run again
+    resumes there, trains no further step and publishes the same best weights."""
+    cfg = LoraTrainConfig(
+        merge=False,
+        batch_size=4,
+        seq_len=64,
+        learning_rate=0.05,
+        steps=6,
+        eval_every=1,
+        early_stopping_patience=1,
+    )
+    ckpt = FolderCheckpointer(tmp_path / "ckpt", every=1)
+    first = finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a1", cfg, Recorder(), ckpt)
+    assert first["stopped_early"] and ckpt.saved == [1, 2]
+    progress = Recorder()
+    again = finetune_lora(MODEL, TRAIN, tmp_path / "m", tmp_path / "a2", cfg, progress, ckpt)
+    assert progress.training == [] and again["resumed_from_step"] == 2
+    assert (again["steps"], again["best_step"], again["stopped_early"]) == (2, 1, True)
+    assert again["eval_losses"] == first["eval_losses"]
+    assert sha256(tmp_path / "a1" / "adapter_model.safetensors") == sha256(
+        tmp_path / "a2" / "adapter_model.safetensors"
+    )
