@@ -29,10 +29,12 @@ from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
 from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
 from tailor.trainer.v1 import trainer_service_pb2 as train_pb
 from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
+from tailor_gateway.config_check import check_config
 from tailor_gateway.spec import PipelineSpec
 from tailor_gateway.workers import WorkerPools
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.ml import architectures
+from tailor_runtime.stage import config_schema_json
 
 log = logging.getLogger("tailor.gateway.capabilities")
 
@@ -133,8 +135,37 @@ class Capabilities:
             if name not in names:
                 what = _KINDS[kind][1]
                 raise InvalidArgument(f"{path}: unknown {what} {name!r}", choices=names)
+        await self._check_configs(spec, offered)
         if model_config is not None:
             await self._check_architecture(wanted, architectures.for_config(model_config))
+
+    async def _check_configs(self, spec: PipelineSpec, offered: dict[str, frozenset[str] | None]) -> None:
+        """Every stage's `config:` against the JSON Schema its pool publishes for the method or format."""
+        configs: list[tuple[str, str, str | None, dict]] = []  # (field path, kind of name, name, config)
+        if spec.finetune is not None:
+            configs.append(("finetune.config", "trainer", spec.finetune.method, spec.finetune.config))
+        configs += [
+            (f"quantize.{i}.config", "quantizer", q.method, q.config) for i, q in enumerate(spec.quantize)
+        ]
+        if spec.export is not None and spec.export.config:
+            name = spec.export.format or await self._target_format(spec.export.target or "")
+            configs.append(("export.config", "exporter", name, spec.export.config))
+        for path, kind, name, config in configs:
+            if config and name is not None and offered.get(kind) is not None:
+                check_config(path, config, await self._schema(kind, name))
+        # The benchmarker lists nothing (one method): its config model is checked here directly.
+        from tailor_benchmarker.config import BenchmarkConfig
+
+        check_config("benchmark.config", spec.benchmark.config, config_schema_json(BenchmarkConfig))
+
+    async def _schema(self, kind: str, name: str) -> str:
+        """The config schema the pool's workers publish for `name` ("" when none does)."""
+        pool, _, field = _KINDS[kind]
+        for reply in await self._replies(pool) or []:
+            for item in getattr(reply, field):
+                if item.name == name and item.config_schema_json:
+                    return item.config_schema_json
+        return ""
 
     async def _check_architecture(self, wanted: list[tuple[str, str, str]], arch) -> None:
         """Each stage against the registry's refusals for `arch`, then against the families the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -46,6 +47,11 @@ def config_parameters(config_cls: type[BaseModel]) -> list[common.Parameter]:
         )
         for name, field in config_cls.model_fields.items()
     ]
+
+
+def config_schema_json(config_cls: type[BaseModel]) -> str:
+    """The config's JSON Schema as published in MethodInfo.config_schema_json (keys sorted: stable bytes)."""
+    return json.dumps(config_cls.model_json_schema(), sort_keys=True)
 
 
 def require_artifact(

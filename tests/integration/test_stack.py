@@ -286,6 +286,48 @@ def test_bad_requests_get_the_right_status(finished, stack, conn):
     assert health_status(stack.address("quantizer")) == "SERVING"
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            {"finetune": {"method": "lora", "config": {"stepz": 3}}},
+            "finetune.config.stepz: unknown setting (did you mean 'steps'?); valid settings:",
+        ),
+        ({"finetune": {"method": "lora", "config": {"steps": -1}}}, "finetune.config.steps: -1 is less than"),
+        (
+            {"quantize": [{"method": "rtn", "config": {"bits": 3}}]},
+            "quantize.0.config.bits: 3 is not allowed; valid choices: 4, 8",
+        ),
+        (
+            {"benchmark": {"config": {"threadz": 1}}},
+            "benchmark.config.threadz: unknown setting (did you mean 'threads'?)",
+        ),
+        (
+            {"export": {"format": "onnx", "config": {"opset": "x"}}},
+            "export.config.opset: 'x' is not of type 'integer'",
+        ),
+    ],
+    ids=["typo", "bound", "choice", "benchmark-typo", "type"],
+)
+def test_a_stage_config_is_checked_at_submit_against_the_workers_schema(finished, conn, change, message):
+    """The workers publish each method's config schema; the gateway refuses a bad config before any stage
+    runs (so a typo in the fine-tune's config is not found after the fine-tune)."""
+    bad = {**finished["spec"], **change}
+    before = len(
+        conn.gateway_stub().ListPipelines(gw.ListPipelinesRequest(), metadata=conn.metadata()).pipelines
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        conn.gateway_stub().CreatePipeline(
+            gw.CreatePipelineRequest(spec_yaml=yaml.safe_dump(bad)), metadata=conn.metadata()
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details(), err.value.details()
+    after = len(
+        conn.gateway_stub().ListPipelines(gw.ListPipelinesRequest(), metadata=conn.metadata()).pipelines
+    )
+    assert after == before  # nothing was created
+
+
 def _struct(struct) -> dict:
     from google.protobuf import json_format
 

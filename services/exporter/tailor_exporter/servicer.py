@@ -25,6 +25,7 @@ from tailor_runtime.operations import WorkResult, to_struct
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
     config_parameters,
+    config_schema_json,
     dataset_file,
     read_format_name,
     recipe,
@@ -69,6 +70,7 @@ def format_info(fmt) -> common.MethodInfo:
         libraries=list(fmt.libraries),
         devices=list(fmt.devices),
         parameters=config_parameters(fmt.Config),
+        config_schema_json=config_schema_json(fmt.Config),
         needs_calibration=fmt.needs_calibration,
         deterministic=fmt.deterministic,
         architectures=supported_families(f"export/{fmt.name}"),

@@ -25,6 +25,7 @@ from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
     config_from_struct,
     config_parameters,
+    config_schema_json,
     dataset_file,
     read_format_name,
     recipe,
@@ -54,6 +55,7 @@ def method_info(method) -> common.MethodInfo:
         output_format=caps.output_format,
         libraries=list(caps.libraries),
         parameters=config_parameters(method.Config),
+        config_schema_json=config_schema_json(method.Config),
         deterministic=caps.deterministic,
         min_compute_capability=caps.min_compute_capability,
         architectures=supported_families(f"quantize/{method.name}"),

@@ -24,6 +24,7 @@ from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
 from tailor_runtime.stage import (
     config_parameters,
+    config_schema_json,
     dataset_file,
     recipe,
     require_architecture,
@@ -206,6 +207,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     output_format="hf-safetensors",
                     libraries=list(libraries),
                     parameters=config_parameters(_config_class(name)),
+                    config_schema_json=config_schema_json(_config_class(name)),
                     architectures=supported_families(f"finetune/{name}"),
                 )
             )
