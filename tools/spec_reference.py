@@ -7,7 +7,6 @@ tests/unit/test_spec_reference.py regenerates it and compares. Run: .venv/bin/py
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,46 +15,18 @@ REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "spec-reference.md"
 
 
-def _type(prop: dict[str, Any]) -> str:
-    if "enum" in prop:
-        return " \\| ".join(f"`{json.dumps(v)}`" for v in prop["enum"])
-    if "const" in prop:
-        return f"`{json.dumps(prop['const'])}`"
-    if "anyOf" in prop:
-        return " or ".join(_type(p) for p in prop["anyOf"])
-    if "$ref" in prop:
-        return prop["$ref"].rsplit("/", 1)[-1]
-    kind = prop.get("type", "any")
-    if kind == "array" and "items" in prop:
-        return f"list of {_type(prop['items'])}"
-    return str(kind)
-
-
-def _bounds(prop: dict[str, Any]) -> str:
-    words = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
-    parts = [f"{op} {prop[k]}" for k, op in words.items() if k in prop]
-    for sub in prop.get("anyOf", []):
-        parts += [f"{op} {sub[k]}" for k, op in words.items() if k in sub]
-    return ", ".join(parts)
-
-
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 def schema_table(schema: dict[str, Any]) -> list[str]:
     """A markdown table of a JSON Schema object's properties: key, type, default, bounds, meaning."""
+    from tailor_runtime.config_schema import schema_rows
+
     rows = ["| key | type | default | bounds | meaning |", "|---|---|---|---|---|"]
-    required = set(schema.get("required") or ())
-    for name, prop in (schema.get("properties") or {}).items():
-        if "default" in prop:
-            default = f"`{json.dumps(prop['default'])}`"
-        else:  # a default_factory has no JSON default: an empty block or list
-            default = "required" if name in required else "optional"
-        rows.append(
-            f"| `{name}` | {_cell(_type(prop))} | {_cell(default)} | {_bounds(prop)} | "
-            f"{_cell(prop.get('description', ''))} |"
-        )
+    for name, kind, default, limits, meaning in schema_rows(schema):
+        shown = default if default in ("required", "optional") else f"`{default}`"
+        rows.append(f"| `{name}` | {_cell(kind)} | {_cell(shown)} | {limits} | {_cell(meaning)} |")
     return rows
 
 

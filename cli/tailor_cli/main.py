@@ -305,8 +305,27 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _listings(conn: Connection) -> list[tuple[str, object]]:
+    """(what, MethodInfo) for every quantizer and trainer method and export format the workers list."""
+    from tailor.exporter.v1 import exporter_service_pb2 as export_pb
+    from tailor.exporter.v1 import exporter_service_pb2_grpc as export_grpc
+    from tailor.trainer.v1 import trainer_service_pb2 as train_pb
+    from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
+
+    quant = quant_grpc.QuantizerServiceStub(conn.service_channel("quantizer"))
+    train = train_grpc.TrainerServiceStub(conn.service_channel("trainer"))
+    export = export_grpc.ExporterServiceStub(conn.service_channel("exporter"))
+    return [
+        *(("quantize method", m) for m in quant.ListMethods(quant_pb.ListMethodsRequest()).methods),
+        *(("finetune method", m) for m in train.ListMethods(train_pb.ListMethodsRequest()).methods),
+        *(("export format", m) for m in export.ListFormats(export_pb.ListFormatsRequest()).formats),
+    ]
+
+
 def cmd_methods(args) -> int:
     conn = Connection.discover(args.state_dir)
+    if getattr(args, "action", None) == "describe":
+        return _describe_method(conn, args.name)
     reply = quant_grpc.QuantizerServiceStub(conn.service_channel("quantizer")).ListMethods(
         quant_pb.ListMethodsRequest()
     )
@@ -321,6 +340,35 @@ def cmd_methods(args) -> int:
             m.description,
         )
     console.print(table)
+    console.print("settings of one: tailor methods describe NAME")
+    return 0
+
+
+def _describe_method(conn: Connection, name: str) -> int:
+    """A method's or format's settings, from the JSON Schema its worker publishes (what the gateway checks)."""
+    import json
+
+    from tailor_runtime.config_schema import schema_rows
+
+    listed = _listings(conn)
+    found = [(what, info) for what, info in listed if info.name == name]
+    if not found:
+        names = sorted({info.name for _, info in listed})
+        raise CliError(f"no worker lists a method or format named {name!r}; known: {', '.join(names)}")
+    for what, info in found:
+        state = "available" if info.available else f"unavailable here: {info.unavailable_reason}"
+        console.print(f"[bold]{info.name}[/bold] ({what}, {state})\n{info.description}")
+        if info.architectures:
+            console.print(f"families: {', '.join(info.architectures)}")
+        if not info.config_schema_json:
+            console.print("this worker publishes no config schema (an older version)")
+            continue
+        table = Table(title=f"config of {info.name}")
+        for col in ("key", "type", "default", "bounds", "meaning"):
+            table.add_column(col, overflow="fold")
+        for row in schema_rows(json.loads(info.config_schema_json)):
+            table.add_row(*row)
+        console.print(table)
     return 0
 
 
@@ -391,7 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-ppl-increase", type=float, default=5.0, help="accuracy gate, percent (default 5)"
     )
     quant.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (not recommended)")
-    sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
+    methods = sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
+    methods_sub = methods.add_subparsers(dest="action")
+    describe = methods_sub.add_parser("describe", help="a method's or export format's settings")
+    describe.add_argument("name", help="a quantize or finetune method, or an export format")
     add_admin_parsers(sub)
     add_select_parser(sub)
     add_triton_parser(sub)

@@ -332,3 +332,17 @@ def _struct(struct) -> dict:
     from google.protobuf import json_format
 
     return json_format.MessageToDict(struct)
+
+
+def test_methods_describe_shows_the_schema_the_gateway_checks(finished, stack, capsys):
+    from tailor_cli import main as cli
+
+    assert cli.main(["--state-dir", str(stack.state_dir), "methods", "describe", "rtn"]) == 0
+    out = capsys.readouterr().out
+    assert "rtn (quantize method" in out and "config of rtn" in out
+    assert "group_size" in out and "4 | 8" in out  # the key and its choices from the published schema
+    assert cli.main(["--state-dir", str(stack.state_dir), "methods", "describe", "lora"]) == 0
+    assert "gradient_accumulation_steps" in capsys.readouterr().out
+    assert cli.main(["--state-dir", str(stack.state_dir), "methods", "describe", "bogus"]) == 2
+    out = capsys.readouterr().out
+    assert "no worker lists a method or format named 'bogus'" in out and "nf4" in out
