@@ -339,3 +339,22 @@ def test_submit_reads_the_models_config_from_the_store(tmp_path):
             await server.stop(None)
 
     asyncio.run(main())
+
+
+def test_the_benchmark_config_is_checked_on_every_submission():
+    # Its schema is built once (functools.cache): the check itself must still run each time.
+    async def main():
+        server, address = await _serve(Quantizer(["bf16"]))
+        pools = WorkerPools({"quantizer": [address]})
+        caps = Capabilities(pools, timeout_s=2, ttl_s=60)
+        try:
+            spec = yaml.safe_load(_spec())
+            spec["benchmark"] = {"config": {"repetitionz": 3}}
+            for _ in range(2):
+                with pytest.raises(InvalidArgument, match=r"benchmark\.config\.repetitionz"):
+                    await caps.check(parse_spec(yaml.safe_dump(spec)))
+        finally:
+            await pools.close()
+            await server.stop(None)
+
+    asyncio.run(main())
