@@ -94,7 +94,7 @@ def cmd_quickstart(args) -> int:
 # --- pipelines ----------------------------------------------------------------------------------
 def upload_spec_inputs(conn: Connection, spec_path: Path) -> str:
     """Upload every `path:` input of the spec and return the spec with artifact ids instead."""
-    raw = yaml.safe_load(spec_path.read_text())
+    raw = yaml.safe_load(read_spec_file(spec_path))
     parse_spec(spec_path.read_text(), require_artifacts=False)  # fail fast on a bad spec, before uploading
     base = spec_path.parent
 
@@ -115,7 +115,43 @@ def upload_spec_inputs(conn: Connection, spec_path: Path) -> str:
     return yaml.safe_dump(raw, sort_keys=False)
 
 
+def _local_inputs(raw: dict) -> list[tuple[str, str]]:
+    """(label, path) of every `path:` input of a parsed spec file."""
+    found = []
+    nodes = [("model", raw.get("model"))]
+    nodes += [(f"data.{k}", (raw.get("data") or {}).get(k)) for k in ("train", "eval")]
+    for i, candidate in enumerate(raw.get("quantize") or []):
+        nodes.append(
+            (f"quantize[{i}].calibration.data", ((candidate or {}).get("calibration") or {}).get("data"))
+        )
+    for label, node in nodes:
+        if isinstance(node, dict) and "path" in node:
+            found.append((label, node["path"]))
+    return found
+
+
+def validate_spec(conn: Connection, spec_path: Path) -> pb.Pipeline:
+    """The gateway's whole check of the spec (names, stage configs against the workers' schemas, artifact
+    inputs), with local paths checked here; nothing is uploaded or created."""
+    text = read_spec_file(spec_path)
+    parse_spec(text, require_artifacts=False)  # malformed YAML and unknown keys, named, before any call
+    raw = yaml.safe_load(text)
+    for label, path in _local_inputs(raw):
+        if not (spec_path.parent / path).exists():
+            raise CliError(f"{label}.path: {path} does not exist (relative to {spec_path.parent or '.'})")
+    return conn.gateway_stub().CreatePipeline(
+        pb.CreatePipelineRequest(spec_yaml=text, validate_only=True), metadata=conn.metadata()
+    )
+
+
+def read_spec_file(spec_path: Path) -> str:
+    if not spec_path.is_file():
+        raise CliError(f"spec file {spec_path} does not exist")
+    return spec_path.read_text()
+
+
 def run_pipeline(conn: Connection, spec_path: Path, watch: bool, state_dir: Path, key: str = "") -> int:
+    validate_spec(conn, spec_path)  # a bad name or config is refused before anything is uploaded
     spec_yaml = upload_spec_inputs(conn, spec_path)
     stub = conn.gateway_stub()
     p = stub.CreatePipeline(
@@ -159,6 +195,11 @@ def cmd_pipeline(args) -> int:
     stub = conn.gateway_stub()
     if args.action == "run":
         return run_pipeline(conn, args.spec, args.watch, args.state_dir, args.idempotency_key)
+    if args.action == "validate":
+        p = validate_spec(conn, args.spec)
+        console.print(f"{args.spec}: valid; pipeline {p.name} would run {len(p.stages)} stages:")
+        console.print(", ".join(stage.name for stage in p.stages))
+        return 0
     if args.action == "list":
         table = Table(title="pipelines")
         for col in ("id", "name", "state", "created"):
@@ -397,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--idempotency-key", default="", help="a retried submission with the same key is not duplicated"
     )
+    validate = pipe.add_parser(
+        "validate", help="check a spec as the gateway would (names, stage configs), create nothing"
+    )
+    validate.add_argument("spec", type=Path)
     pipe.add_parser("list")
     for action in ("status", "watch", "cancel"):
         pipe.add_parser(action).add_argument("id")

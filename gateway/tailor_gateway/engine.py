@@ -178,6 +178,7 @@ class Engine:
         project: str,
         idempotency_key: str = "",
         then: Callable[[st.PipelineRow], Any] | None = None,
+        validate_only: bool = False,
     ) -> Any:
         """A new pipeline, durable before this returns, after checking the spec's names against the worker
         pools (and the model's architecture) and that every input is this project's artifact. With the
@@ -189,7 +190,7 @@ class Engine:
         row and read-back cost no trip of their own), and its result is returned instead of the row."""
         with create_phase("admit"):
             existing, spec, config, missing = await asyncio.to_thread(
-                self._admit, spec_yaml, project, idempotency_key, then
+                self._admit, spec_yaml, project, "" if validate_only else idempotency_key, then, validate_only
             )
         if existing is not None:
             return existing
@@ -197,9 +198,13 @@ class Engine:
             await self.capabilities.check(spec, config)
         if missing is not None:
             raise NotFound(missing)
+        if validate_only:  # everything checked; nothing stored
+            return spec
         return await self._create(spec, spec_yaml, project, idempotency_key, then)
 
-    def _admit(self, spec_yaml: str, project: str, idempotency_key: str, then) -> tuple:
+    def _admit(
+        self, spec_yaml: str, project: str, idempotency_key: str, then, validate_only: bool = False
+    ) -> tuple:
         """Blocking (run it in a thread): (the earlier call's answer, or None; the parsed spec; the model's
         config.json or None; what input is missing, or None). Every input must be an artifact of this
         project in the store; another project's artifact is as absent as a missing one."""
@@ -207,12 +212,14 @@ class Engine:
             found = self.state.find_by_idempotency_key(project, idempotency_key)
             if found is not None:
                 return (then(found) if then else found), None, None, None
-        spec = parse_spec(spec_yaml)
+        # A validation accepts `path:` inputs (the CLI uploads them once the spec is valid).
+        spec = parse_spec(spec_yaml, require_artifacts=not validate_only)
         missing = next(
             (
                 f"{field}: artifact {ref.artifact} not found in the store; upload it first"
                 for field, ref in spec.inputs().items()
-                if not self.access.owns(project, ref.artifact) or not self.store.exists(ref.artifact)
+                if ref.artifact is not None
+                and (not self.access.owns(project, ref.artifact) or not self.store.exists(ref.artifact))
             ),
             None,
         )

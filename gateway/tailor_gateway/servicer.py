@@ -24,6 +24,7 @@ from tailor_gateway.artifacts import (
 )
 from tailor_gateway.auth import current_caller
 from tailor_gateway.engine import Engine, create_phase
+from tailor_gateway.spec import plan
 from tailor_runtime.errors import NotFound
 from tailor_runtime.interceptors import current_principal
 from tailor_runtime.operations import to_struct
@@ -139,6 +140,16 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             self.access.audit(caller, "pipeline.create", row.id, name=row.name)
             return self._to_proto(self._owned(row.id))
 
+        if request.validate_only:
+            spec = await self.engine.submit(request.spec_yaml, current_principal.get(), validate_only=True)
+            return pb.Pipeline(
+                name=spec.name,
+                state=pb.PIPELINE_STATE_PENDING,
+                stages=[
+                    pb.Stage(name=s.name, kind=s.kind, state=common.OPERATION_STATE_PENDING)
+                    for s in plan(spec)
+                ],
+            )
         with create_phase("total_in_handler"):
             return await self.engine.submit(
                 request.spec_yaml, current_principal.get(), request.idempotency_key, then=audit_and_read

@@ -346,3 +346,46 @@ def test_methods_describe_shows_the_schema_the_gateway_checks(finished, stack, c
     assert cli.main(["--state-dir", str(stack.state_dir), "methods", "describe", "bogus"]) == 2
     out = capsys.readouterr().out
     assert "no worker lists a method or format named 'bogus'" in out and "nf4" in out
+
+
+def test_pipeline_validate_checks_everything_and_uploads_nothing(finished, stack, conn, tmp_path, capsys):
+    from tailor_cli import main as cli
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    spec = {
+        **SHORT_SPEC,
+        "model": {"path": str(examples / "models" / "stories260K")},
+        "data": {
+            "train": {"path": str(examples / "data" / "tinystories_train.txt")},
+            "eval": {"path": "missing.txt"},
+        },
+    }
+    stub = conn.gateway_stub()
+    before = (
+        len(stub.ListPipelines(gw.ListPipelinesRequest(), metadata=conn.metadata()).pipelines),
+        len(stub.ListArtifacts(gw.ListArtifactsRequest(), metadata=conn.metadata()).artifacts),
+    )
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    state = ["--state-dir", str(stack.state_dir)]
+    assert cli.main([*state, "pipeline", "validate", str(path)]) == 2
+    assert "data.eval.path: missing.txt does not exist" in capsys.readouterr().out
+
+    spec["data"]["eval"] = {"path": str(examples / "data" / "tinystories_eval.txt")}
+    path.write_text(yaml.safe_dump(spec))
+    assert cli.main([*state, "pipeline", "validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "valid; pipeline quickstart-short would run" in out and "finetune" in out and "report" in out
+
+    spec["finetune"] = {"method": "lora", "config": {"stepz": 4}}
+    path.write_text(yaml.safe_dump(spec))
+    for command in ("validate", "run"):  # `run` validates before it uploads
+        assert cli.main([*state, "pipeline", command, str(path)]) == 2
+        assert "finetune.config.stepz: unknown setting" in capsys.readouterr().out
+    assert cli.main([*state, "pipeline", "validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "spec file" in capsys.readouterr().out
+    after = (
+        len(stub.ListPipelines(gw.ListPipelinesRequest(), metadata=conn.metadata()).pipelines),
+        len(stub.ListArtifacts(gw.ListArtifactsRequest(), metadata=conn.metadata()).artifacts),
+    )
+    assert after == before  # nothing created, nothing uploaded
