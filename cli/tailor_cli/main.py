@@ -78,6 +78,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
+    read_spec_file(args.spec)  # a missing spec is said before six services start
     stack = Stack(args.state_dir, base_port=args.port, store_url=args.store)
     started = time.monotonic()
     with console.status("starting the local stack (6 services)..."):
@@ -94,8 +95,9 @@ def cmd_quickstart(args) -> int:
 # --- pipelines ----------------------------------------------------------------------------------
 def upload_spec_inputs(conn: Connection, spec_path: Path) -> str:
     """Upload every `path:` input of the spec and return the spec with artifact ids instead."""
-    raw = yaml.safe_load(read_spec_file(spec_path))
-    parse_spec(spec_path.read_text(), require_artifacts=False)  # fail fast on a bad spec, before uploading
+    text = read_spec_file(spec_path)
+    parse_spec(text, require_artifacts=False)  # fail fast on a bad spec, before uploading
+    raw = yaml.safe_load(text)
     base = spec_path.parent
 
     def resolve(node: dict, label: str) -> None:
@@ -168,12 +170,20 @@ def watch_pipeline(conn: Connection, pipeline_id: str, state_dir: Path) -> int:
     stub = conn.gateway_stub()
     started = time.monotonic()
     last = None
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-        for event in stub.WatchPipeline(
-            pb.WatchPipelineRequest(pipeline_id=pipeline_id), metadata=conn.metadata()
-        ):
-            last = event.pipeline
-            live.update(stages_table(last))
+    try:
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            for event in stub.WatchPipeline(
+                pb.WatchPipelineRequest(pipeline_id=pipeline_id), metadata=conn.metadata()
+            ):
+                last = event.pipeline
+                live.update(stages_table(last))
+    except KeyboardInterrupt:
+        # Watching is only a view: the gateway runs the pipeline whether anyone watches or not.
+        console.print(
+            f"stopped watching; pipeline {pipeline_id} goes on. Follow it again with "
+            f"`tailor pipeline watch {pipeline_id}`, or stop it with `tailor pipeline cancel {pipeline_id}`"
+        )
+        return 130
     if last is None:
         raise CliError("the gateway closed the stream without news of the pipeline")
     elapsed = time.monotonic() - started
@@ -191,6 +201,8 @@ def watch_pipeline(conn: Connection, pipeline_id: str, state_dir: Path) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    if args.action in ("run", "validate"):  # the file's own mistakes first, before any connection
+        parse_spec(read_spec_file(args.spec), require_artifacts=False)
     conn = Connection.discover(args.state_dir)
     stub = conn.gateway_stub()
     if args.action == "run":
@@ -290,7 +302,10 @@ def parse_sets(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise CliError(f"--set {item!r}: expected key=value")
-        config[key] = yaml.safe_load(value)
+        try:
+            config[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise CliError(f"--set {item!r}: the value is not a number, word or YAML list/map") from None
     return config
 
 
@@ -413,6 +428,36 @@ def _describe_method(conn: Connection, name: str) -> int:
     return 0
 
 
+def count(text: str) -> int:
+    """An argparse type: a whole number >= 0 (argparse prints the message and exits 2, no traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+    return value
+
+
+def port(text: str) -> int:
+    value = count(text)
+    if not 1 <= value <= 65535 - 6:
+        raise argparse.ArgumentTypeError(
+            f"{value} is not a port for the gateway (1-65529: services use the next five)"
+        )
+    return value
+
+
+def percent(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a finite percentage >= 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailor", description=__doc__)
     parser.add_argument(
@@ -424,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick = sub.add_parser("quickstart", help="start the stack, run a pipeline on it, stop the stack")
     quick.add_argument("--spec", type=Path, default=Path("examples/quickstart.yaml"))
     for p in (up, quick):
-        p.add_argument("--port", type=int, default=50051, help="gateway port; services use the next five")
+        p.add_argument("--port", type=port, default=50051, help="gateway port; services use the next five")
         p.add_argument(
             "--store", default=None, help="artifact store URL (default: a directory in the state dir)"
         )
@@ -474,14 +519,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--method", required=True)
     quant.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method config")
-    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--seed", type=count, default=0)
     quant.add_argument("--out", type=Path, default=None, help="download the result here")
     quant.add_argument("--calibration", type=Path, help="calibration text or JSONL (methods that need it)")
-    quant.add_argument("--samples", type=int, default=0, help="calibration sequences (default 128)")
-    quant.add_argument("--seq-len", type=int, default=0, help="tokens per calibration sequence (default 512)")
+    quant.add_argument("--samples", type=count, default=0, help="calibration sequences (default 128)")
+    quant.add_argument(
+        "--seq-len", type=count, default=0, help="tokens per calibration sequence (default 512)"
+    )
     quant.add_argument("--eval", type=Path, help="held-out text for the accuracy gate")
     quant.add_argument(
-        "--max-ppl-increase", type=float, default=5.0, help="accuracy gate, percent (default 5)"
+        "--max-ppl-increase", type=percent, default=5.0, help="accuracy gate, percent (default 5)"
     )
     quant.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (not recommended)")
     methods = sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
@@ -522,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
 
 
 if __name__ == "__main__":
