@@ -132,6 +132,17 @@ class Access:
             )
         )
 
+    def owned_starting(self, project: str, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` ids of the project's artifacts that start with `prefix` (tailor_gateway.ids)."""
+        from tailor_gateway.ids import prefix_pattern
+
+        rows = self.db.query(
+            "SELECT artifact_id FROM artifact_owners WHERE project = ? AND artifact_id LIKE ? "
+            "ORDER BY artifact_id LIMIT ?",
+            (project, prefix_pattern(prefix), int(limit)),
+        )
+        return [r["artifact_id"] for r in rows]
+
     def require_owned(self, project: str, artifact_id: str) -> None:
         # Another project's artifact reads as absent: its existence is not disclosed.
         if not self.owns(project, artifact_id):

@@ -14,6 +14,7 @@ from google.protobuf import json_format, timestamp_pb2
 from tailor.common.v1 import common_pb2 as common
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.gateway.v1 import gateway_service_pb2_grpc as pb_grpc
+from tailor_gateway import ids
 from tailor_gateway import state as st
 from tailor_gateway.access import Access
 from tailor_gateway.artifacts import (
@@ -84,6 +85,23 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     async def _pipeline(self, pipeline_id: str, full: bool = True) -> pb.Pipeline:
         """The caller's pipeline as a message (read on a database thread)."""
         return await self._db(lambda: self._to_proto(self._owned(pipeline_id), full))
+
+    async def _pipeline_id(self, given: str) -> str:
+        """The whole id of the caller's pipeline that `given` (a whole id or a unique prefix) names."""
+        project = current_principal.get()
+        return await self._db(
+            ids.resolve, given, ids.PIPELINE_ID_LENGTH, "pipeline",
+            lambda prefix, n: self.engine.state.pipeline_ids_starting(project, prefix, n),
+        )  # fmt: skip
+
+    async def _artifact_id(self, given: str) -> str:
+        """The whole id of the caller's artifact that `given` (a whole id or a unique prefix) names."""
+        project = current_principal.get()
+        found = await self._db(
+            ids.resolve, given, ids.ARTIFACT_ID_LENGTH, "artifact",
+            lambda prefix, n: self.access.owned_starting(project, prefix, n),
+        )  # fmt: skip
+        return check_artifact_id(found)
 
     # --- pipelines ------------------------------------------------------------------------------
     def _owned(self, pipeline_id: str) -> st.PipelineRow:
@@ -156,7 +174,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             )
 
     async def GetPipeline(self, request, context):
-        return await self._pipeline(request.pipeline_id)
+        return await self._pipeline(await self._pipeline_id(request.pipeline_id))
 
     async def ListPipelines(self, request, context):
         # The newest first, bounded: a project with thousands of pipelines must not stall the gateway.
@@ -174,8 +192,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def WatchPipeline(self, request, context):
         last = None
+        pipeline_id = await self._pipeline_id(request.pipeline_id)
         while True:
-            snapshot = await self._pipeline(request.pipeline_id)
+            snapshot = await self._pipeline(pipeline_id)
             if snapshot != last:
                 yield pb.PipelineEvent(pipeline=snapshot)
                 last = snapshot
@@ -185,13 +204,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 pb.PIPELINE_STATE_CANCELLED,
             ):
                 return
-            await self.engine.wait_change(request.pipeline_id, timeout=2.0)
+            await self.engine.wait_change(pipeline_id, timeout=2.0)
 
     async def CancelPipeline(self, request, context):
-        await self._db(self._owned, request.pipeline_id)
-        await self.engine.cancel(request.pipeline_id)
-        await self._db(self.access.audit, current_caller.get(), "pipeline.cancel", request.pipeline_id)
-        return await self._pipeline(request.pipeline_id)
+        pipeline_id = await self._pipeline_id(request.pipeline_id)
+        await self._db(self._owned, pipeline_id)
+        await self.engine.cancel(pipeline_id)
+        await self._db(self.access.audit, current_caller.get(), "pipeline.cancel", pipeline_id)
+        return await self._pipeline(pipeline_id)
 
     # --- artifacts ------------------------------------------------------------------------------
     async def UploadArtifact(self, request_iterator, context):
@@ -214,7 +234,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return pb.UploadArtifactResponse(artifact=ref, manifest_json=manifest.canonical_bytes().decode())
 
     async def DownloadArtifact(self, request, context):
-        artifact_id = check_artifact_id(request.artifact_id)
+        artifact_id = await self._artifact_id(request.artifact_id)
         await self._db(self.access.require_owned, current_principal.get(), artifact_id)
         await self._db(self.access.audit, current_caller.get(), "artifact.download", artifact_id)
         iterator = iter_download(self.store, artifact_id)
@@ -258,7 +278,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         )
 
     async def GetArtifact(self, request, context):
-        artifact_id = check_artifact_id(request.artifact_id)
+        artifact_id = await self._artifact_id(request.artifact_id)
         await self._db(self.access.require_owned, current_principal.get(), artifact_id)
         manifest = await asyncio.to_thread(self.store.get_manifest, artifact_id)
         ref = common.ArtifactRef(

@@ -218,6 +218,16 @@ class StateStore:
         rows = self._query("SELECT * FROM pipelines WHERE id = ?", (pipeline_id,))
         return self._pipeline(rows[0]) if rows else None
 
+    def pipeline_ids_starting(self, project: str, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` ids of the project's pipelines that start with `prefix` (tailor_gateway.ids)."""
+        from tailor_gateway.ids import prefix_pattern
+
+        rows = self._query(
+            "SELECT id FROM pipelines WHERE project = ? AND id LIKE ? ORDER BY id LIMIT ?",
+            (project, prefix_pattern(prefix), int(limit)),
+        )
+        return [r["id"] for r in rows]
+
     def list_pipelines(self, project: str | None = None, limit: int | None = None) -> list[PipelineRow]:
         """Oldest first; with a limit, the newest `limit` of them (still oldest first)."""
         where, args = ("WHERE project = ?", (project,)) if project is not None else ("", ())

@@ -389,3 +389,20 @@ def test_pipeline_validate_checks_everything_and_uploads_nothing(finished, stack
         len(stub.ListArtifacts(gw.ListArtifactsRequest(), metadata=conn.metadata()).artifacts),
     )
     assert after == before  # nothing created, nothing uploaded
+
+
+def test_a_unique_id_prefix_works_like_the_whole_id(finished, conn, tmp_path):
+    stub, meta = conn.gateway_stub(), conn.metadata()
+    pipeline = finished["pipeline"]
+    assert stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=pipeline.id[:8]), metadata=meta).id == pipeline.id
+    events = list(stub.WatchPipeline(gw.WatchPipelineRequest(pipeline_id=pipeline.id[:10]), metadata=meta))
+    assert events[-1].pipeline.id == pipeline.id
+    report = pipeline.report.id
+    got = stub.GetArtifact(gw.GetArtifactRequest(artifact_id=report[:12]), metadata=meta)
+    assert got.artifact.id == report
+    chunks = list(stub.DownloadArtifact(gw.DownloadArtifactRequest(artifact_id=report[:12]), metadata=meta))
+    assert chunks
+    for bad, code in (("abc", grpc.StatusCode.INVALID_ARGUMENT), ("0" * 8, grpc.StatusCode.NOT_FOUND)):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=bad), metadata=meta)
+        assert err.value.code() == code, err.value.details()
