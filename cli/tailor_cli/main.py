@@ -34,7 +34,7 @@ from tailor_cli.client import (
     resolve_model,
     upload,
 )
-from tailor_cli.render import pipeline_state, render_gate, stages_table, summary_view
+from tailor_cli.render import human_bytes, pipeline_state, render_gate, short_id, stages_table, summary_view
 from tailor_cli.select import add_parser as add_select_parser
 from tailor_cli.select import cmd_select
 from tailor_cli.stack import Stack
@@ -105,7 +105,7 @@ def upload_spec_inputs(conn: Connection, spec_path: Path) -> str:
             path = (base / node["path"]).resolve()
             with console.status(f"uploading {label} from {path}..."):
                 reply = upload(conn, path)
-            console.print(f"uploaded {label}: {reply.artifact.id[:16]}... ({reply.artifact.kind})")
+            console.print(f"uploaded {label}: {short_id(reply.artifact.id)} ({reply.artifact.kind})")
             node.pop("path")
             node["artifact"] = reply.artifact.id
 
@@ -213,15 +213,21 @@ def cmd_pipeline(args) -> int:
         console.print(", ".join(stage.name for stage in p.stages))
         return 0
     if args.action == "list":
+        pipelines = stub.ListPipelines(pb.ListPipelinesRequest(), metadata=conn.metadata()).pipelines
+        if args.json:
+            return print_json([pipeline_to_dict(p) for p in pipelines])
         table = Table(title="pipelines")
-        for col in ("id", "name", "state", "created"):
-            table.add_column(col)
-        for p in stub.ListPipelines(pb.ListPipelinesRequest(), metadata=conn.metadata()).pipelines:
-            table.add_row(p.id, p.name, pipeline_state(p.state).lower(), p.create_time.ToJsonString())
+        for col in ("id", "name", "state", "created (UTC)"):
+            table.add_column(col, no_wrap=col == "id")
+        for p in pipelines:
+            created = p.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
+            table.add_row(short_id(p.id), p.name, pipeline_state(p.state).lower(), created)
         console.print(table)
         return 0
     if args.action == "status":
         p = stub.GetPipeline(pb.GetPipelineRequest(pipeline_id=args.id), metadata=conn.metadata())
+        if args.json:
+            return print_json(pipeline_to_dict(p))
         console.print(stages_table(p))
         if p.summary.fields:
             console.print(summary_view(json_format.MessageToDict(p.summary), None))
@@ -240,9 +246,7 @@ def cmd_artifacts(args) -> int:
     conn = Connection.discover(args.state_dir)
     stub = conn.gateway_stub()
     if args.action == "ls":
-        table = Table(title="artifacts")
-        for col in ("id", "kind", "name", "format", "bytes"):
-            table.add_column(col)
+        rows = []
         for ref in stub.ListArtifacts(
             pb.ListArtifactsRequest(kind=args.kind or ""), metadata=conn.metadata()
         ).artifacts:
@@ -251,12 +255,18 @@ def cmd_artifacts(args) -> int:
                     pb.GetArtifactRequest(artifact_id=ref.id), metadata=conn.metadata()
                 ).manifest_json
             )
+            made_by = m.get("recipe", {}).get("stage", "upload")
+            size = sum(f["size"] for f in m["files"])
+            rows.append({"id": ref.id, "kind": ref.kind, "name": m.get("name", ""), "format": m.get("format", ""),
+                         "made_by": made_by, "bytes": size, "parents": m.get("parents", [])})  # fmt: skip
+        if args.json:
+            return print_json(rows)
+        table = Table(title="artifacts")
+        for col in ("id", "kind", "name", "format", "made by", "size"):
+            table.add_column(col, no_wrap=col in ("id", "size"), overflow="fold")
+        for r in rows:
             table.add_row(
-                ref.id,
-                ref.kind,
-                m.get("name", ""),
-                m.get("format", ""),
-                str(sum(f["size"] for f in m["files"])),
+                short_id(r["id"]), r["kind"], r["name"], r["format"], r["made_by"], human_bytes(r["bytes"])
             )
         console.print(table)
     elif args.action == "get":
@@ -378,13 +388,27 @@ def _listings(conn: Connection) -> list[tuple[str, object]]:
     ]
 
 
+def pipeline_to_dict(p: pb.Pipeline) -> dict:
+    return json_format.MessageToDict(p, preserving_proto_field_name=True)
+
+
+def print_json(value) -> int:
+    """Machine-readable output for scripts: plain JSON on stdout, no colours, whole ids."""
+    print(json.dumps(value, indent=2, sort_keys=True))
+    return 0
+
+
 def cmd_methods(args) -> int:
     conn = Connection.discover(args.state_dir)
     if getattr(args, "action", None) == "describe":
-        return _describe_method(conn, args.name)
+        return _describe_method(conn, args.name, args.json)
     reply = quant_grpc.QuantizerServiceStub(conn.service_channel("quantizer")).ListMethods(
         quant_pb.ListMethodsRequest()
     )
+    if args.json:
+        return print_json(
+            [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in reply.methods]
+        )
     table = Table(title="quantization methods on this worker")
     for col in ("method", "bits", "available", "description"):
         table.add_column(col)
@@ -400,7 +424,7 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def _describe_method(conn: Connection, name: str) -> int:
+def _describe_method(conn: Connection, name: str, as_json: bool = False) -> int:
     """A method's or format's settings, from the JSON Schema its worker publishes (what the gateway checks)."""
     import json
 
@@ -411,6 +435,12 @@ def _describe_method(conn: Connection, name: str) -> int:
     if not found:
         names = sorted({info.name for _, info in listed})
         raise CliError(f"no worker lists a method or format named {name!r}; known: {', '.join(names)}")
+    if as_json:
+        return print_json(
+            [{"kind": what, "name": info.name, "available": info.available, "description": info.description,
+              "architectures": list(info.architectures),
+              "config_schema": json.loads(info.config_schema_json or "{}")} for what, info in found]
+        )  # fmt: skip
     for what, info in found:
         state = "available" if info.available else f"unavailable here: {info.unavailable_reason}"
         console.print(f"[bold]{info.name}[/bold] ({what}, {state})\n{info.description}")
@@ -487,12 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a spec as the gateway would (names, stage configs), create nothing"
     )
     validate.add_argument("spec", type=Path)
-    pipe.add_parser("list")
+    pipe.add_parser("list").add_argument("--json", action="store_true", help="JSON on stdout, whole ids")
     for action in ("status", "watch", "cancel"):
-        pipe.add_parser(action).add_argument("id")
+        pipe.add_parser(action).add_argument("id", help="a pipeline id or a unique prefix of 8+ characters")
+    pipe.choices["status"].add_argument("--json", action="store_true", help="JSON on stdout")
 
     art = sub.add_parser("artifacts", help="the artifact store").add_subparsers(dest="action", required=True)
-    art.add_parser("ls").add_argument("--kind", default="")
+    ls = art.add_parser("ls")
+    ls.add_argument("--kind", default="")
+    ls.add_argument("--json", action="store_true", help="JSON on stdout, whole ids")
     get = art.add_parser("get")
     get.add_argument("id")
     get.add_argument("dest", type=Path)
@@ -532,9 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     quant.add_argument("--no-gate", action="store_true", help="skip the accuracy gate (not recommended)")
     methods = sub.add_parser("methods", help="list the quantizer's methods and why some cannot run here")
+    methods.add_argument("--json", action="store_true", help="JSON on stdout")
     methods_sub = methods.add_subparsers(dest="action")
     describe = methods_sub.add_parser("describe", help="a method's or export format's settings")
     describe.add_argument("name", help="a quantize or finetune method, or an export format")
+    describe.add_argument("--json", action="store_true", help="JSON on stdout (the schema itself)")
     add_admin_parsers(sub)
     add_select_parser(sub)
     add_triton_parser(sub)

@@ -11,6 +11,23 @@ from tailor.common.v1 import common_pb2 as common
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor_runtime.hardware import describe
 
+# Ids are shown as their first 12 characters everywhere (any unique prefix of 8+ works in every command,
+# as in git); --json output carries whole ids.
+SHORT_ID = 12
+
+
+def short_id(full: str) -> str:
+    return full[:SHORT_ID]
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
 STATE_STYLE = {
     "PENDING": "dim",
     "RUNNING": "cyan",
@@ -29,7 +46,7 @@ def pipeline_state(value: int) -> str:
 
 
 def stages_table(p: pb.Pipeline) -> Table:
-    table = Table(title=f"pipeline {p.name} ({p.id[:12]}): {pipeline_state(p.state)}", expand=False)
+    table = Table(title=f"pipeline {p.name} ({short_id(p.id)}): {pipeline_state(p.state)}", expand=False)
     table.add_column("stage", no_wrap=True)
     table.add_column("state")
     table.add_column("progress", width=24)
@@ -43,7 +60,7 @@ def stages_table(p: pb.Pipeline) -> Table:
         elif s.cached:
             detail = "cached: output already in the store"
         elif state == "SUCCEEDED":
-            detail = f"done: {s.results[0].kind} {s.results[0].id[:12]}" if s.results else "done"
+            detail = f"done: {s.results[0].kind} {short_id(s.results[0].id)}" if s.results else "done"
         else:
             detail = " ".join(x for x in (s.progress.phase, s.progress.message) if x)
         table.add_row(
@@ -119,7 +136,7 @@ def summary_view(summary: dict, report_path: str | None) -> Group:
     if export:
         parts.append(
             Text(
-                f"export: {export.get('format')} {export.get('artifact_id', '')[:16]}... checked in onnxruntime "
+                f"export: {export.get('format')} {short_id(export.get('artifact_id', ''))} checked in onnxruntime "
                 "against its PyTorch source: "
                 f"max |logit diff| {export.get('max_abs_diff', float('nan')):.2e}, "
                 f"top-1 agreement {export.get('top1_agreement', float('nan')):.3f}"

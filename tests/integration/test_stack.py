@@ -394,7 +394,9 @@ def test_pipeline_validate_checks_everything_and_uploads_nothing(finished, stack
 def test_a_unique_id_prefix_works_like_the_whole_id(finished, conn, tmp_path):
     stub, meta = conn.gateway_stub(), conn.metadata()
     pipeline = finished["pipeline"]
-    assert stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=pipeline.id[:8]), metadata=meta).id == pipeline.id
+    assert (
+        stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=pipeline.id[:8]), metadata=meta).id == pipeline.id
+    )
     events = list(stub.WatchPipeline(gw.WatchPipelineRequest(pipeline_id=pipeline.id[:10]), metadata=meta))
     assert events[-1].pipeline.id == pipeline.id
     report = pipeline.report.id
@@ -406,3 +408,28 @@ def test_a_unique_id_prefix_works_like_the_whole_id(finished, conn, tmp_path):
         with pytest.raises(grpc.RpcError) as err:
             stub.GetPipeline(gw.GetPipelineRequest(pipeline_id=bad), metadata=meta)
         assert err.value.code() == code, err.value.details()
+
+
+def test_lists_print_json_with_whole_ids_and_tables_fit_80_columns(finished, stack, capsys, monkeypatch):
+    from tailor_cli import main as cli
+
+    state = ["--state-dir", str(stack.state_dir)]
+    pipeline = finished["pipeline"]
+    assert cli.main([*state, "pipeline", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert pipeline.id in {p["id"] for p in listed}
+    assert cli.main([*state, "pipeline", "status", pipeline.id[:8], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"] == pipeline.id
+    assert cli.main([*state, "artifacts", "ls", "--json"]) == 0
+    artifacts = json.loads(capsys.readouterr().out)
+    assert pipeline.report.id in {a["id"] for a in artifacts}
+    assert {"id", "kind", "name", "format", "made_by", "bytes", "parents"} <= set(artifacts[0])
+    assert cli.main([*state, "methods", "describe", "nf4", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["config_schema"]["type"] == "object"
+
+    monkeypatch.setattr(cli.console, "width", 80)
+    for argv in (["pipeline", "list"], ["artifacts", "ls"]):
+        assert cli.main([*state, *argv]) == 0
+        out = capsys.readouterr().out
+        assert max(len(line) for line in out.splitlines()) <= 80, out
+        assert pipeline.id[:12] in out or pipeline.report.id[:12] in out  # short ids, whole enough to use
