@@ -14,17 +14,23 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
-# metric -> (label, unit); the unit goes in column headers and axis titles.
+from tailor_runtime import metrics_catalogue as mc
+from tailor_runtime.hardware import describe
+
+# metric -> (label, unit), from the one catalogue; the unit goes in column headers and axis titles.
 METRICS = {
-    "perplexity": ("Perplexity", ""),
-    "perplexity_increase_pct": ("Perplexity increase", "%"),
-    "size_mb": ("Size", "MB"),
-    "latency_ms_per_token": ("Latency", "ms/token"),
-    "tokens_per_s": ("Throughput", "tokens/s"),
-    "peak_memory_mb": ("Peak memory", "MB"),
-    "model_memory_mb": ("Model memory", "MB"),
-    "top1_agreement": ("Top-1 agreement", ""),
-    "kl_divergence": ("KL divergence", "nats"),
+    name: (mc.label(name), mc.unit(name))
+    for name in (
+        "perplexity",
+        "perplexity_increase_pct",
+        "size_mb",
+        "latency_ms_per_token",
+        "tokens_per_s",
+        "peak_memory_mb",
+        "model_memory_mb",
+        "top1_agreement",
+        "kl_divergence",
+    )
 }
 _OPS = {"at_most": "≤", "at_least": "≥"}
 # A constraint line further than this many data spans from the points would squash them: say so instead.
@@ -76,10 +82,11 @@ def _recommendation(summary: dict) -> str:
         )
     base = _candidate(summary, summary.get("baseline", "")) or {}
     facts = []
-    for metric, better in (("size_mb", "smaller"), ("latency_ms_per_token", "faster")):
-        ours, theirs = _metric(chosen, metric), _metric(base, metric)
-        if ours and theirs and chosen is not base:
-            facts.append(f"{_num(theirs / ours)}× {better}")
+    for metric in ("size_mb", "latency_ms_per_token"):
+        # "1.28x slower", never "0.78x faster": the ratio is >= 1 and the word says which way.
+        words = mc.ratio_text(metric, _metric(chosen, metric), _metric(base, metric))
+        if words and chosen is not base:
+            facts.append(words)
     ppl = _ppl_change(chosen, base)
     if ppl is not None and chosen is not base:
         facts.append(f"perplexity {_signed_pct(ppl)}")
@@ -108,10 +115,12 @@ def _goals(summary: dict) -> str:
 
 def _table(summary: dict) -> str:
     base = _candidate(summary, summary.get("baseline", "")) or {}
+    candidates = summary.get("candidates", [])
+    memory = mc.memory_label_for({c.get("device") for c in candidates})
     header = (
         "<tr><th>Candidate</th><th>Method</th><th class=n>Size (MB)</th><th class=n>Perplexity (Δ)</th>"
-        "<th class=n>Latency<br>(ms/token)</th><th class=n>Throughput<br>(tokens/s)</th>"
-        "<th class=n>Peak memory<br>(MB)</th>"
+        f"{_th('latency_ms_per_token')}{_th('tokens_per_s')}"
+        f"<th class=n>{_e(memory)}<br>(MB)</th>"
         "<th class=n title='with the model it was quantized from'>Top-1 agreement<br>(KL, nats)</th>"
         "<th>Verdict</th></tr>"
     )
@@ -142,10 +151,10 @@ def _table(summary: dict) -> str:
             f"<td><b>{_e(cand.get('name', ''))}</b>{badges}</td>"
             f"<td>{_e(cand.get('method', ''))}<br><code title='artifact {_e(artifact)}'>{_e(artifact[:12])}</code></td>"
             f"<td class=n>{_num(size)}{size_note}</td><td class=n>{_num(_metric(cand, 'perplexity'), 3)}"
-            f" <small>({_signed_pct(_ppl_change(cand, base))})</small></td>"
+            f" <small>({_signed_pct(_ppl_change(cand, base))})</small>{_gate_note(cand, base)}</td>"
             f"<td class=n>{_num(_metric(cand, 'latency_ms_per_token'))}</td>"
             f"<td class=n>{_num(_metric(cand, 'tokens_per_s'))}</td>"
-            f"<td class=n>{_num(_metric(cand, 'peak_memory_mb'))}</td>"
+            f"<td class=n>{_num(_metric(cand, 'peak_memory_mb'))}{_device_note(cand, candidates)}</td>"
             f"<td class=n>{_agreement(cand)}</td>"
             f"<td>{_verdict(cand, summary)}</td></tr>"
         )
@@ -153,6 +162,37 @@ def _table(summary: dict) -> str:
         "<section><h2>Candidates</h2><div class=scroll><table>"
         f"<thead>{header}</thead><tbody>{''.join(rows)}</tbody></table></div></section>"
     )
+
+
+def _th(metric: str) -> str:
+    """A numeric column header: the catalogue's label (with its aggregation), then the unit, and the
+    catalogue's account of the aggregation as the tooltip."""
+    entry = mc.lookup(metric)
+    tip = f" title='{_e(entry.aggregation)}'" if entry else ""
+    return f"<th class=n{tip}>{_e(mc.label(metric))}<br>({_e(mc.unit(metric))})</th>"
+
+
+def _device_note(cand: dict, candidates: list[dict]) -> str:
+    """Where the column mixes GPU allocator peaks and RSS, each row says which it is."""
+    devices = {c.get("device") for c in candidates if c.get("device")}
+    if len(devices) < 2 or not cand.get("device"):
+        return ""
+    return f" <small>({'GPU' if cand['device'] == 'cuda' else 'RSS'})</small>"
+
+
+def _gate_note(cand: dict, base: dict) -> str:
+    """A gate-rejected candidate's increase is the gate's, against the gate's own measurement of the
+    parent; say so, with that baseline and its tokens, whenever it is not the table's baseline."""
+    gate = cand.get("gate") or {}
+    parent = gate.get("parent_perplexity")
+    if not _is_num(parent):
+        return ""
+    tokens = gate.get("tokens_scored")
+    on = f" on {int(tokens):,} tokens" if _is_num(tokens) else ""
+    theirs = _metric(base, "perplexity")
+    if theirs is not None and abs(parent / theirs - 1) < 1e-3:
+        return f"<br><small>gate, same tokens as the benchmark{_e(on)}</small>"
+    return f"<br><small>{_e(f'gate: vs its parent {_num(parent, 3)}{on}, not the baseline row')}</small>"
 
 
 def _agreement(cand: dict) -> str:
@@ -192,12 +232,33 @@ def _export(summary: dict) -> str:
         return ""
     facts = [("format", export.get("format", "")), ("artifact", export.get("artifact_id", ""))]
     if _is_num(export.get("max_abs_diff")):
-        facts.append(("largest |difference| from the source model", f"{export['max_abs_diff']:.2g}"))
-    if _is_num(export.get("top1_agreement")):
-        facts.append(("top-1 token agreement", f"{100 * export['top1_agreement']:.1f}%"))
-    known = {"format", "artifact_id", "max_abs_diff", "top1_agreement"}
+        bound = f" (allowed ≤ {export['atol']:g})" if _is_num(export.get("atol")) else ""
+        facts.append(("largest |difference| from the source model", f"{export['max_abs_diff']:.2g}{bound}"))
+    known = {"format", "artifact_id", "max_abs_diff", "atol"}
+    for key, label, floor_key in EXPORT_AGREEMENTS:
+        if _is_num(export.get(key)):
+            facts.append((label, _agreement_text(export[key], export.get(floor_key))))
+        known |= {key, floor_key}
     facts += [(k, v) for k, v in export.items() if k not in known]
     return _facts_section("Export", facts)
+
+
+# Each export check's agreement with its source, and the key of the floor it had to reach.
+EXPORT_AGREEMENTS = (
+    ("top1_agreement", "top-1 token agreement", "min_top1_agreement"),
+    ("llama_cpp_top1_agreement", "top-1 token agreement in llama.cpp", "llama_cpp_min_top1_agreement"),
+    ("llama_cpp_greedy_agreement", "greedy tokens equal to the source's", "min_greedy_agreement"),
+    ("decode_top1_agreement", "top-1 agreement of the decoded source", "decode_min_top1_agreement"),
+)
+
+
+def _agreement_text(value: float, floor: Any) -> str:
+    """ "27.0% (floor 25%: passed)": an agreement always beside the floor it was checked against."""
+    text = f"{100 * value:.1f}%"
+    if not _is_num(floor):
+        return text + " (no floor reported)"
+    verdict = "passed" if value >= floor else "BELOW the floor"
+    return text + f" (floor {100 * floor:g}%: {verdict})"
 
 
 def _finetune(summary: dict) -> str:
@@ -206,13 +267,27 @@ def _finetune(summary: dict) -> str:
 
 
 def _footer(summary: dict) -> str:
-    env = dict(summary.get("environment") or {})
-    machine = env.pop("cpu", "") or env.pop("machine", "") or "an unnamed machine"
-    cores = env.pop("cores", None)
-    where = f"{machine} ({cores} cores)" if cores else str(machine)
-    rest = " · ".join(f"{_e(k)} {_e(_scalar(v))}" for k, v in sorted(env.items()))
+    """The machine, from the keys the benchmarker writes (`tailor_benchmarker.run.environment`)."""
+    env = summary.get("environment") or {}
+    gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else None
+    where = [env.get("hostname") or ""]
+    if gpu:
+        memory = f", {gpu['memory_total_mb'] / 1024:.0f} GiB" if _is_num(gpu.get("memory_total_mb")) else ""
+        where.append(f"{gpu.get('name') or 'a CUDA GPU'}{memory}")
+    where.append(describe(env) if env.get("cpu_model") else "")
+    if _is_num(env.get("memory_total_mb")):
+        where.append(f"{env['memory_total_mb'] / 1024:.0f} GiB RAM")
+    machine = " · ".join(w for w in where if w) or "a machine the benchmark did not describe"
+    software = []
+    if gpu and gpu.get("cuda"):
+        software.append(f"CUDA {gpu['cuda']}")
+    versions = env.get("versions") if isinstance(env.get("versions"), dict) else {}
+    software += [f"{k} {v}" for k, v in sorted(versions.items()) if v and k not in ("torch", "transformers")]
+    software += [f"Python {env['python']}"] if env.get("python") else []
+    software += [str(env["platform"])] if env.get("platform") else []
+    rest = " · ".join(_e(s) for s in software)
     return (
-        f"<footer>All numbers were measured on <b>{_e(where)}</b>"
+        f"<footer>All numbers were measured on <b>{_e(machine)}</b>"
         f"{' · ' + rest if rest else ''}. Generated by Tailor.</footer>"
     )
 

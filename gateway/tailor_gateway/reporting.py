@@ -61,6 +61,8 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
                 "artifact_id": model_id,
                 "report_id": stage.results[0]["id"] if stage.results else "",
                 "metrics": metrics,
+                # What peak_memory_mb measured: "cuda" the GPU allocator's peak, "cpu" the process's RSS.
+                "device": stage.metrics.get("device", ""),
                 "feasible": bool(verdict.get("feasible", False)),
                 "pareto_optimal": bool(verdict.get("pareto_optimal", False)),
                 "violations": verdict.get("violations", []),
@@ -129,6 +131,13 @@ def gate_rejected_candidate(stage) -> dict[str, Any]:
             k: m[k]
             for k in ("perplexity", "perplexity_increase_pct", "top1_agreement", "kl_divergence")
             if k in m
+        },
+        # The gate's increase is against its own measurement of the parent, on these tokens and windows.
+        "gate": {
+            "parent_perplexity": m.get("parent_perplexity"),
+            "tokens_scored": m.get("gate_tokens_scored"),
+            "context_length": m.get("gate_context_length"),
+            "stride": m.get("gate_stride"),
         },
         "feasible": False,
         "pareto_optimal": False,

@@ -66,6 +66,20 @@ def source_model(spec: PipelineSpec, stages) -> common.ArtifactRef:
     return ref(base_model_id(spec, stages))
 
 
+def gate_protocol(spec: PipelineSpec) -> dict[str, Any]:
+    """The benchmark's perplexity protocol (tokens, windows, documents) for the accuracy gate, so the
+    gate's increase and the report's are measured on the same tokens and agree."""
+    from tailor_benchmarker.config import BenchmarkConfig
+
+    cfg = BenchmarkConfig.model_validate(spec.benchmark.config)  # checked at submit already
+    return {
+        "eval_tokens": cfg.max_eval_tokens,
+        "context_length": cfg.context_length,
+        "stride": cfg.stride,
+        "split_documents": cfg.split_documents,
+    }
+
+
 def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
     """The RPC that starts remote stage `s`, as a function of the channel of the worker chosen for it."""
     labels = {"pipeline_id": p.id, "stage": s.name, "method": s.params.get("method", "")}
@@ -103,6 +117,7 @@ def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
                 max_perplexity_increase_pct=max_increase,
                 min_top1_agreement=gate.get("min_top1_agreement"),
                 disabled=bool(gate.get("disabled")),
+                **gate_protocol(spec),
             ),
         )
         # Calibration text: the candidate's own, else the training data when the pipeline has some.

@@ -22,8 +22,8 @@ def test_every_piece_of_text_is_escaped():
     summary["candidates"][1]["name"] = evil
     summary["recommended"] = evil
     summary["rationale"] = evil
-    summary["environment"]["cpu"] = evil
-    summary["environment"][evil] = evil
+    summary["environment"]["cpu_model"] = evil
+    summary["environment"]["hostname"] = evil
     page = render_report_html(summary)
     assert "<img" not in page
     assert page.count("&lt;img src=x onerror=alert(1)&gt;") >= 6
@@ -100,8 +100,23 @@ def test_degenerate_summaries_render():
 def test_footer_names_the_machine_and_versions():
     page = render_report_html(sample_summary())
     footer = re.search(r"<footer>.*?</footer>", page, re.S).group(0)
-    assert "measured on" in footer and "Intel(R) Xeon(R) Platinum 8481C (2 cores)" in footer
-    assert "torch 2.13.0" in footer and "transformers 5.23.0" in footer
+    assert "measured on <b>bench-box · Intel(R) Xeon(R) Platinum 8481C, 2 cores" in footer
+    assert "torch 2.13.0" in footer and "transformers 5.23.0" in footer and "8 GiB RAM" in footer
+    assert "onnxruntime 1.31.1" in footer and "Python 3.11.2" in footer
+    assert "unnamed" not in footer and "{" not in footer and "None" not in footer  # no raw dicts
+
+
+def test_footer_names_the_gpu_a_cuda_benchmark_ran_on():
+    summary = sample_summary()
+    summary["environment"]["gpu"] = {
+        "name": "NVIDIA H200",
+        "compute_capability": "9.0",
+        "memory_total_mb": 143771.0,
+        "cuda": "12.8",
+    }
+    footer = re.search(r"<footer>.*?</footer>", render_report_html(summary), re.S).group(0)
+    assert "bench-box · NVIDIA H200, 140 GiB · Intel(R)" in footer and "CUDA 12.8" in footer
+    assert "{" not in footer
 
 
 def test_json_is_valid_even_with_failed_measurements():
@@ -170,3 +185,68 @@ def test_a_pipeline_without_a_feasible_candidate_reports_every_miss_and_the_skip
     assert "No candidate is recommended" in page and NOTHING_TO_EXPORT in page
     assert "exceeds the limit 0.01 MB by 0.49 MB" in page  # the rationale: how far it missed
     assert json.loads(render_report_json(summary))["export"]["skipped"] == NOTHING_TO_EXPORT
+
+
+def _recommended_chips(page: str) -> list[str]:
+    section = re.search(r"<section class='verdict ok'>.*?</section>", page, re.S).group(0)
+    return re.findall(r"<span class=chip>(.*?)</span>", section)
+
+
+def test_the_recommendation_says_slower_for_a_slower_model_never_a_ratio_below_one():
+    summary = sample_summary()
+    chosen = summary["candidates"][2]  # int8_dynamic, the recommended one
+    chosen["metrics"]["latency_ms_per_token"] = 0.91 * 1.28  # the baseline takes 0.91 ms/token
+    chips = _recommended_chips(render_report_html(summary))
+    assert "1.28x slower" in chips and "3.39x smaller" in chips
+    assert not any(re.match(r"0\.\d+x", c) for c in chips)
+    chosen["metrics"]["latency_ms_per_token"] = 0.91 / 1.28
+    assert "1.28x faster" in _recommended_chips(render_report_html(summary))
+
+
+def test_memory_column_is_named_by_what_was_measured():
+    summary = sample_summary()
+    for cand in summary["candidates"]:
+        cand["device"] = "cuda"
+    page = render_report_html(summary)
+    assert "Peak GPU memory (allocated)<br>(MB)" in page and "Peak RSS" not in page
+    for cand in summary["candidates"]:
+        cand["device"] = "cpu"
+    assert "Peak RSS<br>(MB)" in render_report_html(summary)
+    summary["candidates"][0]["device"] = "cuda"  # a mixed table: each row says which
+    page = render_report_html(summary)
+    assert "Peak memory (GPU allocated or RSS)" in page and "(GPU)</small>" in page
+
+
+def test_latency_and_throughput_headers_say_they_are_one_median():
+    page = render_report_html(sample_summary())
+    assert "Latency, median<br>(ms/token)" in page
+    assert "Throughput, from median latency<br>(tokens/s)" in page
+
+
+def test_a_gate_rejection_shows_the_gates_own_baseline_when_it_is_not_the_tables():
+    summary = sample_summary()
+    rejected = summary["candidates"][-1]
+    rejected["rejected_by"] = "accuracy gate"
+    rejected["gate"] = {"parent_perplexity": 3.5, "tokens_scored": 4095}
+    assert "gate: vs its parent 3.500 on 4,095 tokens, not the baseline row" in render_report_html(summary)
+    rejected["gate"]["parent_perplexity"] = 3.912  # measured on the benchmark's tokens: the same baseline
+    page = render_report_html(summary)
+    assert "not the baseline row" not in page and "gate, same tokens as the benchmark" in page
+
+
+def test_each_export_agreement_stands_beside_its_floor():
+    summary = sample_summary()
+    summary["export"] = {
+        "format": "gguf",
+        "artifact_id": "e" * 64,
+        "max_abs_diff": 3.1,
+        "top1_agreement": 0.81,
+        "llama_cpp_greedy_agreement": 0.27,
+        "min_greedy_agreement": 0.25,
+        "min_top1_agreement": 0.85,
+    }
+    page = render_report_html(summary)
+    assert "27.0% (floor 25%: passed)" in page
+    assert "81.0% (floor 85%: BELOW the floor)" in page
+    del summary["export"]["min_top1_agreement"]
+    assert "81.0% (no floor reported)" in render_report_html(summary)

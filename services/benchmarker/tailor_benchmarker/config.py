@@ -6,15 +6,25 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tailor_runtime import metrics_catalogue as mc
+
 
 class BenchmarkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Defaults shared with the quantizer's accuracy gate, which measures on the same tokens.
     max_eval_tokens: int = Field(
-        8192, ge=2, le=10_000_000, description="Perplexity uses the first this many tokens of the text."
+        mc.PERPLEXITY_EVAL_TOKENS,
+        ge=2,
+        le=10_000_000,
+        description="Perplexity uses the first this many tokens of the text.",
     )
-    context_length: int = Field(256, ge=2, le=131_072, description="Tokens per perplexity window.")
-    stride: int = Field(128, ge=1, description="Tokens between window starts; <= context_length.")
+    context_length: int = Field(
+        mc.PERPLEXITY_CONTEXT_LENGTH, ge=2, le=131_072, description="Tokens per perplexity window."
+    )
+    stride: int = Field(
+        mc.PERPLEXITY_STRIDE, ge=1, description="Tokens between window starts; <= context_length."
+    )
     split_documents: bool = Field(
         True, description="Blank-line-separated documents each start with BOS; False: one document, one BOS."
     )

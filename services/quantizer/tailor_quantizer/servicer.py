@@ -139,7 +139,16 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
                 metrics = method.run(model_dir, out, cfg, job)
                 if not gate.disabled:
                     progress(90.0, "gate", "measuring against the parent")
-                    measured = measure(model_dir, out, eval_text, gate.eval_tokens, device)
+                    measured = measure(
+                        model_dir,
+                        out,
+                        eval_text,
+                        gate.eval_tokens,
+                        device,
+                        context_length=gate.context_length,
+                        stride=gate.stride,
+                        split_documents=gate.split_documents,
+                    )
                     metrics.update(enforce(gate, measured, method.name))
                 else:
                     metrics["gate"] = "disabled"

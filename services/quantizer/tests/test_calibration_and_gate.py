@@ -120,3 +120,47 @@ def test_gate_measures_a_model_against_itself_and_rejects_with_numbers():
     assert err.value.metrics["gate"] == "rejected" and err.value.metrics["perplexity_increase_pct"] == 8.0
     with pytest.raises(AccuracyGateFailed, match="top-1 agreement"):
         enforce(GateSettings(min_top1_agreement=0.99), {**same, "top1_agreement": 0.9}, "x")
+
+
+def test_gate_measures_perplexity_on_the_benchmarks_tokens():
+    """The gate's parent perplexity is the benchmark's for the same model and text, with the defaults
+    and with a pipeline's own benchmark settings: the report can set the two side by side."""
+    from tailor_benchmarker.config import BenchmarkConfig
+    from tailor_runtime.ml.model_io import load_causal_lm
+    from tailor_runtime.ml.perplexity import perplexity
+
+    text = EVAL.read_text()
+    model, tok = load_causal_lm(MODEL)
+    for cfg in (BenchmarkConfig(), BenchmarkConfig(max_eval_tokens=2048, context_length=128, stride=64)):
+        bench = perplexity(model, tok, text, cfg.context_length, cfg.stride, cfg.max_eval_tokens)
+        gate = measure(MODEL, MODEL, text, cfg.max_eval_tokens, "cpu", cfg.context_length, cfg.stride)
+        assert gate["parent_perplexity"] == pytest.approx(bench["perplexity"], rel=1e-9)
+        assert gate["gate_tokens_scored"] == bench["tokens_scored"]
+        assert (gate["gate_context_length"], gate["gate_stride"]) == (cfg.context_length, cfg.stride)
+    settings = GateSettings.from_proto(pb.AccuracyGate(context_length=128, stride=64, split_documents=False))
+    assert (settings.context_length, settings.stride, settings.split_documents) == (128, 64, False)
+    assert GateSettings.from_proto(pb.AccuracyGate()).split_documents is True
+    with pytest.raises(InvalidArgument, match="gate.stride"):
+        GateSettings.from_proto(pb.AccuracyGate(context_length=64, stride=128))
+
+
+def test_a_pipelines_gate_gets_its_benchmarks_protocol():
+    from tailor_gateway.spec import parse_spec
+    from tailor_gateway.stage_requests import gate_protocol
+
+    spec = parse_spec(
+        f"name: p\nmodel: {{artifact: {'a' * 64}}}\ndata: {{eval: {{artifact: {'b' * 64}}}}}\n"
+        "quantize: [{method: nf4}]\nbenchmark: {config: {max_eval_tokens: 4096, context_length: 512, "
+        "stride: 256}}\n"
+    )
+    assert gate_protocol(spec) == {
+        "eval_tokens": 4096,
+        "context_length": 512,
+        "stride": 256,
+        "split_documents": True,
+    }
+    default = parse_spec(
+        f"name: p\nmodel: {{artifact: {'a' * 64}}}\ndata: {{eval: {{artifact: {'b' * 64}}}}}\n"
+        "quantize: [{method: nf4}]\n"
+    )
+    assert gate_protocol(default)["eval_tokens"] == 8192

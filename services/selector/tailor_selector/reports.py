@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tailor_benchmarker.metrics import headline_metrics
+from tailor_runtime import metrics_catalogue as mc
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.roofline import HardwareProfile, estimate_for_target
 from tailor_selector.selection import AT_LEAST, AT_MOST, QUALITY_LOSS, Candidate, Constraint, Objective
@@ -95,7 +96,8 @@ def constraints_for(candidates: list[Candidate], limits: Limits) -> list[Constra
 
 
 def parse_objective(text: str) -> Objective:
-    """`metric[:weight][:max]`, e.g. `perplexity`, `size_mb:2`, `tokens_per_s:1:max`."""
+    """`metric[:weight][:min|max]`, e.g. `perplexity`, `size_mb:2`, `tokens_per_s:1:max`; without a
+    direction, the metric catalogue's (tokens/s is maximized, latency minimized)."""
     parts = text.split(":")
     if not parts[0] or len(parts) > 3:
         raise InvalidArgument(f"objective {text!r}: expected metric[:weight][:max]")
@@ -103,7 +105,8 @@ def parse_objective(text: str) -> Objective:
         weight = float(parts[1]) if len(parts) > 1 and parts[1] else 1.0
     except ValueError:
         raise InvalidArgument(f"objective {text!r}: the weight must be a number") from None
-    direction = parts[2] if len(parts) == 3 else "min"
+    default = "max" if mc.higher_is_better(parts[0]) else "min"
+    direction = parts[2] if len(parts) == 3 else default
     if direction not in ("min", "max"):
         raise InvalidArgument(f"objective {text!r}: the direction must be min or max", choices=("min", "max"))
     return Objective(parts[0], maximize=direction == "max", weight=weight)

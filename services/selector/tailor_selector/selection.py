@@ -8,20 +8,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tailor_runtime import metrics_catalogue as mc
 from tailor_runtime.errors import InvalidArgument
 
 AT_MOST, AT_LEAST = "at_most", "at_least"
 # Derived from the baseline's perplexity when the baseline is among the candidates.
 QUALITY_LOSS = "perplexity_increase_pct"
-
-UNITS = {
-    "size_mb": " MB",
-    "peak_memory_mb": " MB",
-    "model_memory_mb": " MB",
-    "latency_ms_per_token": " ms/token",
-    "perplexity_increase_pct": "%",
-    "tokens_per_s": " tokens/s",
-}
 
 
 @dataclass(frozen=True)
@@ -36,6 +28,11 @@ class Objective:
     metric: str
     maximize: bool = False
     weight: float = 1.0
+
+    @classmethod
+    def of(cls, metric: str, weight: float = 1.0) -> Objective:
+        """An objective in the catalogue's direction for `metric` (tokens/s up, latency down)."""
+        return cls(metric, maximize=mc.higher_is_better(metric), weight=weight)
 
 
 @dataclass
@@ -72,14 +69,15 @@ class Selection:
 
 
 DEFAULT_OBJECTIVES = (
-    Objective("perplexity", weight=1.0),
-    Objective("size_mb", weight=1.0),
-    Objective("latency_ms_per_token", weight=1.0),
+    Objective.of("perplexity"),
+    Objective.of("size_mb"),
+    Objective.of("latency_ms_per_token"),
 )
 
 
 def fmt(metric: str, value: float) -> str:
-    return f"{value:.4g}{UNITS.get(metric, '')}"
+    unit = mc.unit(metric)
+    return f"{value:.4g}{'' if not unit else unit if unit == '%' else ' ' + unit}"
 
 
 def _validate(candidates, constraints, objectives) -> None:
@@ -228,9 +226,11 @@ def _rationale(best: Candidate | None, verdicts: list[Verdict], constraints, obj
         )
         baseline = next((x.candidate for x in verdicts if x.candidate.is_baseline), None)
         if baseline is not None and baseline is not best:
-            parts = []
-            if baseline.metrics.get("size_mb") and best.metrics.get("size_mb"):
-                parts.append(f"{baseline.metrics['size_mb'] / best.metrics['size_mb']:.2f}x smaller")
+            parts = [
+                words
+                for metric in ("size_mb", "latency_ms_per_token")
+                if (words := mc.ratio_text(metric, best.metrics.get(metric), baseline.metrics.get(metric)))
+            ]
             if QUALITY_LOSS in best.metrics:
                 parts.append(f"perplexity {best.metrics[QUALITY_LOSS]:+.2f}%")
             if parts:

@@ -7,6 +7,7 @@ import math
 from tailor.common.v1 import common_pb2 as common
 from tailor.selector.v1 import selector_service_pb2 as pb
 from tailor.selector.v1 import selector_service_pb2_grpc as pb_grpc
+from tailor_runtime import metrics_catalogue as mc
 from tailor_runtime.errors import InvalidArgument
 from tailor_selector.selection import AT_LEAST, AT_MOST, Candidate, Constraint, Objective, select
 
@@ -28,7 +29,12 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
             Candidate(c.id, c.name or c.id, dict(c.metrics), c.is_baseline) for c in request.candidates
         ]
         constraints = [constraint_from_proto(c) for c in request.constraints]
-        objectives = [Objective(o.metric, o.maximize, o.weight or 1.0) for o in request.objectives]
+        # proto3 cannot tell an unset `maximize` from False: a metric the catalogue maximizes (tokens/s,
+        # agreement) is maximized either way; nobody asks for fewer tokens per second.
+        objectives = [
+            Objective(o.metric, o.maximize or mc.higher_is_better(o.metric), o.weight or 1.0)
+            for o in request.objectives
+        ]
         result = (
             select(candidates, constraints, objectives) if objectives else select(candidates, constraints)
         )
