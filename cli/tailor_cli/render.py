@@ -78,23 +78,32 @@ def _num(metrics: dict, key: str, fmt: str) -> str:
     return format(value, fmt) if isinstance(value, int | float) else "-"
 
 
+def _memory_header(candidates: list[dict]) -> str:
+    """Named by what was measured: the GPU allocator's peak on a GPU, the process's RSS on a CPU (the
+    catalogue's memory_label, shortened for a terminal column)."""
+    devices = {c.get("device") for c in candidates if c.get("device")}
+    only = devices.pop() if len(devices) == 1 else None
+    return {"cuda": "peak GPU MB", "cpu": "peak RSS MB"}.get(only, "peak mem MB")
+
+
 def candidates_table(summary: dict) -> Table:
     table = Table(title="candidates")
+    candidates = summary.get("candidates", [])
     for name, justify in (
         ("candidate", "left"),
         ("method", "left"),
         ("size MB", "right"),
         ("perplexity", "right"),
         ("vs baseline", "right"),
-        ("ms/token", "right"),
-        ("peak mem MB", "right"),
+        ("ms/token (median)", "right"),  # the catalogue's aggregation (tailor_runtime.metrics_catalogue)
+        (_memory_header(candidates), "right"),
         ("pareto", "center"),
         ("constraints", "left"),
     ):
         # Numbers never wrap; only the verdict column folds when the terminal is narrow.
         table.add_column(name, justify=justify, no_wrap=name != "constraints")
     recommended = summary.get("recommended")
-    for c in summary.get("candidates", []):
+    for c in candidates:
         m = c.get("metrics", {})
         delta = m.get("perplexity_increase_pct")
         verdict = (
@@ -133,21 +142,47 @@ def summary_view(summary: dict, report_path: str | None) -> Group:
     parts.append(Text.assemble(("recommended: ", "bold"), (recommended, "bold green")))
     parts.append(Text(summary.get("rationale", "")))
     export = summary.get("export")
-    if export:
-        parts.append(
-            Text(
-                f"export: {export.get('format')} {short_id(export.get('artifact_id', ''))} checked in onnxruntime "
-                "against its PyTorch source: "
-                f"max |logit diff| {export.get('max_abs_diff', float('nan')):.2e}, "
-                f"top-1 agreement {export.get('top1_agreement', float('nan')):.3f}"
-            )
-        )
+    if export and export.get("artifact_id"):
+        parts.append(Text(export_check_line(export)))
     env = summary.get("environment") or {}
     if env:
-        parts.append(Text(f"measured on: {describe(env)}", style="dim"))
+        gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else None
+        on = f"{gpu.get('name') or 'a CUDA GPU'}, " if gpu else ""
+        parts.append(Text(f"measured on: {on}{describe(env)}", style="dim"))
     if report_path:
         parts.append(Text.assemble(("report: ", "bold"), report_path))
     return Group(*parts)
+
+
+# (summary key, what it measures, the key of the floor its check enforced)
+_EXPORT_AGREEMENTS = (
+    ("top1_agreement", "top-1 agreement", "min_top1_agreement"),
+    ("llama_cpp_top1_agreement", "top-1 in llama.cpp", "llama_cpp_min_top1_agreement"),
+    ("llama_cpp_greedy_agreement", "greedy tokens", "llama_cpp_min_greedy_agreement"),
+    ("greedy_agreement", "greedy tokens", "min_greedy_agreement"),
+)
+
+
+def export_check_line(export: dict) -> str:
+    """The export's check against its source: each agreement beside the floor it had to reach."""
+    parts = []
+    diff = export.get("max_abs_diff")
+    if isinstance(diff, int | float):
+        atol = export.get("atol")
+        parts.append(
+            f"max |logit diff| {diff:.2e}" + (f" (<= {atol:g})" if isinstance(atol, int | float) else "")
+        )
+    for key, what, floor_key in _EXPORT_AGREEMENTS:
+        value, floor = export.get(key), export.get(floor_key)
+        if isinstance(value, int | float):
+            parts.append(
+                f"{what} {value:.1%}" + (f" (floor {floor:.0%})" if isinstance(floor, int | float) else "")
+            )
+    verdict = "passed" if export.get("passed", True) else "FAILED"
+    return (
+        f"export: {export.get('format')} {short_id(export.get('artifact_id', ''))} checked against its "
+        f"source, {verdict}: " + (", ".join(parts) or "no figures reported")
+    )
 
 
 def render_gate(metrics: dict) -> Text:

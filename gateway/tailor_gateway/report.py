@@ -15,7 +15,6 @@ from html import escape
 from typing import Any
 
 from tailor_runtime import metrics_catalogue as mc
-from tailor_runtime.hardware import describe
 
 # metric -> (label, unit), from the one catalogue; the unit goes in column headers and axis titles.
 METRICS = {
@@ -237,8 +236,9 @@ def _export(summary: dict) -> str:
     known = {"format", "artifact_id", "max_abs_diff", "atol"}
     for key, label, floor_key in EXPORT_AGREEMENTS:
         if _is_num(export.get(key)):
-            facts.append((label, _agreement_text(export[key], export.get(floor_key))))
-        known |= {key, floor_key}
+            floor = export.get(floor_key) if floor_key else _NO_FLOOR
+            facts.append((label, _agreement_text(export[key], floor)))
+        known |= {key, floor_key or key}
     facts += [(k, v) for k, v in export.items() if k not in known]
     return _facts_section("Export", facts)
 
@@ -247,14 +247,21 @@ def _export(summary: dict) -> str:
 EXPORT_AGREEMENTS = (
     ("top1_agreement", "top-1 token agreement", "min_top1_agreement"),
     ("llama_cpp_top1_agreement", "top-1 token agreement in llama.cpp", "llama_cpp_min_top1_agreement"),
-    ("llama_cpp_greedy_agreement", "greedy tokens equal to the source's", "min_greedy_agreement"),
-    ("decode_top1_agreement", "top-1 agreement of the decoded source", "decode_min_top1_agreement"),
+    ("llama_cpp_greedy_agreement", "greedy tokens equal to the source's", "llama_cpp_min_greedy_agreement"),
+    ("greedy_agreement", "runner's greedy tokens equal to the source's", "min_greedy_agreement"),
+    # Informational (the dense model decoded from the candidate, before the export): no floor applies.
+    ("decode_top1_agreement", "top-1 agreement of the decoded source", None),
 )
+
+
+_NO_FLOOR = object()
 
 
 def _agreement_text(value: float, floor: Any) -> str:
     """ "27.0% (floor 25%: passed)": an agreement always beside the floor it was checked against."""
     text = f"{100 * value:.1f}%"
+    if floor is _NO_FLOOR:
+        return text
     if not _is_num(floor):
         return text + " (no floor reported)"
     verdict = "passed" if value >= floor else "BELOW the floor"
@@ -274,15 +281,20 @@ def _footer(summary: dict) -> str:
     if gpu:
         memory = f", {gpu['memory_total_mb'] / 1024:.0f} GiB" if _is_num(gpu.get("memory_total_mb")) else ""
         where.append(f"{gpu.get('name') or 'a CUDA GPU'}{memory}")
-    where.append(describe(env) if env.get("cpu_model") else "")
+    cores = env.get("cpus_usable") or env.get("cpu_count")
+    if env.get("cpu_model"):
+        where.append(env["cpu_model"] + (f", {int(cores)} cores" if _is_num(cores) else ""))
     if _is_num(env.get("memory_total_mb")):
         where.append(f"{env['memory_total_mb'] / 1024:.0f} GiB RAM")
     machine = " · ".join(w for w in where if w) or "a machine the benchmark did not describe"
-    software = []
+    threads = (
+        (env.get("threads") or {}).get("torch_intra_op") if isinstance(env.get("threads"), dict) else None
+    )
+    software = [f"{int(threads)} torch thread(s)"] if _is_num(threads) else []
     if gpu and gpu.get("cuda"):
         software.append(f"CUDA {gpu['cuda']}")
     versions = env.get("versions") if isinstance(env.get("versions"), dict) else {}
-    software += [f"{k} {v}" for k, v in sorted(versions.items()) if v and k not in ("torch", "transformers")]
+    software += [f"{k} {v}" for k, v in sorted(versions.items()) if v]
     software += [f"Python {env['python']}"] if env.get("python") else []
     software += [str(env["platform"])] if env.get("platform") else []
     rest = " · ".join(_e(s) for s in software)

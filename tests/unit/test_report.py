@@ -100,7 +100,7 @@ def test_degenerate_summaries_render():
 def test_footer_names_the_machine_and_versions():
     page = render_report_html(sample_summary())
     footer = re.search(r"<footer>.*?</footer>", page, re.S).group(0)
-    assert "measured on <b>bench-box · Intel(R) Xeon(R) Platinum 8481C, 2 cores" in footer
+    assert "measured on <b>bench-box · Intel(R) Xeon(R) Platinum 8481C, 2 cores · 8 GiB RAM</b>" in footer
     assert "torch 2.13.0" in footer and "transformers 5.23.0" in footer and "8 GiB RAM" in footer
     assert "onnxruntime 1.31.1" in footer and "Python 3.11.2" in footer
     assert "unnamed" not in footer and "{" not in footer and "None" not in footer  # no raw dicts
@@ -242,7 +242,7 @@ def test_each_export_agreement_stands_beside_its_floor():
         "max_abs_diff": 3.1,
         "top1_agreement": 0.81,
         "llama_cpp_greedy_agreement": 0.27,
-        "min_greedy_agreement": 0.25,
+        "llama_cpp_min_greedy_agreement": 0.25,
         "min_top1_agreement": 0.85,
     }
     page = render_report_html(summary)

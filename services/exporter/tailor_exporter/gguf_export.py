@@ -194,7 +194,9 @@ def export_gguf(
 
 def _headline(checks: dict[str, Any]) -> dict[str, Any]:
     """Flat numbers for the pipeline summary: the dequantized check, then llama.cpp's or why it is absent."""
-    flat = {k: checks["dequantized"][k] for k in ("max_abs_diff", "top1_agreement", "positions")}
+    # Each agreement beside the floor it was enforced against (set by _enforce), for the summary.
+    keys = ("max_abs_diff", "top1_agreement", "positions", "atol", "min_top1_agreement")
+    flat = {k: checks["dequantized"][k] for k in keys if k in checks["dequantized"]}
     flat["passed"] = all(c["passed"] for c in checks.values())
     run = checks.get("llama_cpp")
     if run is None:
@@ -205,6 +207,9 @@ def _headline(checks: dict[str, Any]) -> dict[str, Any]:
     )
     for key in ("max_abs_diff", "top1_agreement", "tokenizer_agreement", "greedy_agreement"):
         flat[f"llama_cpp_{key}"] = run[key]
+    for key in ("min_top1_agreement", "min_greedy_agreement"):
+        if key in run:
+            flat[f"llama_cpp_{key}"] = run[key]
     return flat
 
 

@@ -301,11 +301,13 @@ def _build_coreml(work, float_model, tokenizer, cfg, max_seq_len, sequences, pro
 def _headline(checks: dict[str, Any], target: str) -> dict[str, Any]:
     """Flat numbers: the artifact that was run (ExecuTorch), else the program that was converted."""
     check = checks["published"] if target == "executorch" else checks["exported"]
-    flat = {k: check[k] for k in ("max_abs_diff", "top1_agreement", "positions")}
+    keys = ("max_abs_diff", "top1_agreement", "positions", "atol", "min_top1_agreement")
+    flat = {k: check[k] for k in keys if k in check}
     flat["passed"] = all(c.get("passed", True) for c in checks.values() if c.get("enforced", True))
     flat["ran_converted_artifact"] = target == "executorch"
     if target == "executorch":
         flat["greedy_agreement"] = checks["runner"]["greedy_agreement"]
+        flat["min_greedy_agreement"] = checks["runner"].get("min_greedy_agreement")
     return flat
 
 

@@ -249,7 +249,9 @@ def _headline(checks: dict[str, Any]) -> dict[str, Any]:
     """The published graph against its source, flat: the enforced source check, else the published one."""
     source = checks.get("source", {})
     check = source if source.get("passed") else checks["published"]
-    return {k: check[k] for k in ("max_abs_diff", "top1_agreement", "positions", "passed")}
+    # The floors beside the numbers (set by verify.enforce), so a summary shows what the check required.
+    keys = ("max_abs_diff", "top1_agreement", "positions", "passed", "atol", "min_top1_agreement")
+    return {k: check[k] for k in keys if k in check}
 
 
 def _check_supported(source_format: str, cfg: OnnxExportConfig) -> None:

@@ -341,13 +341,16 @@ def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: 
         "format": fmt,
         "files": files,
         "size_on_disk_mb": folder_size_bytes(out_dir) / 2**20,
-        "verification": {**{k: result["verification"][k] for k in _HEADLINE}, "checks": checks},
+        "verification": {
+            **{k: v for k, v in result["verification"].items() if k in _HEADLINE},
+            "checks": checks,
+        },
         "export_s": time.monotonic() - started,
         **{k: v for k, v in result.items() if k in _STATISTICS},
     }
 
 
-_HEADLINE = ("max_abs_diff", "top1_agreement", "positions", "passed")
+_HEADLINE = ("max_abs_diff", "top1_agreement", "positions", "passed", "atol", "min_top1_agreement")
 _STATISTICS = ("fused_operators", "quantized_matmuls")  # the variant's, passed on
 
 
