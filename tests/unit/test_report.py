@@ -250,3 +250,53 @@ def test_each_export_agreement_stands_beside_its_floor():
     assert "81.0% (floor 85%: BELOW the floor)" in page
     del summary["export"]["min_top1_agreement"]
     assert "81.0% (no floor reported)" in render_report_html(summary)
+
+
+def test_summary_carries_the_gates_baseline_and_each_rows_device():
+    """build_summary keeps what the report needs to label numbers: the gate's parent perplexity and
+    tokens for a gate-rejected candidate, and where each benchmark ran (what its memory figure is)."""
+    from types import SimpleNamespace
+
+    from tailor_gateway import state as st
+    from tailor_gateway.reporting import build_summary
+    from tailor_gateway.spec import parse_spec
+
+    spec = parse_spec(
+        f"name: g\nmodel: {{artifact: {'a' * 64}}}\ndata: {{eval: {{artifact: {'b' * 64}}}}}\n"
+        "quantize: [{method: nf4}]\n"
+    )
+
+    def row(name, kind, state, **kw):
+        return st.StageRow("p1", name, kind, 0, [], kw.pop("params", {}), state=state, **kw)
+
+    gate = {
+        "gate": "rejected",
+        "perplexity": 4.2027,
+        "parent_perplexity": 3.7580,
+        "perplexity_increase_pct": 11.83,
+        "gate_max_perplexity_increase_pct": 5.0,
+        "gate_tokens_scored": 8191,
+        "gate_context_length": 256,
+        "gate_stride": 128,
+    }
+    stages = {
+        "quantize/nf4": row("quantize/nf4", "quantize", st.REJECTED, params={"method": "nf4",
+                            "candidate": "nf4"}, metrics=gate, error_message="accuracy gate rejected nf4"),
+        "benchmark/original": row("benchmark/original", "benchmark", st.SUCCEEDED, params={"candidate":
+                                  "original"}, metrics={"perplexity": 3.7580, "device": "cpu"}),
+        "select": row("select", "select", st.SUCCEEDED, metrics={"verdicts": [], "recommended_id": ""}),
+    }  # fmt: skip
+    summary = build_summary(SimpleNamespace(id="p1", name="g", created=0.0), spec, stages)
+    nf4 = next(c for c in summary["candidates"] if c["name"] == "nf4")
+    original = next(c for c in summary["candidates"] if c["name"] == "original")
+    assert nf4["gate"] == {
+        "parent_perplexity": 3.758,
+        "tokens_scored": 8191,
+        "context_length": 256,
+        "stride": 128,
+    }
+    assert original["device"] == "cpu"
+    page = render_report_html(summary)
+    # The gate measured on the benchmark's tokens: its baseline is the table's, and the page says so.
+    assert "gate, same tokens as the benchmark on 8,191 tokens" in page and "not the baseline row" not in page
+    assert "Peak RSS<br>(MB)" in page
