@@ -115,6 +115,8 @@ _ALL = (
     Metric("est_memory_mb", "Estimated memory", "MB", LOWER, "roofline estimate"),
     Metric("est_latency_p95_ms", "Estimated latency, p95", "ms/token", LOWER, "roofline estimate"),
     Metric("est_tokens_per_s", "Estimated throughput", "tokens/s", HIGHER, "roofline estimate"),
+    Metric("est_latency_ms_per_token", "Estimated latency", "ms/token", LOWER, "roofline estimate"),
+    Metric("est_fits", "Fits the target's memory", "", HIGHER, "1 or 0, roofline estimate"),
 )
 CATALOGUE: dict[str, Metric] = {m.name: m for m in _ALL}
 

@@ -47,6 +47,13 @@ def test_every_metric_the_benchmarker_emits_has_an_entry():
     assert mc.lookup("no_such_metric") is None and mc.lookup("tokens_per_s_batch_x") is None
 
 
+def test_every_roofline_estimate_has_an_entry():
+    from tailor_runtime.roofline import estimate_for_target, get_profile
+
+    estimates = estimate_for_target(get_profile("raspberry-pi-5"), headline_metrics(_full_result()))
+    assert [k for k in estimates if mc.lookup(k) is None] == []
+
+
 def test_tokens_per_s_is_the_same_median_as_ms_per_token():
     emitted = headline_metrics(_full_result())
     # 2.6 ms/token beside 145 tokens/s was a median beside a run mean; now one is 1000 / the other.
