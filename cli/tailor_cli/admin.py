@@ -1,7 +1,7 @@
 """`tailor tokens` and `tailor audit`: operator commands run against the gateway's database directly.
 
 They need what the gateway needs to reach its state (TAILOR_STATE_URL for PostgreSQL, TAILOR_STATE_DB or
-the local stack's .tailor/gateway.db for SQLite): whoever can reach the database administers tokens.
+the local stack's <state>/gateway.db for SQLite): whoever can reach the database administers tokens.
 A new token is printed once; only its sha256 is stored. A revoked token is refused at its next request.
 """
 

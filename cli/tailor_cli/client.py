@@ -25,7 +25,18 @@ from tailor_runtime.streams import read_chunks, with_last
 from tailor_runtime.trust import SyncWorkerCallInterceptor
 
 UPLOAD_CHUNK = 1 << 20
-DEFAULT_STATE_DIR = Path(".tailor")
+
+
+def default_state_dir() -> Path:
+    """One local stack per user, wherever the CLI runs: $TAILOR_STATE_DIR, else $XDG_STATE_HOME/tailor,
+    else ~/.local/state/tailor (not the current directory, so every terminal finds the same stack)."""
+    if os.environ.get("TAILOR_STATE_DIR"):
+        return Path(os.environ["TAILOR_STATE_DIR"]).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tailor"
+
+
+DEFAULT_STATE_DIR = default_state_dir()
 DIRECT_PROJECT = "default"  # the local stack's project (its token's); direct commands' operations
 
 
@@ -55,7 +66,9 @@ class Connection:
         if not token and (state_dir / "token").exists():
             token = (state_dir / "token").read_text().strip()
         if not token:
-            raise CliError("no API token: set TAILOR_TOKEN (the local stack writes one to .tailor/token)")
+            raise CliError(
+                f"no API token: set TAILOR_TOKEN (the local stack writes one to {state_dir / 'token'})"
+            )
         secret_file = state_dir / "worker-secret"
         secret = secret_file.read_text().strip() if info and secret_file.exists() else ""
         return cls(gateway, token, info.get("services", {}), secret)

@@ -37,7 +37,7 @@ from tailor_cli.client import (
 from tailor_cli.render import human_bytes, pipeline_state, render_gate, short_id, stages_table, summary_view
 from tailor_cli.select import add_parser as add_select_parser
 from tailor_cli.select import cmd_select
-from tailor_cli.stack import Stack
+from tailor_cli.stack import Stack, StackError, health_status, running_stack, stop_running_stack
 from tailor_cli.triton import add_parser as add_triton_parser
 from tailor_cli.triton import cmd_triton
 from tailor_gateway.spec import parse_spec
@@ -51,7 +51,12 @@ TERMINAL = (pb.PIPELINE_STATE_SUCCEEDED, pb.PIPELINE_STATE_FAILED, pb.PIPELINE_S
 
 # --- the local stack ----------------------------------------------------------------------------
 def cmd_up(args) -> int:
-    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store)
+    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store, die_with_parent=True)
+    stopping = []
+    # Closing the terminal (SIGHUP) or `tailor down` (SIGTERM) stops the stack as Ctrl-C does; a SIGKILL
+    # of this process stops the services too (die_with_parent), so none is left holding the ports.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: stopping.append(1))
     with console.status("starting gateway, quantizer, trainer, benchmarker, exporter, selector..."):
         stack.start()
     table = Table(title="tailor local stack")
@@ -62,9 +67,7 @@ def cmd_up(args) -> int:
         table.add_row(service, stack.address(service), str(proc.pid))
     console.print(table)
     console.print(f"store: {args.store or args.state_dir / 'store'}   logs: {args.state_dir / 'logs'}")
-    console.print(f"token in {args.state_dir / 'token'}; Ctrl-C stops the stack")
-    stopping = []
-    signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+    console.print(f"token in {args.state_dir / 'token'}; Ctrl-C or `tailor down` stops the stack")
     try:
         # A process that dies is restarted (bounded; logs/supervisor.log, stack.json); the rest keep running.
         stack.supervise(
@@ -77,9 +80,35 @@ def cmd_up(args) -> int:
     return 0
 
 
+def cmd_down(args) -> int:
+    stopped = stop_running_stack(args.state_dir)
+    console.print(
+        f"stopped the local stack from {args.state_dir}: {', '.join(stopped) or 'nothing was left'}"
+    )
+    return 0
+
+
+def cmd_status(args) -> int:
+    info = running_stack(args.state_dir)
+    if info is None:
+        raise CliError(f"no local stack is running from {args.state_dir}; start one with `tailor up`")
+    addresses = {"gateway": info["gateway"], **info.get("services", {}), **info.get("replicas", {})}
+    if args.json:
+        return print_json({**info, "health": {s: health_status(a) for s, a in addresses.items()}})
+    table = Table(title=f"local stack ({args.state_dir})")
+    for col in ("service", "address", "pid", "health"):
+        table.add_column(col)
+    for service, address in addresses.items():
+        table.add_row(service, address, str(info.get("pids", {}).get(service, "")), health_status(address))
+    console.print(table)
+    if info.get("down"):
+        console.print(f"[red]given up after repeated crashes: {', '.join(info['down'])}[/red]")
+    return 0
+
+
 def cmd_quickstart(args) -> int:
     read_spec_file(args.spec)  # a missing spec is said before six services start
-    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store)
+    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store, die_with_parent=True)
     started = time.monotonic()
     with console.status("starting the local stack (6 services)..."):
         stack.start()
@@ -491,11 +520,17 @@ def percent(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailor", description=__doc__)
     parser.add_argument(
-        "--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="local stack state (.tailor)"
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help=f"local stack state, one per user (default {DEFAULT_STATE_DIR}; TAILOR_STATE_DIR sets it)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start the local stack (every service as its own process)")
+    sub.add_parser("down", help="stop the local stack that `tailor up` started")
+    status = sub.add_parser("status", help="the local stack's services, addresses and health")
+    status.add_argument("--json", action="store_true", help="JSON on stdout")
     quick = sub.add_parser("quickstart", help="start the stack, run a pipeline on it, stop the stack")
     quick.add_argument("--spec", type=Path, default=Path("examples/quickstart.yaml"))
     for p in (up, quick):
@@ -578,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "up": cmd_up,
+    "down": cmd_down,
+    "status": cmd_status,
     "quickstart": cmd_quickstart,
     "pipeline": cmd_pipeline,
     "artifacts": cmd_artifacts,
@@ -595,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (CliError, TailorError) as exc:
+    except (CliError, TailorError, StackError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
     except grpc.RpcError as exc:

@@ -43,6 +43,71 @@ OFFSETS = {"gateway": 0, "quantizer": 1, "trainer": 2, "benchmarker": 3, "export
 MAX_RESTARTS = 5
 RESTART_WINDOW_S = 600.0
 SECRET_FILE = "worker-secret"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class StackError(RuntimeError):
+    """Why a local stack cannot start (or stop) here, and what to do instead."""
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is not: a container's init may never reap the orphans of a killed `tailor up`)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): kill(0) is all there is
+    return "\nState:\tZ" not in status
+
+
+def running_stack(state_dir: Path) -> dict | None:
+    """stack.json of the stack running from `state_dir`, or None. A stack.json whose processes are all
+    gone (its `tailor up` was SIGKILLed, the machine rebooted) is stale and removed."""
+    info_file = Path(state_dir) / "stack.json"
+    try:
+        info = json.loads(info_file.read_text())
+    except (OSError, ValueError):
+        return None
+    pids = [info.get("supervisor_pid"), *(info.get("pids") or {}).values()]
+    if any(isinstance(pid, int) and _alive(pid) for pid in pids):
+        return info
+    info_file.unlink(missing_ok=True)
+    return None
+
+
+def stop_running_stack(state_dir: Path, grace: float = 20.0) -> list[str]:
+    """`tailor down`: ask the stack's `tailor up` to stop it (SIGTERM), then SIGTERM and at last SIGKILL
+    any of its services still there; returns what it stopped. StackError when none is running."""
+    info = running_stack(state_dir)
+    if info is None:
+        raise StackError(f"no local stack is running from {state_dir}")
+    supervisor = info.get("supervisor_pid")
+    services = {name: pid for name, pid in (info.get("pids") or {}).items() if _alive(pid)}
+    if isinstance(supervisor, int) and _alive(supervisor):
+        os.kill(supervisor, signal.SIGTERM)  # it stops its services and removes stack.json itself
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in [*services.values(), supervisor or 0] if p):
+        time.sleep(0.2)
+    for pid in services.values():
+        if _alive(pid):
+            os.killpg(pid, signal.SIGKILL)  # each service leads its own process group (start_new_session)
+    (Path(state_dir) / "stack.json").unlink(missing_ok=True)
+    return sorted(services)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent (`tailor up`) dies, even by SIGKILL (Linux)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (AttributeError, OSError):  # not Linux: `tailor down` still stops them
+        pass
 
 
 @dataclass
@@ -60,6 +125,9 @@ class Stack:
     restarts: dict[str, list[float]] = field(default_factory=dict)
     given_up: set[str] = field(default_factory=set)
     store: str = ""
+    # Services get SIGTERM when the process that started them dies (`tailor up`, quickstart). Off for
+    # stacks started by tests and benches from a helper thread: the signal follows the starting thread.
+    die_with_parent: bool = False
     _restart_due: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
@@ -82,8 +150,28 @@ class Stack:
     def info_file(self) -> Path:
         return self.state_dir / "stack.json"
 
+    def check_can_start(self) -> None:
+        """StackError when a stack already runs from this state directory or a port is taken: starting
+        anyway would report the other stack's services as this one's, then exit."""
+        running = running_stack(self.state_dir)
+        if running is not None:
+            raise StackError(
+                f"a local stack is already running from {self.state_dir} (gateway {running.get('gateway')}); "
+                "use it, see it with `tailor status`, or stop it with `tailor down`"
+            )
+        ports = {port: name for name, offset in self.instances().items()
+                 for port in (self.base_port + offset, self.base_port + 1000 + offset)}  # fmt: skip
+        taken = [f"{port} ({name})" for port, name in sorted(ports.items()) if not _port_is_free(port)]
+        if taken:
+            raise StackError(
+                f"port {', '.join(taken)} already in use by another process; stop it (`tailor down` if it is "
+                f"a Tailor stack from another state directory), or choose other ports with --port N "
+                f"(the gateway's; services use the next five, metrics 1000 above)"
+            )
+
     def start(self, timeout: float = 180.0) -> None:
         self.state_dir = self.state_dir.resolve()
+        self.check_can_start()
         (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
         store = self.store_url or str(self.state_dir / "store")
         tokens_file = self.state_dir / "tokens"
@@ -137,6 +225,8 @@ class Stack:
                 "restarts": {s: len(t) for s, t in self.restarts.items() if t},
                 "down": sorted(self.given_up),
                 "store": self.store,
+                # `tailor down` stops the stack through the process that supervises it.
+                "supervisor_pid": os.getpid(),
             }
             tmp = self.info_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(info, indent=2))
@@ -208,6 +298,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
 
     def kill(self, service: str) -> None:

@@ -313,7 +313,7 @@ def test_tailor_up_restarts_a_killed_worker_and_pipelines_still_run(tmp_path):
         )
     try:
         info = _until(lambda: _stack_info(state).get("pids"), 240, "the stack did not start", out)
-        _until(lambda: "Ctrl-C stops" in out.read_text(), 240, "the stack is not healthy", out)
+        _until(lambda: "stops the stack" in out.read_text(), 240, "the stack is not healthy", out)
         assert (state / "worker-secret").stat().st_mode & 0o777 == 0o600
         victim = info["quantizer"]
         os.kill(victim, signal.SIGKILL)

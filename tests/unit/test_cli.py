@@ -11,7 +11,7 @@ def _tailor(*args, cwd):
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "200", "TAILOR_STATE_DIR": str(cwd / ".tailor")},
     )
 
 
