@@ -400,20 +400,21 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _listings(conn: Connection) -> list[tuple[str, object]]:
-    """(what, MethodInfo) for every quantizer and trainer method and export format the workers list."""
-    from tailor.exporter.v1 import exporter_service_pb2 as export_pb
-    from tailor.exporter.v1 import exporter_service_pb2_grpc as export_grpc
-    from tailor.trainer.v1 import trainer_service_pb2 as train_pb
-    from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
+def _capabilities(conn: Connection) -> pb.ListCapabilitiesResponse:
+    """What the gateway's worker pools offer (works against the local stack, a remote gateway, the chart)."""
+    reply = conn.gateway_stub().ListCapabilities(pb.ListCapabilitiesRequest(), metadata=conn.metadata())
+    if reply.unanswered_pools:
+        console.print(f"[yellow]no worker answered in: {', '.join(reply.unanswered_pools)}[/yellow]")
+    return reply
 
-    quant = quant_grpc.QuantizerServiceStub(conn.service_channel("quantizer"))
-    train = train_grpc.TrainerServiceStub(conn.service_channel("trainer"))
-    export = export_grpc.ExporterServiceStub(conn.service_channel("exporter"))
+
+def _listings(conn: Connection) -> list[tuple[str, object]]:
+    """(what, MethodInfo) for every quantizer and trainer method and export format the pools list."""
+    reply = _capabilities(conn)
     return [
-        *(("quantize method", m) for m in quant.ListMethods(quant_pb.ListMethodsRequest()).methods),
-        *(("finetune method", m) for m in train.ListMethods(train_pb.ListMethodsRequest()).methods),
-        *(("export format", m) for m in export.ListFormats(export_pb.ListFormatsRequest()).formats),
+        *(("quantize method", m) for m in reply.quantize_methods),
+        *(("finetune method", m) for m in reply.finetune_methods),
+        *(("export format", m) for m in reply.export_formats),
     ]
 
 
@@ -431,17 +432,13 @@ def cmd_methods(args) -> int:
     conn = Connection.discover(args.state_dir)
     if getattr(args, "action", None) == "describe":
         return _describe_method(conn, args.name, args.json)
-    reply = quant_grpc.QuantizerServiceStub(conn.service_channel("quantizer")).ListMethods(
-        quant_pb.ListMethodsRequest()
-    )
+    methods = _capabilities(conn).quantize_methods
     if args.json:
-        return print_json(
-            [json_format.MessageToDict(m, preserving_proto_field_name=True) for m in reply.methods]
-        )
-    table = Table(title="quantization methods on this worker")
+        return print_json([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in methods])
+    table = Table(title="quantization methods of the quantizer pool")
     for col in ("method", "bits", "available", "description"):
         table.add_column(col)
-    for m in reply.methods:
+    for m in methods:
         table.add_row(
             m.name,
             ",".join(map(str, m.bits)),

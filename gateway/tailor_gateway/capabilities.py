@@ -97,11 +97,19 @@ class Capabilities:
         if pool not in self._inflight:
             self._inflight[pool] = asyncio.ensure_future(self._ask(pool))
             self._inflight[pool].add_done_callback(lambda _f: self._inflight.pop(pool, None))
-        if cached:
+        if cached and cached[1] is not None:
+            # (Only a real answer: "nobody answered", from a start before the workers were up, is not
+            # served stale, or every submission would skip the checks until a round happened to finish.)
             # The last answer serves while the new round runs: a worker slow to list (a cold one imports
             # every method's libraries first, ~7 s) must not hold up submissions (issue 23's load bar).
             return cached[1]
         return await asyncio.shield(self._inflight[pool])
+
+    async def listing(self) -> dict[str, list | None]:
+        """pool -> its workers' replies (None: none answered), for the gateway's ListCapabilities."""
+        pools = list(_LISTERS)
+        replies = await asyncio.gather(*(self._replies(pool) for pool in pools))
+        return dict(zip(pools, replies, strict=True))
 
     async def warm(self) -> None:
         """Ask every pool now (at gateway start), so that the first submissions find an answer."""

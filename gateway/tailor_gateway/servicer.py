@@ -277,6 +277,24 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             cached=cached,
         )
 
+    async def ListCapabilities(self, request, context):
+        listing = await self.engine.capabilities.listing()
+
+        def union(pool: str, field: str) -> list:
+            seen: dict[str, object] = {}
+            for reply in listing.get(pool) or []:
+                for item in getattr(reply, field):
+                    seen.setdefault(item.name, item)
+            return [seen[name] for name in sorted(seen)]
+
+        return pb.ListCapabilitiesResponse(
+            quantize_methods=union("quantizer", "methods"),
+            finetune_methods=union("trainer", "methods"),
+            export_formats=union("exporter", "formats"),
+            export_targets=sorted({t.name for t in union("exporter", "targets")}),
+            unanswered_pools=sorted(pool for pool, replies in listing.items() if replies is None),
+        )
+
     async def GetArtifact(self, request, context):
         artifact_id = await self._artifact_id(request.artifact_id)
         await self._db(self.access.require_owned, current_principal.get(), artifact_id)
