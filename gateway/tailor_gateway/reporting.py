@@ -8,22 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from tailor_gateway import state as st
-from tailor_gateway.report import render_report_html, render_report_json
+from tailor_gateway.report import METRICS, render_report_html, render_report_json
 from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec
 from tailor_gateway.stage_requests import base_model_id
 from tailor_runtime.store import ArtifactStore
 
-SUMMARY_METRICS = (
-    "perplexity",
-    "perplexity_increase_pct",
-    "size_mb",
-    "latency_ms_per_token",
-    "tokens_per_s",
-    "peak_memory_mb",
-    "model_memory_mb",
-    "top1_agreement",  # with the source model (the fine-tuned one, else the spec's); not for 'original'
-    "kl_divergence",
-)
+# The candidate metrics the summary keeps are the report's columns (top1_agreement: with the source model,
+# the fine-tuned one else the spec's; not for 'original').
+SUMMARY_METRICS = tuple(METRICS)
 
 
 def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
