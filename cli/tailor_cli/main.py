@@ -348,6 +348,21 @@ def parse_sets(items: list[str]) -> dict:
     return config
 
 
+# The quantizer's advice names request fields; `tailor quantize` users set them with these flags.
+_CLI_FLAGS = {
+    "gate.max_perplexity_increase_pct": "--max-ppl-increase",
+    "gate.disabled": "--no-gate",
+    "calibration_data": "--calibration",
+    "eval_data": "--eval",
+}
+
+
+def in_cli_terms(message: str) -> str:
+    for field, flag in _CLI_FLAGS.items():
+        message = message.replace(field, flag)
+    return message
+
+
 def follow_operation(channel: grpc.Channel, op: common.Operation) -> common.Operation:
     stub = common_grpc.OperationsServiceStub(channel)
     with Progress(
@@ -389,7 +404,7 @@ def cmd_quantize(args) -> int:
         numbers = json_format.MessageToDict(op.metrics)
         if numbers.get("gate") == "rejected":
             console.print(render_gate(numbers))
-        raise CliError(f"quantize failed: {op.error.message}")
+        raise CliError(f"quantize failed: {in_cli_terms(op.error.message)}")
     if "perplexity_increase_pct" in op.metrics:
         console.print(render_gate(json_format.MessageToDict(op.metrics)))
     result = op.results[0]

@@ -76,3 +76,15 @@ def test_a_bad_spec_file_is_named_before_any_connection(text, message, no_stack,
         code, out = _run([*no_stack, "pipeline", action, _spec(tmp_path, text)], capsys)
         assert code == 2 and "Traceback" not in out
         assert message in out and "no gateway" not in out, out
+
+
+def test_the_gates_advice_names_the_flags_of_tailor_quantize():
+    advice = (
+        "accuracy gate rejected nf4: ...; nothing was published. Try more bits, a calibrated method (gptq, awq) "
+        "or a looser gate.max_perplexity_increase_pct"
+    )
+    said = cli.in_cli_terms(advice)
+    assert said.endswith("a looser --max-ppl-increase") and "gate." not in said
+    assert cli.in_cli_terms("give eval_data or calibration_data, or set gate.disabled") == (
+        "give --eval or --calibration, or set --no-gate"
+    )
