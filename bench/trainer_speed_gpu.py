@@ -102,7 +102,14 @@ def build_model(folder: Path, method: str, device: str):
 
 
 def run_baseline(
-    folder: Path, method: str, device: str, steps: int, warmup: int, rows: int, padded: bool = False
+    folder: Path,
+    method: str,
+    device: str,
+    steps: int,
+    warmup: int,
+    rows: int,
+    padded: bool = False,
+    flex: bool = False,
 ) -> dict:
     """transformers.Trainer + peft, bf16 autocast, gradient checkpointing.
 
@@ -112,7 +119,9 @@ def run_baseline(
     document boundaries from reset position ids with SDPA or flex_attention: measured on CPU, a packed
     document's logits then differ from the document alone by 0.5-0.7, so the explicit mask is the only
     correct padding-free path there). Padded (--baseline-padded, a labelled extra): batches of 4
-    examples padded to the longest, the old issue-4 baseline."""
+    examples padded to the longest, the old issue-4 baseline. Flex (path baseline+flex, a labelled
+    extra): what a practitioner can switch on too, `attn_implementation="flex_attention"` and a
+    document BlockMask built in the collator instead of the dense mask."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -120,6 +129,8 @@ def run_baseline(
     from tailor_trainer.datasets import IGNORE, ExampleBatches, split
 
     model = build_model(folder, method, device)
+    if flex:
+        model.set_attn_implementation("flex_attention")
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -137,6 +148,10 @@ def run_baseline(
         labels[:, 1:] = batch["labels"][:, :-1]
         out = {"input_ids": batch["input_ids"], "labels": labels, "position_ids": batch["position_ids"]}
         out["attention_mask"] = batch["attention_mask"]
+        if flex:
+            from tailor_trainer.speed import document_block_mask
+
+            out["attention_mask"] = document_block_mask(batch["position_ids"].to(device))
         out["_real"] = batch["real_tokens"]
         return out
 
@@ -181,7 +196,7 @@ def run_baseline(
     Counting(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()]).train()
     seconds = marks["t1"] - marks["t0"]
     return {
-        "baseline": "padded batch 4" if padded else f"packed {rows} x {SEQ}",
+        "baseline": ("padded batch 4" if padded else f"packed {rows} x {SEQ}") + (", flex" if flex else ""),
         "real_tokens_per_s": marks["real"] / seconds,
         "padded_tokens_per_s": marks["padded"] / seconds,
         "padding_share": 1 - marks["real"] / marks["padded"],
@@ -198,6 +213,7 @@ def run_tailor(
     fused: bool,
     rows: int,
     trace_memory: bool = False,
+    levers: frozenset = frozenset(),
 ) -> dict:
     import torch
 
@@ -214,6 +230,8 @@ def run_tailor(
         seq_len=SEQ,
         batch_size=rows,
         quantize_base="nf4" if method == "qlora" else None,
+        attention="flex" if "flex" in levers else "sdpa",
+        compile_layers="compile" in levers,
     )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = build_peft_model(model, cfg, targets)
@@ -222,9 +240,14 @@ def run_tailor(
     train_set, _ = split(examples(model.config.vocab_size), 0.0, 0)
     batches = ExampleBatches(train_set, cfg.batch_size, SEQ, packing=True, seed=0, pad_id=0)
     marks: dict = {"real": 0}
+    from tailor_trainer.speed import pad_to_width
 
     def batch_at(step):
         batch = batches.batch(step)
+        if cfg.compile_layers:  # what finetune_lora does with compiled layers: one shape for every step
+            batch = pad_to_width(batch, SEQ, 0)
+        if step == 1:
+            marks["start"] = time.perf_counter()
         if step == warmup + 1:
             torch.cuda.synchronize() if device == "cuda" else None
             marks["t0"] = time.perf_counter()
@@ -242,12 +265,19 @@ def run_tailor(
             torch.cuda.reset_peak_memory_stats()
 
     trace()
-    train(model, params, batch_at, steps + warmup, 2e-4, trace, to_device=to_device)
+    result = train(model, params, batch_at, steps + warmup, 2e-4, trace, to_device=to_device)
     torch.cuda.synchronize() if device == "cuda" else None
     seconds = time.perf_counter() - marks["t0"]
     return {
         "real_tokens_per_s": marks["real"] / seconds,
         "seconds": seconds,
+        # The untimed warm-up steps: with compiled layers, they include the compilation.
+        "warmup_seconds": marks["t0"] - marks["start"],
+        "levers": sorted(levers),
+        "losses": result.losses,
+        # Graphs the compiler built in the whole run (warm-up and timed steps): more than the warm-up's
+        # means a step recompiled inside the timed window.
+        "compiled_graphs": dict(torch._dynamo.utils.counters["stats"]),
         "packed_rows": len(batches.rows),
         "examples": len(train_set),
         "fused_kernels": fused_applied,
@@ -263,10 +293,20 @@ def child(args) -> None:
 
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if args.path in ("baseline", "padded"):
-        args.padded = args.path == "padded"
+    path, *levers = args.path.split("+")  # e.g. tailor+flex+compile, baseline+flex
+    unknown = set(levers) - {"flex", "compile"}
+    if unknown:
+        raise SystemExit(f"unknown levers {sorted(unknown)} in {args.path}")
+    if path in ("baseline", "padded"):
         result = run_baseline(
-            Path(args.folder), args.method, args.device, args.steps, args.warmup, args.rows, args.padded
+            Path(args.folder),
+            args.method,
+            args.device,
+            args.steps,
+            args.warmup,
+            args.rows,
+            path == "padded",
+            flex="flex" in levers,
         )
     else:
         result = run_tailor(
@@ -278,6 +318,7 @@ def child(args) -> None:
             not args.no_fused,
             args.rows,
             args.trace_memory,
+            frozenset(levers),
         )
     if args.device == "cuda":  # with --trace-memory the peak was reset per phase: the largest of them
         phases = [peak for _, peak in result.get("peak_gb_by_phase", [])]
@@ -306,10 +347,13 @@ def main() -> None:
     parser.add_argument(
         "--paths",
         default="baseline,tailor",
-        help="baseline (HF Trainer + PEFT on the same packed rows), tailor, padded (the old padded batch-4 extra)",
+        help="baseline (HF Trainer + PEFT on the same packed rows), tailor, padded (the old padded batch-4 "
+        "extra); +flex (FlexAttention document mask) and +compile (Tailor: compiled decoder layers) add "
+        "levers, e.g. tailor+flex+compile, baseline+flex. Per method: lora:PATHS;qlora:PATHS overrides",
     )
     parser.add_argument("--trace-memory", action="store_true", help="Tailor's peak GPU memory per phase")
     parser.add_argument("--model-dir", type=Path)
+    parser.add_argument("--child-timeout", type=float, default=300, help="seconds per (method, path) run")
     parser.add_argument("--child", action="store_true")
     parser.add_argument("--path")
     parser.add_argument("--method")
@@ -319,7 +363,6 @@ def main() -> None:
         return child(args)
 
     import torch
-    import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
     # --model-dir: the random model saved once and reused by the next invocations of a session.
@@ -333,8 +376,10 @@ def main() -> None:
         del model
         print(f"random model saved in {time.perf_counter() - started:.0f}s", flush=True)
     results = []
+    env = environment(args)
+    per_method = dict(part.split(":", 1) for part in args.paths.split(";") if ":" in part)
     for method in args.methods.split(","):
-        for path in args.paths.split(","):
+        for path in filter(None, per_method.get(method, args.paths).split(",")):
             cmd = [
                 sys.executable,
                 __file__,
@@ -357,15 +402,24 @@ def main() -> None:
             cmd += ["--rows", str(args.rows), "--seq", str(args.seq)] + (
                 ["--trace-memory"] if args.trace_memory else []
             )
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             row = {"method": method, "path": path, "rows": args.rows, "seq": args.seq}
-            row.update(json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]})
-            print(json.dumps(row), flush=True)
+            try:  # a hung or slow variant must not take the rest of the call with it
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+                line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+                row.update(json.loads(line[7:]) if line else {"error": proc.stderr[-2000:]})
+            except subprocess.TimeoutExpired as exc:
+                row["error"] = f"timed out after {exc.timeout} s"
+            print(
+                json.dumps({k: v for k, v in row.items() if k not in ("peak_gb_by_phase", "losses")}),
+                flush=True,
+            )
             results.append(row)
+            if args.out:  # after every row: a call cut short still brings back what it measured
+                args.out.write_text(json.dumps({"environment": env, "results": results}, indent=2))
     by = {(r["method"], r["path"]): r for r in results}
     print(
-        "\n| method | path | real tokens/s | padded tokens/s | peak GPU GB | vs baseline |\n|---|---|---|---|---|---|"
+        "\n| method | path | real tokens/s | padded tokens/s | peak GPU GB | warm-up s | vs baseline |"
+        "\n|---|---|---|---|---|---|---|"
     )
     for r in results:
         base = by.get((r["method"], "baseline"), {})
@@ -374,17 +428,22 @@ def main() -> None:
         )
         print(
             f"| {r['method']} | {r['path']} | {r.get('real_tokens_per_s', 0):,.0f} | "
-            f"{r.get('padded_tokens_per_s', 0):,.0f} | {r.get('peak_gpu_gb', 0):.1f} | {ratio:.2f}x |"
+            f"{r.get('padded_tokens_per_s', 0):,.0f} | {r.get('peak_gpu_gb', 0):.2f} | "
+            f"{r.get('warmup_seconds', 0):.1f} | {ratio:.2f}x |" + (" ERROR" if "error" in r else "")
         )
-    env = {
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+
+    return {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "peft": __import__("peft").__version__,
         "gpu": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
         "model": "Llama-2-7B architecture, RANDOM weights" if not args.small else "small random Llama",
     }
-    env["peft"] = __import__("peft").__version__
-    if args.out:
-        args.out.write_text(json.dumps({"environment": env, "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -104,9 +104,14 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
     7B model: without this the packed run's peak memory was 0.5 GB above plain PEFT's)."""
     import torch
 
+    from tailor_trainer.speed import FLEX_ATTR, document_block_mask
+
     kwargs = {k: batch[k] for k in ("position_ids", "attention_mask") if k in batch}
     labels = batch["labels"]
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, FLEX_ATTR, False) and "position_ids" in batch:
+        # FlexAttention: the documents from the position ids, as a BlockMask, instead of the dense mask.
+        kwargs["attention_mask"] = document_block_mask(batch["position_ids"])
     if hasattr(base, "model") and hasattr(base, "lm_head"):
         hidden = base.model(input_ids=batch["input_ids"], **kwargs).last_hidden_state
         keep = labels != IGNORE

@@ -131,6 +131,16 @@ class LoraTrainConfig(BaseModel):
             "cross-entropy for the loss, when liger-kernel is installed."
         ),
     )
+    attention: Literal["sdpa", "flex"] = Field(
+        default="sdpa",
+        description="Attention for packed rows: sdpa with the dense block-diagonal mask, or flex "
+        "(on a GPU: FlexAttention with a document BlockMask, skipping cross-document blocks).",
+    )
+    compile_layers: bool = Field(
+        default=False,
+        description="torch.compile each decoder layer (regional compilation; batches padded to seq_len "
+        "so shapes stay fixed). The first step pays the compilation.",
+    )
     data_parallel: int = Field(
         default=1,
         ge=1,
@@ -279,6 +289,8 @@ def finetune_lora(
         tokenizer.chat_template = cfg.chat_template
     # All data is read and validated before the (possibly 4-bit, possibly GPU) model is built.
     batch_at, eval_batches, data_stats = training_batches(train_text, tokenizer, cfg)
+    if cfg.compile_layers:
+        batch_at, eval_batches = fixed_width_batches(batch_at, eval_batches, cfg.seq_len, tokenizer)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and parallel is not None:
         device = f"cuda:{parallel.rank}"
@@ -404,8 +416,15 @@ def build_peft_model(model: Any, cfg: LoraTrainConfig, targets: list[str]) -> An
     import torch
     from peft import LoraConfig, get_peft_model
 
+    from tailor_trainer import speed
+
     if cfg.fused_kernels and next(model.parameters()).is_cuda:
-        apply_fused_kernels(model)
+        # Compiled layers get their norms and MLP fused by the compiler; Liger's kernels stay outside.
+        apply_fused_kernels(model, in_layers=not cfg.compile_layers)
+    if cfg.attention == "flex" and next(model.parameters()).is_cuda and speed.flex_supports(model):
+        # FlexAttention has no backward on CPU (torch 2.13) and no kernel for heads narrower than 16
+        # (stories260K's are 8): there the dense-mask SDPA path stays.
+        speed.use_flex_document_attention(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -421,10 +440,13 @@ def build_peft_model(model: Any, cfg: LoraTrainConfig, targets: list[str]) -> An
     )
     # Adapters in float32 over a bf16 base (peft's autocast_adapter_dtype): updates this small need the
     # precision, and the base's memory is what matters.
-    return get_peft_model(model, lora, autocast_adapter_dtype=True)
+    peft_model = get_peft_model(model, lora, autocast_adapter_dtype=True)
+    if cfg.compile_layers:
+        speed.compile_decoder_layers(peft_model)
+    return peft_model
 
 
-def apply_fused_kernels(model: Any) -> bool:
+def apply_fused_kernels(model: Any, in_layers: bool = True) -> bool:
     """Liger's Triton RMSNorm and SwiGLU on this model's own modules, and its fused linear
     cross-entropy for the training loss; False when unavailable.
 
@@ -449,8 +471,8 @@ def apply_fused_kernels(model: Any) -> bool:
         _apply_liger_kernel_to_instance(
             model=model,
             rope=False,
-            rms_norm=True,
-            swiglu=True,
+            rms_norm=in_layers,
+            swiglu=in_layers,
             cross_entropy=False,
             fused_linear_cross_entropy=False,
         )
@@ -468,6 +490,17 @@ def restore_module_globals(module: Any, before: dict[str, Any]) -> None:
     for name, value in before.items():
         if vars(module).get(name) is not value:
             setattr(module, name, value)
+
+
+def fixed_width_batches(batch_at: Any, eval_batches: list, width: int, tokenizer: Any):
+    """Every batch padded to `width` (speed.pad_to_width): compiled layers then see one shape."""
+    from tailor_trainer.speed import pad_to_width
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return (
+        lambda step: pad_to_width(batch_at(step), width, pad),
+        [pad_to_width(b, width, pad) for b in eval_batches],
+    )
 
 
 def training_batches(path: Path, tokenizer: Any, cfg: LoraTrainConfig):
