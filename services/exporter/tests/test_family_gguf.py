@@ -15,7 +15,7 @@ import torch
 from support.families import TINY_FAMILIES, tiny_model
 from support.optional import require_llama_cpp
 
-from tailor_exporter.gguf_export import TOLERANCES, GgufExportConfig, export_gguf
+from tailor_exporter.gguf_export import GgufExportConfig, export_gguf
 from tailor_runtime.ml import architectures, gguf_io
 from tailor_runtime.progress import no_progress
 
@@ -39,7 +39,7 @@ def test_every_family_exports_a_gguf_that_llama_cpp_runs_like_the_source(name, t
         cfg = GgufExportConfig(type="F16", min_top1_agreement=0.98)
     result = export_gguf(model, tmp_path / "out", cfg, no_progress)
 
-    checks, tol = result["verification"]["checks"], TOLERANCES["F16"]
+    checks, tol = result["verification"]["checks"], cfg.tolerance()  # the type's, with the override
     assert checks["dequantized"]["passed"] and checks["llama_cpp"]["passed"]
     assert checks["llama_cpp"]["max_abs_diff"] <= tol["llama_atol"]
     assert checks["llama_cpp"]["top1_agreement"] >= tol["llama_top1"]
