@@ -102,7 +102,7 @@ test-unit: install $(HELM) $(VENV)/.llamacpp
 test-integration: install system-deps $(VENV_MLSERVER)/.installed
 	TAILOR_REQUIRE_MLSERVER=1 $(BIN)/python -m pytest -m "integration" $(PYTEST_ARGS)
 
-lint: install
+lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
