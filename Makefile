@@ -34,8 +34,10 @@ gen/.stamp: $(PROTOS) $(VENV)/.installed
 	rm -f gen/__init__.py
 	touch $@
 
-$(VENV)/.editable: gen/.stamp pyproject.toml
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+# The `all` extra (setup.py: every role's packages, pinned by requirements.txt, already installed above);
+# `pip install .` alone is the light client (docs/sdk.md).
+$(VENV)/.editable: gen/.stamp pyproject.toml setup.py
+	$(BIN)/pip install -q --disable-pip-version-check --no-build-isolation -e ".[all]"
 	touch $@
 
 install: $(VENV)/.editable $(CONVERTER)/.stamp

@@ -7,7 +7,6 @@ import json
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import grpc
@@ -15,43 +14,52 @@ import yaml
 from google.protobuf import json_format
 from rich.console import Console
 from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
-from tailor.common.v1 import common_pb2 as common
-from tailor.common.v1 import common_pb2_grpc as common_grpc
+from tailor.client import Artifact, Client, Pipeline
+from tailor.connection import DEFAULT_STATE_DIR
+from tailor.errors import ClientError
 from tailor.gateway.v1 import gateway_service_pb2 as pb
-from tailor.quantizer.v1 import quantizer_service_pb2 as quant_pb
-from tailor.quantizer.v1 import quantizer_service_pb2_grpc as quant_grpc
+from tailor.specs import LocalSpec
 from tailor_cli.admin import add_parsers as add_admin_parsers
 from tailor_cli.admin import cmd_audit, cmd_tokens
-from tailor_cli.client import (
-    DEFAULT_STATE_DIR,
-    CliError,
-    Connection,
-    download,
-    import_hub,
-    resolve_model,
-    upload,
-)
-from tailor_cli.render import human_bytes, pipeline_state, render_gate, short_id, stages_table, summary_view
+from tailor_cli.render import human_bytes, short_id, stages_table, summary_view
 from tailor_cli.select import add_parser as add_select_parser
 from tailor_cli.select import cmd_select
-from tailor_cli.stack import Stack, StackError, health_status, running_stack, stop_running_stack
 from tailor_cli.triton import add_parser as add_triton_parser
 from tailor_cli.triton import cmd_triton
-from tailor_gateway.spec import parse_spec
 from tailor_runtime.errors import TailorError
-from tailor_runtime.operations import to_struct
 
 # Piped output (CI logs, `make run | tee`) would otherwise wrap tables at 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 140)
-TERMINAL = (pb.PIPELINE_STATE_SUCCEEDED, pb.PIPELINE_STATE_FAILED, pb.PIPELINE_STATE_CANCELLED)
 
 
 # --- the local stack ----------------------------------------------------------------------------
+def stack_kit():
+    """tailor_cli.stack, which runs the services themselves: it needs the workers' packages, which the
+    light client (`pip install tailor`) leaves out."""
+    try:
+        from tailor_cli import stack
+    except ModuleNotFoundError as exc:
+        raise ClientError(
+            f"the local stack runs every service here, and {exc.name} is not installed: install the "
+            "workers' packages (`pip install '.[all]'` in the repository, or `make install`), or point "
+            "this client at a running gateway with TAILOR_GATEWAY and TAILOR_TOKEN"
+        ) from None
+    return stack
+
+
 def cmd_up(args) -> int:
-    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store, die_with_parent=True)
+    stack = stack_kit().Stack(args.state_dir, base_port=args.port, store_url=args.store, die_with_parent=True)
     stopping = []
     # Closing the terminal (SIGHUP) or `tailor down` (SIGTERM) stops the stack as Ctrl-C does; a SIGKILL
     # of this process stops the services too (die_with_parent), so none is left holding the ports.
@@ -81,7 +89,7 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    stopped = stop_running_stack(args.state_dir)
+    stopped = stack_kit().stop_running_stack(args.state_dir)
     console.print(
         f"stopped the local stack from {args.state_dir}: {', '.join(stopped) or 'nothing was left'}"
     )
@@ -89,17 +97,20 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
-    info = running_stack(args.state_dir)
+    kit = stack_kit()
+    info = kit.running_stack(args.state_dir)
     if info is None:
-        raise CliError(f"no local stack is running from {args.state_dir}; start one with `tailor up`")
+        raise ClientError(f"no local stack is running from {args.state_dir}; start one with `tailor up`")
     addresses = {"gateway": info["gateway"], **info.get("services", {}), **info.get("replicas", {})}
     if args.json:
-        return print_json({**info, "health": {s: health_status(a) for s, a in addresses.items()}})
+        return print_json({**info, "health": {s: kit.health_status(a) for s, a in addresses.items()}})
     table = Table(title=f"local stack ({args.state_dir})")
     for col in ("service", "address", "pid", "health"):
         table.add_column(col)
     for service, address in addresses.items():
-        table.add_row(service, address, str(info.get("pids", {}).get(service, "")), health_status(address))
+        table.add_row(
+            service, address, str(info.get("pids", {}).get(service, "")), kit.health_status(address)
+        )
     console.print(table)
     if info.get("down"):
         console.print(f"[red]given up after repeated crashes: {', '.join(info['down'])}[/red]")
@@ -108,243 +119,218 @@ def cmd_status(args) -> int:
 
 def cmd_quickstart(args) -> int:
     read_spec_file(args.spec)  # a missing spec is said before six services start
-    stack = Stack(args.state_dir, base_port=args.port, store_url=args.store, die_with_parent=True)
+    stack = stack_kit().Stack(args.state_dir, base_port=args.port, store_url=args.store, die_with_parent=True)
     started = time.monotonic()
     with console.status("starting the local stack (6 services)..."):
         stack.start()
     console.print(f"local stack up in {time.monotonic() - started:.1f}s (logs in {args.state_dir / 'logs'})")
     try:
-        conn = Connection.discover(args.state_dir)
-        return run_pipeline(conn, args.spec, watch=True, state_dir=args.state_dir)
+        return run_pipeline(open_client(args), args.spec, watch=True, state_dir=args.state_dir)
     finally:
         with console.status("stopping the local stack..."):
             stack.stop()
 
 
 # --- pipelines ----------------------------------------------------------------------------------
-def upload_spec_inputs(conn: Connection, spec_path: Path) -> str:
-    """Upload every `path:` input of the spec and return the spec with artifact ids instead."""
-    text = read_spec_file(spec_path)
-    parse_spec(text, require_artifacts=False)  # fail fast on a bad spec, before uploading
-    raw = yaml.safe_load(text)
-    base = spec_path.parent
-
-    def resolve(node: dict, label: str) -> None:
-        if isinstance(node, dict) and "path" in node:
-            path = (base / node["path"]).resolve()
-            with console.status(f"uploading {label} from {path}..."):
-                reply = upload(conn, path)
-            console.print(f"uploaded {label}: {short_id(reply.artifact.id)} ({reply.artifact.kind})")
-            node.pop("path")
-            node["artifact"] = reply.artifact.id
-
-    resolve(raw.get("model"), "model")
-    for key in ("train", "eval"):
-        resolve((raw.get("data") or {}).get(key), f"data.{key}")
-    for i, candidate in enumerate(raw.get("quantize") or []):
-        resolve(((candidate or {}).get("calibration") or {}).get("data"), f"quantize[{i}].calibration.data")
-    return yaml.safe_dump(raw, sort_keys=False)
+def open_client(args) -> Client:
+    return Client(state_dir=args.state_dir)
 
 
-def _local_inputs(raw: dict) -> list[tuple[str, str]]:
-    """(label, path) of every `path:` input of a parsed spec file."""
-    found = []
-    nodes = [("model", raw.get("model"))]
-    nodes += [(f"data.{k}", (raw.get("data") or {}).get(k)) for k in ("train", "eval")]
-    for i, candidate in enumerate(raw.get("quantize") or []):
-        nodes.append(
-            (f"quantize[{i}].calibration.data", ((candidate or {}).get("calibration") or {}).get("data"))
-        )
-    for label, node in nodes:
-        if isinstance(node, dict) and "path" in node:
-            found.append((label, node["path"]))
-    return found
-
-
-def validate_spec(conn: Connection, spec_path: Path) -> pb.Pipeline:
-    """The gateway's whole check of the spec (names, stage configs against the workers' schemas, artifact
-    inputs), with local paths checked here; nothing is uploaded or created."""
-    text = read_spec_file(spec_path)
-    parse_spec(text, require_artifacts=False)  # malformed YAML and unknown keys, named, before any call
-    raw = yaml.safe_load(text)
-    for label, path in _local_inputs(raw):
-        if not (spec_path.parent / path).exists():
-            raise CliError(f"{label}.path: {path} does not exist (relative to {spec_path.parent or '.'})")
-    return conn.gateway_stub().CreatePipeline(
-        pb.CreatePipelineRequest(spec_yaml=text, validate_only=True), metadata=conn.metadata()
+def transfer_bar() -> Progress:
+    """Bytes sent or received, the rate and the time left: for uploads and downloads."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
     )
+
+
+class UploadBars:
+    """One progress bar per uploaded input, and a line with its id once it is stored."""
+
+    def __init__(self, bar: Progress):
+        self.bar = bar
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, label: str, path: Path, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bar.add_task(f"uploading {label} ({path.name})", total=total)
+        self.bar.update(self.tasks[label], completed=done)
 
 
 def read_spec_file(spec_path: Path) -> str:
     if not spec_path.is_file():
-        raise CliError(f"spec file {spec_path} does not exist")
+        raise ClientError(f"spec file {spec_path} does not exist")
     return spec_path.read_text()
 
 
-def run_pipeline(conn: Connection, spec_path: Path, watch: bool, state_dir: Path, key: str = "") -> int:
-    validate_spec(conn, spec_path)  # a bad name or config is refused before anything is uploaded
-    spec_yaml = upload_spec_inputs(conn, spec_path)
-    stub = conn.gateway_stub()
-    p = stub.CreatePipeline(
-        pb.CreatePipelineRequest(spec_yaml=spec_yaml, idempotency_key=key or uuid.uuid4().hex),
-        metadata=conn.metadata(),
-    )
+def run_pipeline(client: Client, spec, watch: bool, state_dir: Path, key: str = "") -> int:
+    """Submit (validated by the gateway first, then the local inputs uploaded) and, with watch, follow it."""
+    with transfer_bar() as bar:
+        p = client.submit(spec, idempotency_key=key, on_upload=UploadBars(bar))
     console.print(f"pipeline {p.name} submitted: {p.id}")
     if not watch:
         return 0
-    return watch_pipeline(conn, p.id, state_dir)
+    return watch_pipeline(client, p.id, state_dir)
 
 
-def watch_pipeline(conn: Connection, pipeline_id: str, state_dir: Path) -> int:
-    stub = conn.gateway_stub()
-    started = time.monotonic()
+def follow(client: Client, pipeline_id: str) -> Pipeline:
+    """The pipeline's stages live until it ends; Ctrl-C stops watching only (raises WatchStopped)."""
     last = None
     try:
         with Live(console=console, refresh_per_second=4, transient=False) as live:
-            for event in stub.WatchPipeline(
-                pb.WatchPipelineRequest(pipeline_id=pipeline_id), metadata=conn.metadata()
-            ):
-                last = event.pipeline
-                live.update(stages_table(last))
+            for last in client.watch(pipeline_id):
+                live.update(stages_table(last.proto))
     except KeyboardInterrupt:
         # Watching is only a view: the gateway runs the pipeline whether anyone watches or not.
         console.print(
             f"stopped watching; pipeline {pipeline_id} goes on. Follow it again with "
             f"`tailor pipeline watch {pipeline_id}`, or stop it with `tailor pipeline cancel {pipeline_id}`"
         )
-        return 130
+        raise WatchStopped from None
     if last is None:
-        raise CliError("the gateway closed the stream without news of the pipeline")
+        raise ClientError("the gateway closed the stream without news of the pipeline")
+    return last if last.done else client.pipeline(pipeline_id)
+
+
+class WatchStopped(Exception):
+    """The user pressed Ctrl-C while watching (exit 130; the pipeline goes on)."""
+
+
+def watch_pipeline(client: Client, pipeline_id: str, state_dir: Path) -> int:
+    started = time.monotonic()
+    last = follow(client, pipeline_id)
     elapsed = time.monotonic() - started
-    if last.state != pb.PIPELINE_STATE_SUCCEEDED:
-        console.print(f"[red]pipeline {pipeline_state(last.state).lower()}: {last.error.message}[/red]")
+    if last.state != "succeeded":
+        console.print(f"[red]pipeline {last.state}: {escape(last.error)}[/red]")
         return 1
-    summary = json_format.MessageToDict(last.summary)
     report_path = None
-    if last.report.id:
-        files = download(conn, last.report.id, state_dir / "reports" / pipeline_id)
+    if last.report_id:
+        files = client.download(last.report_id, state_dir / "reports" / last.id)
         report_path = next((str(f) for f in files if f.name == "report.html"), None)
-    console.print(summary_view(summary, report_path))
+    console.print(summary_view(last.summary, report_path))
     console.print(f"pipeline finished in {elapsed:.1f}s")
     return 0
 
 
 def cmd_pipeline(args) -> int:
     if args.action in ("run", "validate"):  # the file's own mistakes first, before any connection
-        parse_spec(read_spec_file(args.spec), require_artifacts=False)
-    conn = Connection.discover(args.state_dir)
-    stub = conn.gateway_stub()
+        LocalSpec.load(args.spec)
+    client = open_client(args)
     if args.action == "run":
-        return run_pipeline(conn, args.spec, args.watch, args.state_dir, args.idempotency_key)
+        return run_pipeline(client, args.spec, args.watch, args.state_dir, args.idempotency_key)
     if args.action == "validate":
-        p = validate_spec(conn, args.spec)
+        p = client.validate(args.spec)
         console.print(f"{args.spec}: valid; pipeline {p.name} would run {len(p.stages)} stages:")
         console.print(", ".join(stage.name for stage in p.stages))
         return 0
     if args.action == "list":
-        pipelines = stub.ListPipelines(pb.ListPipelinesRequest(), metadata=conn.metadata()).pipelines
+        pipelines = client.pipelines()
         if args.json:
-            return print_json([pipeline_to_dict(p) for p in pipelines])
+            return print_json([pipeline_to_dict(p.proto) for p in pipelines])
         table = Table(title="pipelines")
         for col in ("id", "name", "state", "created (UTC)"):
             table.add_column(col, no_wrap=col == "id")
         for p in pipelines:
-            created = p.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
-            table.add_row(short_id(p.id), p.name, pipeline_state(p.state).lower(), created)
+            table.add_row(short_id(p.id), p.name, p.state, p.created.strftime("%Y-%m-%d %H:%M"))
         console.print(table)
         return 0
     if args.action == "status":
-        p = stub.GetPipeline(pb.GetPipelineRequest(pipeline_id=args.id), metadata=conn.metadata())
+        p = client.pipeline(args.id)
         if args.json:
-            return print_json(pipeline_to_dict(p))
-        console.print(stages_table(p))
-        if p.summary.fields:
-            console.print(summary_view(json_format.MessageToDict(p.summary), None))
+            return print_json(pipeline_to_dict(p.proto))
+        console.print(stages_table(p.proto))
+        if p.summary:
+            console.print(summary_view(p.summary, None))
         return 0
     if args.action == "watch":
-        return watch_pipeline(conn, args.id, args.state_dir)
+        return watch_pipeline(client, args.id, args.state_dir)
     if args.action == "cancel":
-        p = stub.CancelPipeline(pb.CancelPipelineRequest(pipeline_id=args.id), metadata=conn.metadata())
-        console.print(f"pipeline {p.id}: {pipeline_state(p.state).lower()}")
+        p = client.cancel(args.id)
+        console.print(f"pipeline {p.id}: {p.state}")
         return 0
     raise AssertionError(args.action)
 
 
 # --- artifacts ----------------------------------------------------------------------------------
+def download_with_bar(client: Client, artifact_id: str, dest: Path) -> list[Path]:
+    with transfer_bar() as bar:
+        task = bar.add_task(f"downloading {short_id(artifact_id)}", total=None)
+        return client.download(
+            artifact_id, dest, on_progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+
+
+def upload_with_bar(client: Client, path: Path, kind: str | None = None, fmt: str | None = None) -> Artifact:
+    with transfer_bar() as bar:
+        task = bar.add_task(f"uploading {path.name}", total=None)
+        return client.upload(
+            path, kind, fmt, on_progress=lambda done, total: bar.update(task, completed=done, total=total)
+        )
+
+
 def cmd_artifacts(args) -> int:
-    conn = Connection.discover(args.state_dir)
-    stub = conn.gateway_stub()
+    client = open_client(args)
     if args.action == "ls":
-        rows = []
-        for ref in stub.ListArtifacts(
-            pb.ListArtifactsRequest(kind=args.kind or ""), metadata=conn.metadata()
-        ).artifacts:
-            m = json.loads(
-                stub.GetArtifact(
-                    pb.GetArtifactRequest(artifact_id=ref.id), metadata=conn.metadata()
-                ).manifest_json
-            )
-            made_by = m.get("recipe", {}).get("stage", "upload")
-            size = sum(f["size"] for f in m["files"])
-            rows.append({"id": ref.id, "kind": ref.kind, "name": m.get("name", ""), "format": m.get("format", ""),
-                         "made_by": made_by, "bytes": size, "parents": m.get("parents", [])})  # fmt: skip
+        artifacts = client.artifacts(args.kind or "")
         if args.json:
-            return print_json(rows)
+            return print_json(
+                [{"id": a.id, "kind": a.kind, "name": a.name, "format": a.format, "made_by": a.made_by,
+                  "bytes": a.size, "parents": a.parents} for a in artifacts]
+            )  # fmt: skip
         table = Table(title="artifacts")
         for col in ("id", "kind", "name", "format", "made by", "size"):
             table.add_column(col, no_wrap=col in ("id", "size"), overflow="fold")
-        for r in rows:
-            table.add_row(
-                short_id(r["id"]), r["kind"], r["name"], r["format"], r["made_by"], human_bytes(r["bytes"])
-            )
+        for a in artifacts:
+            table.add_row(short_id(a.id), a.kind, a.name, a.format, a.made_by, human_bytes(a.size))
         console.print(table)
     elif args.action == "get":
-        files = download(conn, args.id, args.dest)
+        files = download_with_bar(client, args.id, args.dest)
         console.print(f"{len(files)} files written to {args.dest} (sha256 checked by the store)")
     elif args.action == "show":
-        reply = stub.GetArtifact(pb.GetArtifactRequest(artifact_id=args.id), metadata=conn.metadata())
-        console.print_json(reply.manifest_json)
+        console.print_json(json.dumps(client.artifact(args.id).manifest))
     elif args.action == "put":
-        reply = upload(conn, args.path, args.kind, args.format)
-        console.print(f"{reply.artifact.id} ({reply.artifact.kind})")
+        artifact = upload_with_bar(client, args.path, args.kind, args.format)
+        console.print(f"{artifact.id} ({artifact.kind})")
     return 0
 
 
 def cmd_models(args) -> int:
     """`tailor models import PATH | --hub ORG/NAME [--revision R]`: prints the model's artifact id."""
-    conn = Connection.discover(args.state_dir)
+    client = open_client(args)
     if (args.path is None) == (args.hub is None):
-        raise CliError("give a local folder (PATH) or --hub ORG/NAME, not both")
+        raise ClientError("give a local folder (PATH) or --hub ORG/NAME, not both")
     if args.revision and args.hub is None:
-        raise CliError("--revision goes with --hub")
+        raise ClientError("--revision goes with --hub")
     if args.hub is not None:
         with console.status(f"the gateway is importing {args.hub} from the Hugging Face Hub..."):
-            reply = import_hub(conn, args.hub, args.revision or "")
-        note = "already in the store, nothing downloaded" if reply.cached else "downloaded and stored"
-        console.print(f"{args.hub}@{reply.commit[:12]}: {note}", style="dim")
+            artifact = client.import_model(args.hub, args.revision or "")
+        console.print(f"{args.hub}: in the store", style="dim")
     else:
         if not args.path.is_dir():
-            raise CliError(f"{args.path} is not a folder: give a Hugging Face model folder")
-        with console.status(f"uploading {args.path}..."):
-            reply = upload(conn, args.path, kind="model")
-    manifest = json.loads(reply.manifest_json)
-    size = sum(f["size"] for f in manifest["files"])
-    console.print(f"{manifest['format']}, {len(manifest['files'])} files, {size} bytes", style="dim")
-    print(reply.artifact.id)
+            raise ClientError(f"{args.path} is not a folder: give a Hugging Face model folder")
+        artifact = upload_with_bar(client, args.path, kind="model")
+    files = artifact.manifest["files"]
+    console.print(f"{artifact.format}, {len(files)} files, {artifact.size} bytes", style="dim")
+    print(artifact.id)
     return 0
 
 
-# --- direct stage commands ----------------------------------------------------------------------
+# --- quantize: a one-candidate pipeline ---------------------------------------------------------
 def parse_sets(items: list[str]) -> dict:
     config = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise CliError(f"--set {item!r}: expected key=value")
+            raise ClientError(f"--set {item!r}: expected key=value")
         try:
             config[key] = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise CliError(f"--set {item!r}: the value is not a number, word or YAML list/map") from None
+            raise ClientError(f"--set {item!r}: the value is not a number, word or YAML list/map") from None
     return config
 
 
@@ -363,69 +349,88 @@ def in_cli_terms(message: str) -> str:
     return message
 
 
-def follow_operation(channel: grpc.Channel, op: common.Operation) -> common.Operation:
-    stub = common_grpc.OperationsServiceStub(channel)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task(op.kind, total=100)
-        for event in stub.WatchOperation(common.WatchOperationRequest(operation_id=op.id)):
-            op = event.operation
-            bar.update(
-                task,
-                completed=op.progress.percent,
-                description=f"{op.kind} {op.progress.phase} {op.progress.message}".strip(),
-            )
-    return op
+def model_input(client: Client, value: str) -> dict:
+    """--model as a spec's model input: a local folder, hub:ORG/NAME[@REV], or an artifact id (any unique
+    prefix of 8+ characters, made whole by the gateway)."""
+    if value.startswith("hub:"):
+        repo, _, revision = value.removeprefix("hub:").partition("@")
+        return {"hub": repo, **({"revision": revision} if revision else {})}
+    if Path(value).exists():
+        return {"path": str(Path(value).resolve())}
+    if 8 <= len(value) <= 64 and all(c in "0123456789abcdef" for c in value):
+        return {"artifact": client.artifact(value).id}
+    raise ClientError(
+        f"--model {value}: no such folder, and not an artifact id (8-64 hex characters) or hub:ORG/NAME"
+    )
+
+
+def quantize_spec(client: Client, args, config: dict) -> dict:
+    """`tailor quantize`'s flags as a pipeline: the model, one quantize candidate, its benchmark."""
+    calibration = {
+        key: value
+        for key, value in (
+            ("data", {"path": str(args.calibration.resolve())} if args.calibration else None),
+            ("samples", args.samples or None),
+            ("seq_len", args.seq_len or None),
+        )
+        if value is not None
+    }
+    candidate = {
+        "method": args.method,
+        "config": config,
+        "seed": args.seed,
+        "gate": {"max_perplexity_increase_pct": args.max_ppl_increase, "disabled": args.no_gate},
+        **({"calibration": calibration} if calibration else {}),
+    }
+    name = "quantize-" + "".join(c if c.isalnum() or c in "._-" else "-" for c in args.method.lower())
+    return {
+        "name": name[:63],
+        "model": model_input(client, args.model),
+        "data": {"eval": {"path": str(args.eval.resolve())}},
+        "quantize": [candidate],
+    }
 
 
 def cmd_quantize(args) -> int:
+    """A pipeline through the gateway (so it works against any gateway and the artifact is the project's):
+    quantize, the accuracy gate, a benchmark beside the original, the report."""
     config = parse_sets(args.set)  # before any upload: a typo should cost nothing
-    conn = Connection.discover(args.state_dir)
-    model_id = resolve_model(conn, args.model)
-    request = quant_pb.QuantizeRequest(
-        model=common.ArtifactRef(id=model_id),
-        method=args.method,
-        config=to_struct(config),
-        seed=args.seed,
-        calibration=quant_pb.CalibrationOptions(samples=args.samples, seq_len=args.seq_len),
-        gate=quant_pb.AccuracyGate(max_perplexity_increase_pct=args.max_ppl_increase, disabled=args.no_gate),
-    )
-    for path, field in ((args.calibration, request.calibration_data), (args.eval, request.eval_data)):
-        if path is not None:
-            field.id = upload(conn, path).artifact.id
-    channel = conn.service_channel("quantizer")
-    op = follow_operation(channel, quant_grpc.QuantizerServiceStub(channel).Quantize(request))
-    if op.state != common.OPERATION_STATE_SUCCEEDED:
-        numbers = json_format.MessageToDict(op.metrics)
-        if numbers.get("gate") == "rejected":
-            console.print(render_gate(numbers))
-        raise CliError(f"quantize failed: {in_cli_terms(op.error.message)}")
-    if "perplexity_increase_pct" in op.metrics:
-        console.print(render_gate(json_format.MessageToDict(op.metrics)))
-    result = op.results[0]
-    console.print(f"quantized model {result.id}{' (cached)' if op.cached else ''}")
+    if args.eval is None:
+        raise ClientError(
+            "give --eval TEXT: held-out text that the accuracy gate and the benchmark measure perplexity on "
+            "(for example examples/data/tinystories_eval.txt)"
+        )
+    client = open_client(args)
+    spec = quantize_spec(client, args, config)
+    with transfer_bar() as bar:
+        submitted = client.submit(spec, on_upload=UploadBars(bar))
+    console.print(f"pipeline {submitted.name} submitted: {submitted.id}")
+    last = follow(client, submitted.id)
+    stage = next((s for s in last.stages if s.kind == "quantize"), None)
+    if last.summary:
+        console.print(summary_view(last.summary, None))
+    if stage is None or stage.state != "succeeded":
+        reason = stage.error if stage is not None and stage.error else last.error
+        raise ClientError(f"quantize {stage.state if stage else last.state}: {in_cli_terms(reason)}")
+    result = stage.results[0]
+    console.print(f"quantized model {result}{' (cached)' if stage.cached else ''}; pipeline {last.id}")
     if args.out:
-        download(conn, result.id, args.out)
+        download_with_bar(client, result, args.out)
         console.print(f"written to {args.out}")
     return 0
 
 
-def _capabilities(conn: Connection) -> pb.ListCapabilitiesResponse:
+def _capabilities(client: Client) -> pb.ListCapabilitiesResponse:
     """What the gateway's worker pools offer (works against the local stack, a remote gateway, the chart)."""
-    reply = conn.gateway_stub().ListCapabilities(pb.ListCapabilitiesRequest(), metadata=conn.metadata())
+    reply = client.capabilities()
     if reply.unanswered_pools:
         console.print(f"[yellow]no worker answered in: {', '.join(reply.unanswered_pools)}[/yellow]")
     return reply
 
 
-def _listings(conn: Connection) -> list[tuple[str, object]]:
+def _listings(client: Client) -> list[tuple[str, object]]:
     """(what, MethodInfo) for every quantizer and trainer method and export format the pools list."""
-    reply = _capabilities(conn)
+    reply = _capabilities(client)
     return [
         *(("quantize method", m) for m in reply.quantize_methods),
         *(("finetune method", m) for m in reply.finetune_methods),
@@ -444,10 +449,10 @@ def print_json(value) -> int:
 
 
 def cmd_methods(args) -> int:
-    conn = Connection.discover(args.state_dir)
+    client = open_client(args)
     if getattr(args, "action", None) == "describe":
-        return _describe_method(conn, args.name, args.json)
-    methods = _capabilities(conn).quantize_methods
+        return _describe_method(client, args.name, args.json)
+    methods = _capabilities(client).quantize_methods
     if args.json:
         return print_json([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in methods])
     table = Table(title="quantization methods of the quantizer pool")
@@ -465,17 +470,17 @@ def cmd_methods(args) -> int:
     return 0
 
 
-def _describe_method(conn: Connection, name: str, as_json: bool = False) -> int:
+def _describe_method(client: Client, name: str, as_json: bool = False) -> int:
     """A method's or format's settings, from the JSON Schema its worker publishes (what the gateway checks)."""
     import json
 
     from tailor_runtime.config_schema import schema_rows
 
-    listed = _listings(conn)
+    listed = _listings(client)
     found = [(what, info) for what, info in listed if info.name == name]
     if not found:
         names = sorted({info.name for _, info in listed})
-        raise CliError(f"no worker lists a method or format named {name!r}; known: {', '.join(names)}")
+        raise ClientError(f"no worker lists a method or format named {name!r}; known: {', '.join(names)}")
     if as_json:
         return print_json(
             [{"kind": what, "name": info.name, "available": info.available, "description": info.description,
@@ -644,14 +649,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (CliError, TailorError, StackError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    except WatchStopped:
+        return 130
+    except grpc.RpcError as exc:  # the gateway's refusals (tailor.RequestRefused) and plain gRPC errors
+        console.print(f"[red]error ({exc.code().name}):[/red] {escape(exc.details() or '')}")
         return 2
-    except grpc.RpcError as exc:
-        console.print(f"[red]error ({exc.code().name}):[/red] {exc.details()}")
+    except (ClientError, TailorError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     except RuntimeError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")

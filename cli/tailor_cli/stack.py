@@ -24,7 +24,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tailor_cli.client import Connection, open_channel
+from tailor.connection import Connection, open_channel
+from tailor.errors import ClientError
 from tailor_gateway.tokens import issue_token
 from tailor_runtime.trust import SyncWorkerCallInterceptor
 
@@ -46,7 +47,7 @@ SECRET_FILE = "worker-secret"
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-class StackError(RuntimeError):
+class StackError(ClientError, RuntimeError):
     """Why a local stack cannot start (or stop) here, and what to do instead."""
 
 
@@ -239,13 +240,8 @@ class Stack:
         ]
 
     def connection(self) -> Connection:
-        """A client connection to this stack's gateway, with the direct stage addresses."""
-        return Connection(
-            self.address("gateway"),
-            self.token,
-            {s: self.address(s) for s in SERVICES},
-            worker_secret=self.worker_secret(),
-        )
+        """A client connection to this stack's gateway."""
+        return Connection(self.address("gateway"), self.token)
 
     def worker_channel(self, address: str, project: str = "default") -> grpc.Channel:
         """A channel to one of this stack's workers that calls as the gateway does (for tests, tools)."""

@@ -23,7 +23,7 @@ import grpc
 from prometheus_client import Gauge
 
 from tailor_runtime.errors import InvalidArgument, Unavailable
-from tailor_runtime.server import GRPC_OPTIONS
+from tailor_runtime.grpc_options import GRPC_OPTIONS
 from tailor_runtime.trust import worker_call_interceptors
 
 log = logging.getLogger("tailor.gateway.workers")

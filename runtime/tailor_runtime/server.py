@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tailor.common.v1 import common_pb2, common_pb2_grpc
+from tailor_runtime.grpc_options import GRPC_OPTIONS
 from tailor_runtime.interceptors import AuthCheck, ServerInterceptor, current_principal
 from tailor_runtime.logs import setup_logging
 from tailor_runtime.operations import OperationRunner
@@ -27,14 +28,6 @@ from tailor_runtime.telemetry import setup_tracing, start_metrics_server
 from tailor_runtime.trust import worker_auth_check
 
 log = logging.getLogger("tailor.server")
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # A restarted peer is reached again within seconds (gRPC's default reconnect backoff grows to 120 s).
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
 
 
 class OperationsServicer(common_pb2_grpc.OperationsServiceServicer):

@@ -17,8 +17,9 @@ import yaml
 from support.families import EXAMPLES, tiny_model
 
 from tailor.common.v1 import common_pb2 as common
+from tailor.connection import Connection
 from tailor.gateway.v1 import gateway_service_pb2 as gw
-from tailor_cli.client import Connection, upload
+from tailor.transfer import upload
 from tailor_cli.stack import Stack, free_base_port
 from tailor_runtime.ml import architectures
 

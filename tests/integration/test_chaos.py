@@ -22,8 +22,9 @@ from support.examples import upload_example_inputs
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.common.v1 import common_pb2_grpc as common_grpc
+from tailor.connection import Connection
 from tailor.gateway.v1 import gateway_service_pb2 as gw
-from tailor_cli.client import Connection, download, upload
+from tailor.transfer import download, upload
 from tailor_cli.stack import Stack, free_base_port
 from tailor_gateway.access import Access
 from tailor_gateway.state import StateStore
@@ -232,7 +233,7 @@ def test_cancel_reaches_the_workers_and_publishes_no_report(stack, conn, inputs)
 def test_projects_cannot_reach_each_other(stack, conn, inputs):
     access = Access(StateStore(stack.state_dir / "gateway.db").db)
     token_b, info_b = access.create_token("team-b")
-    other = Connection(conn.gateway, token_b, {})
+    other = Connection(conn.gateway, token_b)
     stub, meta_b = conn.gateway_stub(), other.metadata()
     mine = stub.ListPipelines(gw.ListPipelinesRequest(), metadata=conn.metadata()).pipelines
     assert mine

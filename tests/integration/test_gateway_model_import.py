@@ -15,8 +15,8 @@ from support.families import tiny_model
 from support.hf_cache import write_hub_cache
 
 from tailor.gateway.v1 import gateway_service_pb2 as gw
+from tailor.transfer import import_hub, upload
 from tailor_cli import main as cli
-from tailor_cli.client import import_hub, upload
 
 pytestmark = pytest.mark.integration
 REPO = "acme/tiny-qwen2"

@@ -12,9 +12,10 @@ import grpc
 import pytest
 import yaml
 
+from tailor.connection import Connection
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
-from tailor_cli.client import Connection, upload
+from tailor.transfer import upload
 from tailor_cli.stack import Stack, free_base_port
 
 pytestmark = pytest.mark.integration
@@ -106,7 +107,7 @@ def test_pipeline_runs_over_mutual_tls(tls_stack, monkeypatch):
     stack, certs = tls_stack
     monkeypatch.setenv("TAILOR_TLS_CERT", str(certs["client.pem"]))
     monkeypatch.setenv("TAILOR_TLS_KEY", str(certs["client.key"]))
-    conn = Connection(stack.address("gateway"), stack.token, {})
+    conn = Connection(stack.address("gateway"), stack.token)
     spec = {
         "name": "tls",
         "model": {"artifact": upload(conn, EXAMPLES / "models" / "stories260K").artifact.id},

@@ -15,7 +15,7 @@ import yaml
 from support.examples import upload_example_inputs
 
 from tailor.gateway.v1 import gateway_service_pb2 as gw
-from tailor_cli.client import download
+from tailor.transfer import download
 from tailor_cli.stack import Stack, free_base_port
 
 pytestmark = pytest.mark.integration

@@ -15,10 +15,11 @@ import yaml
 from support.examples import upload_example_inputs
 
 from tailor.common.v1 import common_pb2 as common
+from tailor.connection import Connection
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.quantizer.v1 import quantizer_service_pb2 as qpb
 from tailor.quantizer.v1 import quantizer_service_pb2_grpc as qgrpc
-from tailor_cli.client import Connection, download
+from tailor.transfer import download
 from tailor_cli.stack import SERVICES, Stack, free_base_port, health_status
 from tailor_runtime.store.manifest import sha256_file
 

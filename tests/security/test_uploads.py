@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tailor.errors import ClientError
 from tailor.gateway.v1 import gateway_service_pb2 as pb
-from tailor_cli.client import CliError, refuse_outside_symlinks
+from tailor.transfer import refuse_outside_symlinks
 from tailor_gateway.artifacts import clean_stale_staging, receive_upload
 from tailor_runtime.errors import InvalidArgument, TailorError
 from tailor_runtime.store.local import LocalStore
@@ -150,7 +151,7 @@ def test_symlink_out_of_the_folder_is_refused(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "leak.txt").symlink_to(secret)
-    with pytest.raises(CliError, match="symbolic link to a file outside the folder"):
+    with pytest.raises(ClientError, match="symbolic link to a file outside the folder"):
         refuse_outside_symlinks(folder)
 
 

@@ -25,10 +25,11 @@ from support.ports import free_port
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.common.v1 import common_pb2_grpc as common_grpc
+from tailor.connection import Connection
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.quantizer.v1 import quantizer_service_pb2 as qpb
 from tailor.quantizer.v1 import quantizer_service_pb2_grpc as qgrpc
-from tailor_cli.client import Connection, guess_format, upload
+from tailor.transfer import guess_format, upload
 from tailor_cli.stack import free_base_port, health_status
 from tailor_runtime.store import open_store
 from tailor_runtime.trust import PROJECT_KEY

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tailor_cli.client import Connection
+from tailor.connection import Connection
 from tailor_cli.stack import free_base_port, health_status
 from tailor_gateway.tokens import issue_token
 
@@ -108,7 +108,7 @@ class GatewayProcess:
         return f"127.0.0.1:{self.port}"
 
     def connection(self) -> Connection:
-        return Connection(self.address, self.token, {})
+        return Connection(self.address, self.token)
 
     def start(self, timeout: float = 60.0) -> GatewayProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tailor_cli.client import Connection, upload
+from tailor.connection import Connection
+from tailor.transfer import upload
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

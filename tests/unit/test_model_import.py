@@ -10,8 +10,9 @@ import pytest
 from support.families import tiny_model
 from support.hf_cache import write_hub_cache
 
-from tailor_cli.client import CliError, guess_format
-from tailor_cli.convert import ConversionError, convert_folder, needs_conversion, safetensors_name
+from tailor.convert import ConversionError, convert_folder, needs_conversion, safetensors_name
+from tailor.errors import ClientError
+from tailor.transfer import guess_format
 from tailor_gateway.spec import parse_spec, plan
 from tailor_gateway.stage_requests import base_model_id
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -188,7 +189,7 @@ def test_guess_format_reads_config_json_quantization(tmp_path):
     assert guess_format(folder) == ("model", "compressed-tensors")
     config["quantization_config"] = {"quant_method": "gptq"}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CliError, match="does not load"):
+    with pytest.raises(ClientError, match="does not load"):
         guess_format(folder)
 
 

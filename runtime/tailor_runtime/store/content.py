@@ -21,7 +21,7 @@ from tailor_runtime.errors import InvalidArgument
 HEAD_BYTES = 1 << 16
 PREFIX_SCAN = 64
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
-CONVERT_HINT = "convert it to safetensors first (`tailor models import FOLDER` / tailor_cli.convert)"
+CONVERT_HINT = "convert it to safetensors first (`tailor models import FOLDER` / tailor.convert)"
 # ModelProto's first field tags (ir_version, producer_name, ..., graph, opset_import, metadata_props).
 ONNX_FIRST_TAGS = {0x08, 0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42, 0x72, 0xA2, 0xCA, 0xD2}
 

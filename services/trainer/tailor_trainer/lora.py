@@ -401,7 +401,8 @@ def load_full_precision_base(model_dir: Path, seq_len: int, what: str, progress:
     fmt = read_format(model_dir)
     if fmt["format"] != HF_SAFETENSORS:
         raise InvalidArgument(
-            f"{what} needs a full-precision model (format {HF_SAFETENSORS!r}); {model_dir} is {fmt['format']!r}"
+            f"{what} needs a full-precision model (format {HF_SAFETENSORS!r}); the model given is "
+            f"{fmt['format']!r} (already quantized): start from its full-precision parent"
         )
     progress(0.0, "loading", f"loading {Path(model_dir).name}")
     model, tokenizer = load_causal_lm(model_dir)

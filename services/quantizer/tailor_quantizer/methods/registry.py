@@ -108,8 +108,9 @@ def require_full_precision(model_dir: Any) -> dict[str, Any]:
     fmt = read_format(model_dir)
     if fmt["format"] != HF_SAFETENSORS:
         raise InvalidArgument(
-            f"quantization needs a full-precision model (format {HF_SAFETENSORS!r}); {model_dir} is "
-            f"{fmt['format']!r}"
+            # The worker's cache path is not the user's business (and is an internal detail): say the format.
+            f"quantization needs a full-precision model (format {HF_SAFETENSORS!r}); the model given is "
+            f"{fmt['format']!r} (already quantized): quantize its full-precision parent instead"
         )
     return fmt
 
