@@ -32,7 +32,7 @@ SOURCE_ROOTS = [
 
 # Which packages (names as in requirements.txt) each role imports. tests/unit/test_packaging.py checks
 # these against the imports in each role's code.
-CLIENT = ["grpcio", "grpcio-health-checking", "protobuf", "pyyaml", "rich", "pydantic"]
+CLIENT = ["grpcio", "grpcio-health-checking", "protobuf", "pyyaml", "rich", "pydantic", "shtab"]
 SERVER_KIT = CLIENT + [
     "grpcio-reflection", "boto3", "prometheus-client",
     "opentelemetry-api", "opentelemetry-sdk",
@@ -40,7 +40,7 @@ SERVER_KIT = CLIENT + [
 ML = ["torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "accelerate", "numpy"]
 ROLES = {
     "gateway": SERVER_KIT + ["jinja2", "kubernetes", "psycopg", "jsonschema", "huggingface-hub"],
-    "selector": SERVER_KIT,
+    "selector": SERVER_KIT + ["numpy"],
     "trainer": SERVER_KIT + ML + ["peft", "bitsandbytes", "jinja2", "datasets"],
     "quantizer": SERVER_KIT + ML + [
         "bitsandbytes", "llmcompressor", "compressed-tensors", "datasets", "torchao", "gguf",

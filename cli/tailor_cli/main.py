@@ -534,6 +534,14 @@ def percent(text: str) -> float:
     return value
 
 
+def cmd_completion(args) -> int:
+    """The shell's completion script, generated from this CLI's own parser (so it never goes stale)."""
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tailor", description=__doc__)
     parser.add_argument(
@@ -569,20 +577,28 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", help="check a spec as the gateway would (names, stage configs), create nothing"
     )
     validate.add_argument("spec", type=Path)
-    pipe.add_parser("list").add_argument("--json", action="store_true", help="JSON on stdout, whole ids")
-    for action in ("status", "watch", "cancel"):
-        pipe.add_parser(action).add_argument("id", help="a pipeline id or a unique prefix of 8+ characters")
+    pipe.add_parser("list", help="this project's pipelines").add_argument(
+        "--json", action="store_true", help="JSON on stdout, whole ids"
+    )
+    for action, text in (
+        ("status", "a pipeline's stages and, once done, its candidates"),
+        ("watch", "follow a pipeline live until it ends (Ctrl-C stops watching only)"),
+        ("cancel", "stop a pipeline and its running stages"),
+    ):
+        pipe.add_parser(action, help=text).add_argument(
+            "id", help="a pipeline id or a unique prefix of 8+ characters"
+        )
     pipe.choices["status"].add_argument("--json", action="store_true", help="JSON on stdout")
 
     art = sub.add_parser("artifacts", help="the artifact store").add_subparsers(dest="action", required=True)
-    ls = art.add_parser("ls")
+    ls = art.add_parser("ls", help="this project's artifacts: kind, name, format, maker, size")
     ls.add_argument("--kind", default="")
     ls.add_argument("--json", action="store_true", help="JSON on stdout, whole ids")
-    get = art.add_parser("get")
-    get.add_argument("id")
+    get = art.add_parser("get", help="download an artifact, every file checked against its sha256")
+    get.add_argument("id", help="an artifact id or a unique prefix of 8+ characters")
     get.add_argument("dest", type=Path)
-    art.add_parser("show").add_argument("id")
-    put = art.add_parser("put")
+    art.add_parser("show", help="an artifact's manifest (files, hashes, recipe, parents)").add_argument("id")
+    put = art.add_parser("put", help="upload a file or folder")
     put.add_argument("path", type=Path)
     put.add_argument("--kind", default=None)
     put.add_argument("--format", default=None)
@@ -622,6 +638,13 @@ def build_parser() -> argparse.ArgumentParser:
     describe = methods_sub.add_parser("describe", help="a method's or export format's settings")
     describe.add_argument("name", help="a quantize or finetune method, or an export format")
     describe.add_argument("--json", action="store_true", help="JSON on stdout (the schema itself)")
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description='bash: eval "$(tailor completion bash)" in ~/.bashrc; '
+        'zsh: tailor completion zsh > "${fpath[1]}/_tailor"',
+    )
+    completion.add_argument("shell", choices=["bash", "zsh"])
     add_admin_parsers(sub)
     add_select_parser(sub)
     add_triton_parser(sub)
@@ -638,6 +661,7 @@ COMMANDS = {
     "models": cmd_models,
     "quantize": cmd_quantize,
     "methods": cmd_methods,
+    "completion": cmd_completion,
     "tokens": cmd_tokens,
     "audit": cmd_audit,
     "select": lambda args: cmd_select(args, console),
