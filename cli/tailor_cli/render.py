@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from google.protobuf import json_format
 from rich.console import Group
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -62,7 +63,9 @@ def stages_table(p: pb.Pipeline) -> Table:
         elif state == "SUCCEEDED":
             detail = f"done: {s.results[0].kind} {short_id(s.results[0].id)}" if s.results else "done"
         else:
-            detail = " ".join(x for x in (s.progress.phase, s.progress.message) if x)
+            detail = " ".join(
+                x for x in (s.progress.phase, s.progress.message, live_numbers(s.progress)) if x
+            )
         table.add_row(
             s.name,
             Text(state.lower(), style=STATE_STYLE.get(state, "")),
@@ -71,6 +74,26 @@ def stages_table(p: pb.Pipeline) -> Table:
             detail,
         )
     return table
+
+
+def live_numbers(progress) -> str:
+    """A running stage's own measurements (the trainer's loss, learning rate, tokens/s and time left)."""
+    if not progress.metrics.fields:
+        return ""
+    m = json_format.MessageToDict(progress.metrics)
+    parts = []
+    if isinstance(m.get("loss"), int | float):
+        parts.append(f"loss {m['loss']:.4f}")
+    if isinstance(m.get("eval_loss"), int | float):
+        parts.append(f"eval {m['eval_loss']:.4f}")
+    if isinstance(m.get("learning_rate"), int | float):
+        parts.append(f"lr {m['learning_rate']:.2e}")
+    if isinstance(m.get("tokens_per_s"), int | float):
+        parts.append(f"{m['tokens_per_s']:,.0f} tok/s")
+    if isinstance(m.get("eta_s"), int | float) and m["eta_s"] > 0:
+        minutes, seconds = divmod(int(m["eta_s"]), 60)
+        parts.append(f"ETA {minutes}:{seconds:02d}")
+    return ", ".join(parts)
 
 
 def _num(metrics: dict, key: str, fmt: str) -> str:
@@ -132,6 +155,21 @@ def candidates_table(summary: dict) -> Table:
             _num(m, "peak_memory_mb", ".0f"),
             "yes" if c.get("pareto_optimal") else "",
             verdict,
+        )
+    base = summary.get("base_model")
+    if base:  # the model before fine-tuning, measured the same way: a reference, never a candidate
+        m = base.get("metrics", {})
+        delta = m.get("perplexity_increase_pct")
+        table.add_row(
+            Text("  base", style="dim"),
+            Text("not fine-tuned", style="dim"),
+            _num(m, "size_mb", ".3f"),
+            _num(m, "perplexity", ".4f"),
+            f"{delta:+.2f}%" if isinstance(delta, int | float) else "-",
+            _num(m, "latency_ms_per_token", ".3f"),
+            _num(m, "peak_memory_mb", ".0f"),
+            "",
+            Text("reference (before fine-tuning)", style="dim"),
         )
     return table
 

@@ -157,6 +157,20 @@ def _table(summary: dict) -> str:
             f"<td class=n>{_agreement(cand)}</td>"
             f"<td>{_verdict(cand, summary)}</td></tr>"
         )
+    reference = summary.get("base_model")
+    if reference:  # the model before fine-tuning, measured on the same tokens: a reference, not a candidate
+        rows.append(
+            "<tr class='reference'>"
+            f"<td><b>base</b> <span class='badge base'>before fine-tuning</span></td>"
+            f"<td>{_e(reference.get('method', ''))}<br><code>{_e(reference.get('artifact_id', '')[:12])}</code></td>"
+            f"<td class=n>{_num(_metric(reference, 'size_mb'))}</td>"
+            f"<td class=n>{_num(_metric(reference, 'perplexity'), 3)}"
+            f" <small>({_signed_pct(_metric(reference, 'perplexity_increase_pct'))})</small></td>"
+            f"<td class=n>{_num(_metric(reference, 'latency_ms_per_token'))}</td>"
+            f"<td class=n>{_num(_metric(reference, 'tokens_per_s'))}</td>"
+            f"<td class=n>{_num(_metric(reference, 'peak_memory_mb'))}</td>"
+            "<td class=n>-</td><td>reference row: what fine-tuning changed (not selectable)</td></tr>"
+        )
     return (
         "<section><h2>Candidates</h2><div class=scroll><table>"
         f"<thead>{header}</thead><tbody>{''.join(rows)}</tbody></table></div></section>"
@@ -270,7 +284,63 @@ def _agreement_text(value: float, floor: Any) -> str:
 
 def _finetune(summary: dict) -> str:
     finetune = summary.get("finetune")
-    return _facts_section("Fine-tuning", list(finetune.items())) if finetune else ""
+    if not finetune:
+        return ""
+    facts = [(k, v) for k, v in finetune.items() if k not in ("loss_curve", "eval_losses")]
+    section = _facts_section("Fine-tuning", facts)
+    curve = [p for p in finetune.get("loss_curve", []) if _is_num(p[1])]
+    if len(curve) < 2:
+        return section
+    evals = [(e["step"], e["loss"]) for e in finetune.get("eval_losses", []) if _is_num(e.get("loss"))]
+    caption = "The line is the training loss at each step" + (
+        "; the green points are the loss on held-out text (eval_every)." if evals else "."
+    )
+    plot = f"<div class=plots style='max-width:640px'>{_loss_plot(curve, evals)}</div><p class=muted>{caption}</p>"
+    return section.replace("</section>", f"{plot}</section>")
+
+
+def _loss_plot(curve: list, evals: list[tuple[int, float]]) -> str:
+    """Training loss per step (a line) and the held-out evaluations (points), on one pair of axes."""
+    steps, losses = [p[0] for p in curve], [p[1] for p in curve]
+    x_ticks = _ticks(steps, floor_zero=True)
+    y_ticks = _ticks(losses + [v for _, v in evals], floor_zero=False)
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+
+    def px(v: float) -> float:
+        return _L + (v - x0) / (x1 - x0) * (_W - _L - _R)
+
+    def py(v: float) -> float:
+        return _H - _B - (v - y0) / (y1 - y0) * (_H - _T - _B)
+
+    title = "Training loss" + (" and held-out loss" if evals else "")
+    parts = [
+        f"<svg id=plot-loss class=plot viewBox='0 0 {_W} {_H}' role=img aria-label='{_e(title)}'>",
+        f"<text x={_W / 2} y=24 class=ptitle>{_e(title)}</text>",
+    ]
+    for t in x_ticks:
+        parts.append(f"<line x1={px(t):.1f} x2={px(t):.1f} y1={_T} y2={_H - _B} class=grid />")
+        parts.append(
+            f"<text x={px(t):.1f} y={_H - _B + 17} class=tick>{_tick(t, x_ticks[1] - x_ticks[0])}</text>"
+        )
+    for t in y_ticks:
+        parts.append(f"<line x1={_L} x2={_W - _R} y1={py(t):.1f} y2={py(t):.1f} class=grid />")
+        parts.append(
+            f"<text x={_L - 8} y={py(t) + 4:.1f} class='tick end'>{_tick(t, y_ticks[1] - y_ticks[0])}</text>"
+        )
+    parts.append(f"<rect x={_L} y={_T} width={_W - _L - _R} height={_H - _T - _B} class=frame />")
+    parts.append(f"<text x={(_L + _W - _R) / 2} y={_H - 12} class=atitle>Step</text>")
+    parts.append(
+        f"<text transform='translate(18 {(_T + _H - _B) / 2}) rotate(-90)' class=atitle>Loss (nats/token)</text>"
+    )
+    coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in curve)
+    parts.append(f"<polyline points='{coords}' class=front><title>training loss</title></polyline>")
+    for step, loss in evals:
+        parts.append(
+            f"<circle cx={px(step):.1f} cy={py(loss):.1f} r=5 class='pt rec'>"
+            f"<title>held-out loss {_num(loss, 4)} at step {step}</title></circle>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def _footer(summary: dict) -> str:

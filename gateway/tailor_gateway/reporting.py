@@ -24,6 +24,8 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
     candidates = []
     environment: dict[str, Any] = {}
     for stage in stages.values():
+        if stage.kind == "benchmark" and stage.params.get("candidate") == "base":
+            continue  # the model before fine-tuning: summary["base_model"], below
         if stage.kind == "quantize" and stage.state == st.REJECTED:
             candidates.append(gate_rejected_candidate(stage))
             continue
@@ -89,7 +91,13 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
                 for k, v in ft.metrics.items()
                 if k in ("final_loss", "steps", "tokens_per_s", "trainable_params")
             },
+            # The report's loss plot: at most LOSS_POINTS points of the curve, and the held-out evaluations.
+            "loss_curve": thin_curve(ft.metrics.get("loss_curve") or []),
+            "eval_losses": list(ft.metrics.get("eval_losses") or []),
         }
+    base = base_model_row(spec, stages, candidates)
+    if base is not None:
+        summary["base_model"] = base
     if "export" in stages and stages["export"].state == st.SKIPPED:
         ex = stages["export"]
         summary["export"] = {"format": ex.params.get("format") or "", "skipped": ex.error_message}
@@ -101,6 +109,42 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
             **{k: v for k, v in ex.metrics.items() if isinstance(v, int | float | str)},
         }
     return summary
+
+
+LOSS_POINTS = 400
+
+
+def thin_curve(losses: list) -> list[list[float]]:
+    """[[step, loss], ...] of a training curve, evenly thinned to at most LOSS_POINTS points (the last step
+    always kept), so a long run's summary stays small."""
+    points = [[i + 1, float(v)] for i, v in enumerate(losses) if isinstance(v, int | float)]
+    if len(points) <= LOSS_POINTS:
+        return points
+    stride = len(points) / LOSS_POINTS
+    kept = [points[int(k * stride)] for k in range(LOSS_POINTS - 1)]
+    return [*kept, points[-1]]
+
+
+def base_model_row(spec: PipelineSpec, stages: dict, candidates: list[dict]) -> dict[str, Any] | None:
+    """The base model's measurements beside the fine-tuned one ('original'): a reference row, not a
+    candidate. Its perplexity change is against the fine-tuned model, as every row's is."""
+    stage = stages.get("benchmark/base")
+    if stage is None or stage.state != st.SUCCEEDED:
+        return None
+    metrics = {k: stage.metrics[k] for k in SUMMARY_METRICS if k in stage.metrics}
+    original = next((c for c in candidates if c["name"] == "original"), None)
+    tuned_ppl = (original or {}).get("metrics", {}).get("perplexity")
+    if tuned_ppl and "perplexity" in metrics:
+        metrics["perplexity_increase_pct"] = (metrics["perplexity"] / tuned_ppl - 1.0) * 100.0
+    metrics.pop("top1_agreement", None)
+    return {
+        "name": "base",
+        "method": "not fine-tuned",
+        "artifact_id": base_model_id(spec, stages),
+        "report_id": stage.results[0]["id"] if stage.results else "",
+        "metrics": metrics,
+        "device": stage.metrics.get("device", ""),
+    }
 
 
 def gate_rejected_candidate(stage) -> dict[str, Any]:

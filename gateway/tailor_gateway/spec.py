@@ -192,8 +192,12 @@ class PipelineSpec(BaseModel):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"quantize candidates need unique names; repeated: {duplicates} (set 'name')")
-        if "original" in names:
-            raise ValueError("'original' is reserved for the unquantized model")
+        reserved = sorted({"original", "base"} & set(names))
+        if reserved:
+            raise ValueError(
+                f"{reserved} reserved: 'original' is the unquantized model, 'base' the model before "
+                "fine-tuning (set 'name')"
+            )
         return self
 
     def inputs(self) -> dict[str, Input | ModelInput]:
@@ -263,10 +267,15 @@ def plan(spec: PipelineSpec) -> list[StagePlan]:
         params = {"hub": spec.model.hub, "revision": spec.model.revision or "main"}
         stages.append(StagePlan("import", "import", [], params))
         source = ["import"]
+    benchmarks = []
     if spec.finetune is not None:
+        # The base model is measured too, as a reference row beside the fine-tuned one (not a candidate):
+        # what fine-tuning changed, on the same tokens.
+        stages.append(StagePlan("benchmark/base", "benchmark", list(source), {"candidate": "base"}))
+        benchmarks.append("benchmark/base")
         stages.append(StagePlan("finetune", "finetune", list(source), spec.finetune.model_dump()))
         source = ["finetune"]
-    benchmarks = ["benchmark/original"]
+    benchmarks.append("benchmark/original")
     stages.append(StagePlan("benchmark/original", "benchmark", list(source), {"candidate": "original"}))
     for q in spec.quantize:
         name = q.name or q.method

@@ -131,16 +131,24 @@ def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
         )
     if s.kind == "benchmark":
         candidate = s.params["candidate"]
-        source = source_model(spec, stages)
+        reference = None
+        if candidate == "base":
+            # The model before fine-tuning, measured beside the finetune (whose result need not exist yet).
+            measured = ref(base_model_id(spec, stages))
+        elif candidate == "original":
+            measured = source_model(spec, stages)
+        else:
+            measured = ref_dict(stages[f"quantize/{candidate}"].results[0])
+            # The model it was quantized from: the report then holds top1_agreement and KL with it.
+            reference = source_model(spec, stages)
         request = bench_pb.BenchmarkRequest(
-            model=source if candidate == "original" else ref_dict(stages[f"quantize/{candidate}"].results[0]),
+            model=measured,
             eval_data=ref(spec.data.eval.artifact),
             config=to_struct(spec.benchmark.config),
             labels=labels,
         )
-        if candidate != "original":
-            # The model it was quantized from: the report then holds top1_agreement and KL with it.
-            request.reference_model.CopyFrom(source)
+        if reference is not None:
+            request.reference_model.CopyFrom(reference)
         return lambda ch: bench_grpc.BenchmarkerServiceStub(ch).Benchmark(
             request, metadata=metadata, timeout=timeout_s
         )
@@ -154,6 +162,7 @@ def start_call(p, spec: PipelineSpec, s, stages, timeout_s: float) -> StartCall:
             target=s.params.get("target") or "",
             config=to_struct(s.params["config"]),
             labels=labels,
+            model_name=spec.name,  # Triton's model folder and the Modelfile's name: the pipeline's, not a hash
         )
         return lambda ch: export_grpc.ExporterServiceStub(ch).Export(
             request, metadata=metadata, timeout=timeout_s
@@ -169,6 +178,8 @@ def select_request(spec: PipelineSpec, stages) -> tuple[select_pb.SelectRequest,
         if stage.kind != "benchmark" or stage.state != st.SUCCEEDED:  # a rejected candidate's is SKIPPED
             continue
         candidate = stage.params["candidate"]
+        if candidate == "base":  # a reference row in the report, never a candidate for selection
+            continue
         metrics = {k: float(v) for k, v in stage.metrics.items() if isinstance(v, int | float)}
         candidates.append(
             select_pb.Candidate(

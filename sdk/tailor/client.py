@@ -33,6 +33,8 @@ class Stage:
     results: list[str]  # artifact ids
     error: str
     cached: bool
+    # A running stage's own measurements so far (the trainer's loss, learning_rate, tokens_per_s, eta_s).
+    metrics: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Pipeline:
                 results=[r.id for r in s.results],
                 error=s.error.message,
                 cached=s.cached,
+                metrics=json_format.MessageToDict(s.progress.metrics),
             )
             for s in p.stages
         ]

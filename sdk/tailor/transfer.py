@@ -139,6 +139,7 @@ def download(conn, artifact_id: str, dest: Path, on_progress: OnProgress | None 
         reply = stub.GetArtifact(pb.GetArtifactRequest(artifact_id=artifact_id), metadata=conn.metadata())
     except grpc.RpcError as exc:
         raise refused(exc) from None
+    artifact_id = reply.artifact.id or artifact_id  # the whole id: the caller may have given a prefix
     try:
         manifest = Manifest.from_stored(reply.manifest_json.encode(), artifact_id)
     except IntegrityError as exc:
@@ -153,7 +154,7 @@ def download(conn, artifact_id: str, dest: Path, on_progress: OnProgress | None 
     try:
         try:
             for message in stub.DownloadArtifact(
-                pb.DownloadArtifactRequest(artifact_id=reply.artifact.id or artifact_id),
+                pb.DownloadArtifactRequest(artifact_id=artifact_id),
                 metadata=conn.metadata(),
             ):
                 rel = check_relative_path(message.chunk.path)

@@ -95,6 +95,7 @@ def test_a_config_that_disagrees_with_the_weights_is_refused_before_loading(tmp_
             check_config_against_weights(folder, fmt)
 
 
+@pytest.mark.slow
 def test_weights_cut_short_are_invalid_argument_at_load_without_the_worker_path(tmp_path):
     # V4: a lying safetensors file that reaches a worker was "internal error (SafetensorError)".
     import shutil

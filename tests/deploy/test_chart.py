@@ -83,6 +83,7 @@ def test_helm_lint_strict(helm, values):
 
 
 @value_sets
+@pytest.mark.slow
 def test_every_object_is_valid_kubernetes_1_32(helm, values):
     objects = rendered(values)
     assert objects

@@ -56,6 +56,7 @@ def test_submit_a_dict_watch_it_and_fetch_its_report(client):
         "data": {"eval": {"path": str(EVAL)}},
         "quantize": [{"method": "bf16"}],
         "benchmark": QUICK_BENCHMARK,
+        "export": {"format": "gguf", "config": {"type": "F16"}},
     }
     submitted = client.submit(
         spec, on_upload=lambda label, path, done, total: uploads.setdefault(label, []).append((done, total))
@@ -74,6 +75,11 @@ def test_submit_a_dict_watch_it_and_fetch_its_report(client):
     assert {c["name"] for c in final.summary["candidates"]} >= {"bf16"}
     assert final.stage("quantize/bf16").state == "succeeded"
     assert submitted.id in {p.id for p in client.pipelines()}
+
+    export = next(s for s in final.stages if s.kind == "export")
+    exported = client.download(export.results[0], Path(os.environ.get("TMPDIR", "/tmp")) / f"gguf-{final.id}")
+    modelfile = next(p for p in exported if p.name == "Modelfile").read_text()
+    assert "ollama create sdk-dict -f Modelfile" in modelfile  # the pipeline's name, not a content hash
 
     progress: list[tuple[int, int]] = []
     files = client.download(final.report_id, Path(os.environ.get("TMPDIR", "/tmp")) / f"sdk-{final.id}",

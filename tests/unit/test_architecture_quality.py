@@ -44,6 +44,7 @@ def families(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("family", REEXPRESSED)
+@pytest.mark.slow
 def test_reexpressed_model_is_the_same_function(families, llama_ppl, family):
     folder = families[family]
     # A plain save_pretrained folder: Tailor reads its format and family from config.json.
@@ -55,6 +56,7 @@ def test_reexpressed_model_is_the_same_function(families, llama_ppl, family):
 
 @pytest.mark.parametrize("family", REEXPRESSED)
 @pytest.mark.parametrize("method, max_increase_pct", [("int8_dynamic", 5.0), ("nf4", 25.0)])
+@pytest.mark.slow
 def test_quantization_costs_the_same_quality_in_every_family(
     families, llama_ppl, family, method, max_increase_pct, tmp_path
 ):
@@ -67,6 +69,7 @@ def test_quantization_costs_the_same_quality_in_every_family(
 
 
 @pytest.mark.parametrize("family", REEXPRESSED)
+@pytest.mark.slow
 def test_lora_fine_tuning_improves_every_family(families, llama_ppl, family, tmp_path):
     from tailor_trainer.lora import LoraTrainConfig, finetune_lora
 

@@ -2,12 +2,15 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tailor_runtime.ml.fast_decode import StaticDecoder
 from tailor_runtime.ml.model_io import load_causal_lm
 
 MODEL = Path(__file__).resolve().parents[2] / "examples" / "models" / "stories260K"
+# Both decode the real model 40 tokens at a time: seconds each (make test-fast leaves them out).
+pytestmark = pytest.mark.slow
 
 
 def test_greedy_tokens_equal_hf_generate():

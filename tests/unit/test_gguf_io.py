@@ -51,6 +51,7 @@ def _logits(model, tok):
         return model(tok(TEXT, return_tensors="pt").input_ids).logits[0]
 
 
+@pytest.mark.slow
 def test_f32_round_trip_is_exact_so_the_qk_permutation_is_undone_exactly(files, source):
     model, _ = source
     back = gguf_io.load_gguf_model(files["F32"][0], MODEL)
@@ -61,6 +62,7 @@ def test_f32_round_trip_is_exact_so_the_qk_permutation_is_undone_exactly(files, 
     assert back.lm_head.weight is back.model.embed_tokens.weight  # tied: no output.weight in the file
 
 
+@pytest.mark.slow
 def test_the_file_holds_llama_cpp_names_and_interleaved_rope_rows(files, source):
     import gguf
 
@@ -87,6 +89,7 @@ def test_the_file_holds_llama_cpp_names_and_interleaved_rope_rows(files, source)
     assert ids == {"bos": 1, "eos": 2, "eot": 1, "unknown": 0}  # generation_config stops at [2, 1]
 
 
+@pytest.mark.slow
 def test_f16_dequantizes_to_the_fp16_rounded_source(files, source):
     model, tok = source
     path, info = files["F16"]
@@ -100,6 +103,7 @@ def test_f16_dequantizes_to_the_fp16_rounded_source(files, source):
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+@pytest.mark.slow
 def test_block_quantized_weights_are_within_their_grid(files, source, qtype):
     model, tok = source
     path, info = files[qtype]
@@ -124,6 +128,7 @@ def test_block_quantized_weights_are_within_their_grid(files, source, qtype):
     assert (_logits(back, tok).argmax(-1) == _logits(model, tok).argmax(-1)).float().mean() >= 0.8
 
 
+@pytest.mark.slow
 def test_same_input_gives_identical_bytes(files, tmp_path):
     for qtype in ("F16", "Q4_0"):
         again = tmp_path / f"{qtype}.gguf"
@@ -142,6 +147,7 @@ def _copy_with_config(tmp_path: Path, **changes) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_family_llama_cpp_does_not_know_is_refused_and_writes_nothing(tmp_path):
     folder = _copy_with_config(tmp_path, architectures=["NoSuchForCausalLM"], model_type="no-such")
     # The registry refuses such a model at submit; this is the converter's own answer, passed on.
@@ -181,6 +187,7 @@ def _spm_encode(text: str, ids: dict[str, int], scores: list[float]) -> list[int
     return out
 
 
+@pytest.mark.slow
 def test_derived_scores_make_spm_merging_tokenize_like_the_source(source):
     _, tok = source
     tokens, scores, types = spm_vocab(json.loads((MODEL / "tokenizer.json").read_text()), 512)
@@ -197,6 +204,7 @@ def test_derived_scores_make_spm_merging_tokenize_like_the_source(source):
     )
 
 
+@pytest.mark.slow
 def test_gguf_folder_loads_as_a_tailor_model(tmp_path, source):
     model, tok = source
     info = save_gguf_folder(MODEL, tmp_path / "q8", "Q8_0")
@@ -209,6 +217,7 @@ def test_gguf_folder_loads_as_a_tailor_model(tmp_path, source):
     assert (_logits(loaded, tok) - _logits(model, tok)).abs().max() < 0.5
 
 
+@pytest.mark.slow
 def test_an_untied_output_matrix_is_written_as_output_weight(tmp_path, source):
     from tailor_runtime.ml.model_io import save_hf_model
 

@@ -121,6 +121,7 @@ def test_tokenizer_matches_llama2c_encode(model_and_tokenizer):
 
 
 @needs_shared
+@pytest.mark.slow
 def test_perplexity_close_to_reported(model_and_tokenizer):
     from tailor_runtime.ml.perplexity import perplexity
 

@@ -42,6 +42,7 @@ def onnx_folder(source, tmp_path_factory) -> tuple[Path, dict]:
     return work, info
 
 
+@pytest.mark.slow
 def test_graph_has_past_key_values_dynamic_axes_and_opset_18(onnx_folder):
     work, info = onnx_folder
     graph = onnx.load(str(work / MODEL_FILE), load_external_data=False)
@@ -65,6 +66,7 @@ def test_graph_has_past_key_values_dynamic_axes_and_opset_18(onnx_folder):
     )  # 5 rows x 3 steps
 
 
+@pytest.mark.slow
 def test_loads_like_a_pytorch_model_and_greedy_decoding_uses_the_cache(onnx_folder, source):
     model, tokenizer = source
     onnx_model, onnx_tokenizer = load_causal_lm(onnx_folder[0])
@@ -91,6 +93,7 @@ def test_loads_like_a_pytorch_model_and_greedy_decoding_uses_the_cache(onnx_fold
     assert lengths == [5] + [1] * 39  # the prompt once, then one token per call
 
 
+@pytest.mark.slow
 def test_perplexity_and_logits_equal_pytorch(onnx_folder, source):
     model, tokenizer = source
     onnx_model, _ = load_causal_lm(onnx_folder[0])
@@ -105,6 +108,7 @@ def test_perplexity_and_logits_equal_pytorch(onnx_folder, source):
     assert check["prefill"]["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_static_int8_calibrators_choose_different_ranges(onnx_folder, source, tmp_path):
     model, tokenizer = source
     ids = tokenizer(EVAL.read_text()[:20000])["input_ids"]

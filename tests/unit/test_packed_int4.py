@@ -42,6 +42,7 @@ def test_forward_equals_the_dequantized_matmul(rows):
     assert torch.nn.functional.cosine_similarity(out.flatten(), linear(x).detach().flatten(), dim=0) > 0.98
 
 
+@pytest.mark.slow
 def test_compiled_gemv_matches_eager():
     torch.manual_seed(2)
     layer = PackedInt4Linear.from_linear(nn.Linear(128, 64, bias=False), group_size=32)

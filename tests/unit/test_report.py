@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import pytest
 from support.report_sample import sample_summary
 
 from tailor_gateway.report import render_report_html, render_report_json
@@ -300,3 +301,92 @@ def test_summary_carries_the_gates_baseline_and_each_rows_device():
     # The gate measured on the benchmark's tokens: its baseline is the table's, and the page says so.
     assert "gate, same tokens as the benchmark on 8,191 tokens" in page and "not the baseline row" not in page
     assert "Peak RSS<br>(MB)" in page
+
+
+def test_the_base_model_is_its_own_reference_row_beside_the_fine_tuned_one():
+    """With a finetune, the base model is benchmarked too (benchmark/base): the summary, the page and the
+    CLI table show it as a reference row with its perplexity change against the fine-tuned model; it is
+    never a candidate (not selected, not in the candidates list)."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from tailor_cli.render import candidates_table
+    from tailor_gateway import state as st
+    from tailor_gateway.reporting import build_summary
+    from tailor_gateway.spec import parse_spec, plan
+    from tailor_gateway.stage_requests import select_request
+
+    spec = parse_spec(
+        f"name: ft\nmodel: {{artifact: {'a' * 64}}}\n"
+        f"data: {{train: {{artifact: {'c' * 64}}}, eval: {{artifact: {'b' * 64}}}}}\n"
+        "finetune: {method: lora}\nquantize: [{method: bf16}]\n"
+    )
+    planned = {s.name: s for s in plan(spec)}
+    assert planned["benchmark/base"].depends_on == [] and "benchmark/base" in planned["select"].depends_on
+
+    def row(name, kind, state, **kw):
+        return st.StageRow("p1", name, kind, 0, [], kw.pop("params", {}), state=state, **kw)
+
+    ft = {"id": "f" * 64, "kind": "model"}
+    stages = {
+        "benchmark/base": row("benchmark/base", "benchmark", st.SUCCEEDED, params={"candidate": "base"},
+                              metrics={"perplexity": 5.0, "size_mb": 1.0, "device": "cpu"}),
+        "finetune": row("finetune", "finetune", st.SUCCEEDED, results=[ft], metrics={"steps": 2}),
+        "benchmark/original": row("benchmark/original", "benchmark", st.SUCCEEDED,
+                                  params={"candidate": "original"}, metrics={"perplexity": 4.0, "size_mb": 1.0}),
+        "select": row("select", "select", st.SUCCEEDED, metrics={"verdicts": [], "recommended_id": "original"}),
+    }  # fmt: skip
+    request, models = select_request(spec, stages)
+    assert [c.name for c in request.candidates] == ["original"] and "base" not in models
+    summary = build_summary(SimpleNamespace(id="p1", name="ft", created=0.0), spec, stages)
+    assert [c["name"] for c in summary["candidates"]] == ["original"]
+    base = summary["base_model"]
+    assert base["artifact_id"] == "a" * 64 and base["metrics"]["perplexity"] == 5.0
+    assert abs(base["metrics"]["perplexity_increase_pct"] - 25.0) < 1e-9  # 5.0 against the fine-tuned 4.0
+    page = render_report_html(summary)
+    assert "before fine-tuning" in page and "+25.0%" in page
+    console = Console(width=200, record=True)
+    console.print(candidates_table(summary))
+    text = console.export_text()
+    assert "base" in text and "+25.00%" in text and "reference (before fine-tuning)" in text
+
+
+def test_base_is_a_reserved_candidate_name():
+    from tailor_gateway.spec import parse_spec
+    from tailor_runtime.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="reserved"):
+        parse_spec(
+            f"name: r\nmodel: {{artifact: {'a' * 64}}}\ndata: {{eval: {{artifact: {'b' * 64}}}}}\n"
+            "quantize: [{method: nf4, name: base}]\n"
+        )
+
+
+def test_the_fine_tuning_section_plots_the_loss_curve_and_the_held_out_losses():
+    from tailor_gateway.reporting import LOSS_POINTS, thin_curve
+
+    curve = thin_curve([5.0 - 0.001 * i for i in range(3000)])
+    assert len(curve) == LOSS_POINTS and curve[0] == [1, 5.0] and curve[-1][0] == 3000  # the last step kept
+    summary = sample_summary()
+    summary["finetune"] = {"steps": 3000, "final_loss": 2.0, "loss_curve": curve,
+                           "eval_losses": [{"step": 1000, "loss": 4.1}, {"step": 2000, "loss": 3.3}]}  # fmt: skip
+    page = render_report_html(summary)
+    section = page[page.index("<h2>Fine-tuning</h2>") :]
+    svg = section[section.index("<svg id=plot-loss") : section.index("</svg>")]
+    points = re.search(r"<polyline points='([^']*)'", svg).group(1).split()
+    assert len(points) == LOSS_POINTS
+    assert svg.count("<circle") == 2 and "held-out loss 3.3000 at step 2000" in svg
+    assert "loss_curve" not in section[: section.index("<svg")]  # the curve is drawn, not dumped as a fact
+    summary["finetune"]["loss_curve"] = curve[:1]  # one point: no line to draw, the facts alone
+    assert "plot-loss" not in render_report_html(summary)
+
+
+def test_a_running_stage_shows_its_loss_learning_rate_and_time_left():
+    from tailor.common.v1 import common_pb2 as common
+    from tailor_cli.render import live_numbers
+
+    progress = common.Progress(phase="training", percent=40, message="step 40/100")
+    assert live_numbers(progress) == ""
+    progress.metrics.update({"loss": 2.34567, "learning_rate": 0.0002, "tokens_per_s": 5123.4, "eta_s": 95})
+    assert live_numbers(progress) == "loss 2.3457, lr 2.00e-04, 5,123 tok/s, ETA 1:35"

@@ -42,7 +42,13 @@ def test_dag_fans_out_and_in():
     assert stages["quantize/nf4"].depends_on == ["finetune"]
     assert stages["benchmark/nf4"].depends_on == ["quantize/nf4"]
     assert stages["benchmark/original"].depends_on == ["finetune"]
-    assert stages["select"].depends_on == ["benchmark/original", "benchmark/bf16", "benchmark/nf4"]
+    assert stages["select"].depends_on == [
+        "benchmark/base",
+        "benchmark/original",
+        "benchmark/bf16",
+        "benchmark/nf4",
+    ]
+    assert stages["benchmark/base"].depends_on == []  # the base model, measured beside the fine-tuned one
     assert stages["export"].depends_on == ["select"]
     assert stages["report"].depends_on == ["export"]
 

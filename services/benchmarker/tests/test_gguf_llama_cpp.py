@@ -58,6 +58,7 @@ def lm():
     return load_causal_lm(MODEL)
 
 
+@pytest.mark.slow
 def test_a_gguf_folder_is_benchmarked_in_llama_cpp(gguf_f16, lm):
     result = run_benchmark(gguf_f16, EVAL, BenchmarkConfig(**FAST), lambda *a, **k: None, reference_dir=MODEL)
     model, tokenizer = lm
@@ -95,6 +96,7 @@ def test_a_gguf_folder_is_benchmarked_in_llama_cpp(gguf_f16, lm):
     assert 0 < result["memory"]["baseline_rss_mb"] <= result["memory"]["peak_rss_mb"]
 
 
+@pytest.mark.slow
 def test_llama_cpp_decodes_like_pytorch_row_by_row_and_in_batches(gguf_f16, lm):
     from tailor_runtime.ml.llama_cpp_model import LlamaCppCausalLM
 
@@ -128,6 +130,7 @@ def test_llama_cpp_decodes_like_pytorch_row_by_row_and_in_batches(gguf_f16, lm):
         llama.close()
 
 
+@pytest.mark.slow
 def test_a_vocabulary_that_does_not_match_the_tokenizer_is_refused(gguf_f16):
     from tailor_runtime.ml.llama_cpp_model import LlamaCppCausalLM
 

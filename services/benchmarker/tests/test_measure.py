@@ -165,6 +165,7 @@ def test_config_is_strict():
     )  # Struct numbers
 
 
+@pytest.mark.slow
 def test_run_benchmark_measures_in_a_child_process():
     calls = []
     result = run_benchmark(
@@ -182,6 +183,7 @@ def test_run_benchmark_measures_in_a_child_process():
     assert calls[0] == 0.0 and calls[-1] == 100.0 and calls == sorted(calls)
 
 
+@pytest.mark.slow
 def test_an_onnx_folder_is_measured_in_onnx_runtime_with_its_kv_cache(tmp_path):
     from tailor_runtime.ml.onnx import MODEL_FILE, folder, verify
     from tailor_runtime.ml.onnx.export import export_optimized

@@ -74,6 +74,12 @@ class GgufExportConfig(BaseModel):
         description="GGUF tensor type: F16; Q8_0 (blocks of 32, written by llama.cpp's converter); Q4_0 and "
         "Q4_K_M (llama.cpp's quantizer, needs llama-cpp-python).",
     )
+    model_name: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_.-]{0,127}$",
+        description="The name the Modelfile gives the model (`ollama create NAME`); default: the "
+        "pipeline's name in a pipeline, else the source model's.",
+    )
     verify_batches: int = Field(3, ge=2, description="Sample batches of real text for the dequantized check.")
     greedy_tokens: int = Field(
         24, ge=1, le=256, description="Tokens generated greedily per prompt to compare with the source."
@@ -168,7 +174,9 @@ def export_gguf(
             checks["llama_cpp"] = check
             _enforce("llama_cpp", check, tol["llama_atol"], tol["llama_top1"], cfg.type, tol["greedy"])
         progress(90.0, "writing", "Modelfile, verification")
-        (work / MODELFILE).write_text(modelfile(model_dir, cfg.type))
+        (work / MODELFILE).write_text(
+            modelfile(model_dir, cfg.type, cfg.model_name or model_dir.name.lower())
+        )
         versions = library_versions(*VERSIONED)
         _write_json(
             work / "verification.json",
@@ -230,7 +238,7 @@ def _enforce(
     enforce(name, check, atol, min_top1, what=f"GGUF {gguf_type} export", scope="", more_failures=tuple(more))
 
 
-def modelfile(model_dir: Path, gguf_type: str) -> str:
+def modelfile(model_dir: Path, gguf_type: str, name: str) -> str:
     """An Ollama Modelfile for a plain-text (completion) model such as a story model."""
     config = json.loads((model_dir / "config.json").read_text())
     generation = _read_json(model_dir / "generation_config.json")
@@ -241,8 +249,8 @@ def modelfile(model_dir: Path, gguf_type: str) -> str:
     stops = generation.get("eos_token_id", config.get("eos_token_id"))
     stops = [s for s in (stops if isinstance(stops, list) else [stops]) if s is not None]
     lines = [
-        f"# Ollama Modelfile for {model_dir.name} (GGUF {gguf_type}), written by Tailor.",
-        f"#   ollama create {model_dir.name.lower()} -f Modelfile && ollama run {model_dir.name.lower()} 'Once upon a time'",
+        f"# Ollama Modelfile for {name} (GGUF {gguf_type}), written by Tailor.",
+        f"#   ollama create {name} -f Modelfile && ollama run {name} 'Once upon a time'",
         "FROM ./model.gguf",
         "# No chat format: the model continues plain text, so the prompt is passed through unchanged.",
         'TEMPLATE """{{ .Prompt }}"""',

@@ -101,6 +101,8 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
         requested = json_format.MessageToDict(request.config) if request.HasField("config") else {}
         format_name, config = resolve(request.format, request.target, requested)
         fmt = get_format(format_name)
+        if request.model_name and "model_name" in fmt.Config.model_fields and "model_name" not in config:
+            config = {**config, "model_name": request.model_name}  # the pipeline's name, where one is shown
         cfg = validate_config(fmt.Config, config, f"{format_name} export")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         source_manifest = require_artifact(store, request.model, "model", ("model",))

@@ -26,6 +26,7 @@ FAMILY_OF = {"llama3": "llama"}
 
 
 @pytest.mark.parametrize("name", TINY_FAMILIES)
+@pytest.mark.slow
 def test_every_family_exports_a_gguf_that_llama_cpp_runs_like_the_source(name, tmp_path):
     require_llama_cpp()
     torch.set_num_threads(1)

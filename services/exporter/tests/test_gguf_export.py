@@ -47,6 +47,7 @@ def exports(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 
 
 @pytest.mark.parametrize("gguf_type", TYPES)
+@pytest.mark.slow
 def test_each_type_exports_a_verified_loadable_folder(exports, gguf_type):
     if gguf_type == "Q4_K_M":
         require_llama_cpp()
@@ -68,6 +69,7 @@ def test_each_type_exports_a_verified_loadable_folder(exports, gguf_type):
     assert not list(out.parent.glob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_q4_k_m_holds_what_llama_cpp_could_make_of_64_wide_rows(exports):
     require_llama_cpp()
     _, result = exports["Q4_K_M"]
@@ -78,6 +80,7 @@ def test_q4_k_m_holds_what_llama_cpp_could_make_of_64_wide_rows(exports):
 
 
 @pytest.mark.parametrize("gguf_type", TYPES)
+@pytest.mark.slow
 def test_llama_cpp_runs_the_export_like_the_source(exports, gguf_type):
     require_llama_cpp()
     _, result = exports[gguf_type]
@@ -91,6 +94,7 @@ def test_llama_cpp_runs_the_export_like_the_source(exports, gguf_type):
         assert headline["llama_cpp_greedy_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_llama_cpp_completes_text_as_transformers_generates_it(exports):
     """End to end in llama.cpp: its tokenizer, greedy sampler, stop tokens and detokenizer."""
     require_llama_cpp()
@@ -112,6 +116,7 @@ def test_llama_cpp_completes_text_as_transformers_generates_it(exports):
     assert len(want) > len(prompt) + 40 and prompt + got == want
 
 
+@pytest.mark.slow
 def test_a_tokenizer_llama_cpp_reads_differently_fails_verification(monkeypatch, tmp_path):
     """llama.cpp's converter writes score -1000 for every token of a BPE tokenizer.json; its SPM tokenizer
     then merges in text order. The llama.cpp check must catch that, not publish it."""
@@ -128,6 +133,7 @@ def test_a_tokenizer_llama_cpp_reads_differently_fails_verification(monkeypatch,
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_without_llama_cpp_the_metrics_say_so(monkeypatch, tmp_path):
     monkeypatch.setattr(
         gguf_io, "llama_cpp_availability", lambda: (False, "llama-cpp-python is not importable")
@@ -140,6 +146,7 @@ def test_without_llama_cpp_the_metrics_say_so(monkeypatch, tmp_path):
         export_gguf(MODEL, tmp_path / "q4km", GgufExportConfig(type="Q4_K_M"), no_progress)
 
 
+@pytest.mark.slow
 def test_modelfile_runs_the_gguf_as_a_plain_text_story_model(exports):
     out, _ = exports["Q8_0"]
     lines = (out / "Modelfile").read_text().splitlines()
@@ -153,12 +160,14 @@ def test_modelfile_runs_the_gguf_as_a_plain_text_story_model(exports):
     ]
 
 
+@pytest.mark.slow
 def test_export_is_byte_identical_when_repeated(exports, tmp_path):
     first, _ = exports["Q8_0"]
     export_gguf(MODEL, tmp_path / "again", GgufExportConfig(type="Q8_0"), no_progress)
     assert file_hashes(tmp_path / "again") == file_hashes(first)
 
 
+@pytest.mark.slow
 def test_a_file_that_computes_something_else_fails_and_publishes_nothing(monkeypatch, tmp_path):
     # The converter's file with every layer's Q and K rows reversed (what a wrong RoPE permutation does):
     # the checks must see the difference and nothing may be published.
@@ -180,6 +189,7 @@ def test_a_file_that_computes_something_else_fails_and_publishes_nothing(monkeyp
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*partial*"))
 
 
+@pytest.mark.slow
 def test_a_quantizer_gguf_is_published_as_it_is(tmp_path):
     save_gguf_folder(MODEL, tmp_path / "q8", "Q8_0")  # what the gguf_q8_0 method writes
     result = export_gguf(tmp_path / "q8", tmp_path / "out", GgufExportConfig(type="Q8_0"), no_progress)

@@ -54,6 +54,7 @@ def coreml_export(tmp_path_factory) -> tuple[Path, dict]:
     return out, run("coreml", out)
 
 
+@pytest.mark.slow
 def test_executorch_program_runs_in_executorch_and_agrees_with_pytorch(executorch_export):
     out, result = executorch_export
     verification = result["verification"]
@@ -115,6 +116,7 @@ def test_the_decoder_never_reads_cache_memory_it_did_not_write():
     assert check["max_abs_diff"] < 1e-4 and check["top1_agreement"] == 1.0
 
 
+@pytest.mark.slow
 def test_executorch_export_is_byte_identical_when_repeated(tmp_path):
     # On the model's first layer only (the same real weights): lowering the whole model again would take
     # half a minute, and what is tested is the toolchain, which gives every layer the same treatment.
@@ -130,6 +132,7 @@ def test_executorch_export_is_byte_identical_when_repeated(tmp_path):
     assert file_hashes(tmp_path / "again") == file_hashes(tmp_path / "first")
 
 
+@pytest.mark.slow
 def test_an_impossibly_tight_tolerance_fails_and_publishes_nothing(tmp_path):
     for name in ("executorch", "coreml"):
         with pytest.raises(
@@ -139,6 +142,7 @@ def test_an_impossibly_tight_tolerance_fails_and_publishes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []  # neither out_dir nor a work folder
 
 
+@pytest.mark.slow
 def test_a_pte_that_computes_something_else_fails_in_the_runtime_check(
     executorch_export, tmp_path, monkeypatch
 ):
@@ -160,6 +164,7 @@ def test_a_pte_that_computes_something_else_fails_in_the_runtime_check(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_coreml_package_is_converted_with_the_decoder_interface(coreml_export):
     import coremltools as ct
 
@@ -192,12 +197,14 @@ def test_coreml_package_is_converted_with_the_decoder_interface(coreml_export):
         load_causal_lm(out)
 
 
+@pytest.mark.slow
 def test_coreml_export_is_byte_identical_when_repeated(coreml_export, tmp_path):
     assert get_format("coreml").deterministic
     run("coreml", tmp_path / "again")
     assert file_hashes(tmp_path / "again") == file_hashes(coreml_export[0])
 
 
+@pytest.mark.slow
 def test_int8_source_is_exported_dequantized_only_when_asked(tmp_path):
     from tailor_runtime.ml.formats.int8_dynamic import save_quantized
 
@@ -242,6 +249,7 @@ def test_unsupported_architectures_and_sources_name_what_is_supported(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_conversion_that_crashes_the_tool_fails_with_its_message(tmp_path, monkeypatch):
     import coremltools as ct
 

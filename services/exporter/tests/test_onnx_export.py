@@ -92,6 +92,7 @@ def _small(variant: str) -> dict:
     return {"calibration_samples": 16, "calibration_seq_len": 128} if variant == "onnx-int8-static" else {}
 
 
+@pytest.mark.slow
 def test_export_passes_verification_and_writes_a_complete_folder(exported):
     out, result = exported
     checks = result["verification"]["checks"]
@@ -119,6 +120,7 @@ def test_export_passes_verification_and_writes_a_complete_folder(exported):
     assert not list(out.parent.glob(".*partial*"))  # the work folder is gone
 
 
+@pytest.mark.slow
 def test_export_is_byte_identical_when_repeated(exported, tmp_path):
     first, _ = exported
     run("onnx", tmp_path / "again")
@@ -126,6 +128,7 @@ def test_export_is_byte_identical_when_repeated(exported, tmp_path):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.slow
 def test_every_variant_is_verified_with_and_without_past(variant, variants, exported):
     out, result = variants[variant]
     fmt = result["format"]
@@ -167,6 +170,7 @@ def test_every_variant_is_verified_with_and_without_past(variant, variants, expo
 
 
 @pytest.mark.parametrize("variant", [v for v in VARIANTS if get_format(v).deterministic])
+@pytest.mark.slow
 def test_variants_are_byte_identical_when_repeated(variant, variants, reuse_trace, tmp_path):
     first, _ = variants[variant]
     run(variant, tmp_path / "again", **_small(variant))
@@ -181,6 +185,7 @@ def test_static_int8_needs_calibration_data(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_an_export_that_computes_something_else_fails_and_publishes_nothing(
     reuse_trace, tmp_path, monkeypatch
 ):
@@ -195,6 +200,7 @@ def test_an_export_that_computes_something_else_fails_and_publishes_nothing(
     assert list(tmp_path.iterdir()) == []  # neither out_dir nor a work folder
 
 
+@pytest.mark.slow
 def test_int8_source_is_exported_as_onnx_runtime_int8(exported, tmp_path):
     model, tokenizer = load_causal_lm(MODEL)
     save_quantized(model, tokenizer, tmp_path / "int8")

@@ -88,6 +88,7 @@ def repository(replay, tmp_path_factory) -> tuple[Path, dict]:
     return out, run(out, model_name=NAME)
 
 
+@pytest.mark.slow
 def test_the_repository_is_laid_out_verified_and_loadable(repository):
     out, result = repository
     assert {
@@ -122,6 +123,7 @@ def test_the_repository_is_laid_out_verified_and_loadable(repository):
     assert isinstance(model, OnnxCausalLM) and model.path == out / NAME / "1" / "model.onnx"
 
 
+@pytest.mark.slow
 def test_config_pbtxt_is_a_triton_model_config_that_matches_the_graph(repository):
     out, _ = repository
     text = (out / NAME / "config.pbtxt").read_text()
@@ -172,6 +174,7 @@ def test_config_pbtxt_is_a_triton_model_config_that_matches_the_graph(repository
         "enum",
     ],
 )
+@pytest.mark.slow
 def test_a_config_that_disagrees_with_the_graph_is_refused_naming_it(repository, tmp_path, edit, message):
     out, _ = repository
     folder = tmp_path / NAME
@@ -189,12 +192,14 @@ def _drop_block(text: str, kind: str, name: str) -> str:
     return text[:start] + text[end:]
 
 
+@pytest.mark.slow
 def test_repository_bytes_are_identical_when_repeated(repository, replay, tmp_path):
     out, _ = repository
     run(tmp_path / "again", model_name=NAME)
     assert file_hashes(tmp_path / "again") == file_hashes(out)
 
 
+@pytest.mark.slow
 def test_fp16_variant_takes_its_types_from_the_graph(replay, tmp_path):
     result = run(tmp_path / "fp16", model_name="tiny-fp16", variant="onnx-fp16", device="gpu", instances=2)
     assert (
@@ -208,6 +213,7 @@ def test_fp16_variant_takes_its_types_from_the_graph(replay, tmp_path):
     assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2)]
 
 
+@pytest.mark.slow
 def test_gpu_config_asks_for_the_tensorrt_accelerator(repository):
     out, _ = repository
     cfg = TritonExportConfig(model_name=NAME, device="gpu", tensorrt=True, tensorrt_precision="FP32")
@@ -217,6 +223,7 @@ def test_gpu_config_asks_for_the_tensorrt_accelerator(repository):
     assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
 
 
+@pytest.mark.slow
 def test_an_export_that_computes_something_else_fails_and_publishes_nothing(replay, tmp_path, monkeypatch):
     real_reference = verify.reference_logits
     monkeypatch.setattr(verify, "reference_logits", lambda *args: real_reference(*args) + 0.01)

@@ -122,6 +122,7 @@ def test_gate_measures_a_model_against_itself_and_rejects_with_numbers():
         enforce(GateSettings(min_top1_agreement=0.99), {**same, "top1_agreement": 0.9}, "x")
 
 
+@pytest.mark.slow
 def test_gate_measures_perplexity_on_the_benchmarks_tokens():
     """The gate's parent perplexity is the benchmark's for the same model and text, with the defaults
     and with a pipeline's own benchmark settings: the report can set the two side by side."""

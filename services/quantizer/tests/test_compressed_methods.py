@@ -73,6 +73,7 @@ def _random_model(tmp_path: Path, config) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_unsupported_architectures_are_refused_with_what_is_supported(tmp_path, calibration):
     from transformers import GPT2Config, OPTConfig
 
@@ -124,12 +125,14 @@ def runs(tmp_path_factory, calibration, eval_text):
     return results
 
 
+@pytest.mark.slow
 def test_gptq_beats_round_to_nearest_at_the_same_bits_and_group_size(runs):
     # Measured: float 3.500, RTN 3.733 (+6.6%), GPTQ 3.641 (+4.0%).
     assert runs["gptq_g4"][2] < runs["rtn_g4"][2] - 0.05
     assert runs["gptq_g4"][1]["weight_bytes"] == runs["rtn_g4"][1]["weight_bytes"]
 
 
+@pytest.mark.slow
 def test_awq_beats_round_to_nearest_at_the_same_bits_and_group_size(runs):
     """Symmetric 4-bit, one scale per output channel. Measured: RTN 3.973 (+13.5%), AWQ 3.894. AWQ does
     not win everywhere on this tiny model: with zero points, per channel or in groups of 4, RTN is as
@@ -138,6 +141,7 @@ def test_awq_beats_round_to_nearest_at_the_same_bits_and_group_size(runs):
     assert runs["awq_channel"][1]["weight_bytes"] == runs["rtn_channel"][1]["weight_bytes"]
 
 
+@pytest.mark.slow
 def test_three_bit_gptq_packs_saves_and_loads(runs):
     folder, metrics, value = runs["gptq3_g4"]
     fmt = read_format(folder)
@@ -147,6 +151,7 @@ def test_three_bit_gptq_packs_saves_and_loads(runs):
     assert runs["gptq_g4"][2] < value < runs["float"][2] * 1.4
 
 
+@pytest.mark.slow
 def test_outputs_are_compressed_tensors_that_vllm_reads(runs):
     import json
 
@@ -171,6 +176,7 @@ def test_fp8_lists_as_unavailable_without_an_fp8_gpu():
         assert ok
 
 
+@pytest.mark.slow
 def test_auto_mixed_precision_beats_uniform_of_at_least_its_size(tmp_path, calibration, eval_text):
     """auto at the size of uniform 5-bit (per channel, RTN) against the uniform width whose size is
     closest without being smaller. Measured: auto 3.655 vs uniform 5-bit 3.671 (float 3.500)."""
@@ -210,12 +216,14 @@ def test_auto_mixed_precision_beats_uniform_of_at_least_its_size(tmp_path, calib
     shutil.rmtree(tmp_path)
 
 
+@pytest.mark.slow
 def test_auto_refuses_a_budget_below_its_smallest_width(tmp_path, calibration):
     with pytest.raises(InvalidArgument, match=r"max_size_fraction 0.1 is below .*\(4 bits.*0\.279"):
         quantize("auto", {"group_size": -1, "max_size_fraction": 0.1}, tmp_path / "out", calibration)
 
 
 @pytest.mark.parametrize("label", ["rtn_g4", "gptq_g4", "rtn_channel", "awq_channel"])
+@pytest.mark.slow
 def test_four_bit_outputs_run_as_packed_int4_layers_with_the_same_logits(runs, label, eval_text):
     """What a GPU benchmark does with a 4-bit output (formats.compressed_tensors.to_packed_int4): the
     layers of Tailor's Triton GEMV kernel, holding exactly the stored values. Checked here on CPU against
@@ -238,6 +246,7 @@ def test_four_bit_outputs_run_as_packed_int4_layers_with_the_same_logits(runs, l
             assert torch.allclose(packed(window).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_other_compressed_schemes_are_left_as_they_are_with_the_reason(runs):
     from tailor_runtime.ml.formats.compressed_tensors import packed_int4_refusal, to_packed_int4
 

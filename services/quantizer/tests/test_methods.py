@@ -155,6 +155,7 @@ def test_bad_config_names_the_field():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECT))
+@pytest.mark.slow
 def test_method_output_loads_is_smaller_and_keeps_quality(name, outputs, eval_text, baseline):
     fmt, max_increase, min_shrink = EXPECT[name]
     (out, metrics), _ = outputs[name]
@@ -173,11 +174,13 @@ def test_method_output_loads_is_smaller_and_keeps_quality(name, outputs, eval_te
 
 
 @pytest.mark.parametrize("name", sorted(n for n in EXPECT if get_method(n).caps.deterministic))
+@pytest.mark.slow
 def test_same_input_and_config_give_identical_bytes(name, outputs):
     (first, _), (second, _) = outputs[name]
     assert file_hashes(first) == file_hashes(second)
 
 
+@pytest.mark.slow
 def test_int8_runs_int8_kernels_and_logits_stay_close(outputs):
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
@@ -201,6 +204,7 @@ def test_int8_runs_int8_kernels_and_logits_stay_close(outputs):
     assert (ql.argmax(-1) == fl.argmax(-1)).float().mean() > 0.9
 
 
+@pytest.mark.slow
 def test_refuses_to_quantize_a_quantized_model(outputs, tmp_path):
     (int8_dir, _), _ = outputs["int8_dynamic"]
     with pytest.raises(InvalidArgument, match="full-precision"):

@@ -73,6 +73,7 @@ def _models(store) -> set[str]:
     return {artifact_id for artifact_id, _ in store.list_manifests("model")}
 
 
+@pytest.mark.slow
 def test_gate_refusal_publishes_nothing_and_the_worker_keeps_serving(worker):
     before = _models(worker["store"])
     op = _run(

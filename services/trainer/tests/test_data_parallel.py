@@ -90,6 +90,7 @@ def assert_same_adapter(a: dict, b: dict, learning_rate: float) -> None:
 
 
 @pytest.mark.parametrize("data", ["text", "alpaca"])
+@pytest.mark.slow
 def test_two_ranks_end_where_one_process_ends(data, alpaca, tmp_path):
     path = TRAIN if data == "text" else alpaca
     single = finetune_lora(MODEL, path, tmp_path / "m1", tmp_path / "a1", CONFIG, no_progress)
@@ -162,6 +163,7 @@ def test_token_weighting_is_what_makes_the_step_exact(alpaca):
     assert abs((l0 + l1) / 2 - full_loss) > 100 * TOLERANCE
 
 
+@pytest.mark.slow
 def test_a_rank_with_no_rows_still_joins_and_the_step_stays_exact(tmp_path):
     """3 ranks for 2 rows: rank 2 has nothing to train on each step but takes part in every all-reduce."""
     cfg = CONFIG.model_copy(update={"batch_size": 2, "steps": 2})
@@ -203,18 +205,21 @@ def _rank0_reports_until_cancelled(parallel, marker, *, progress):
     dist.barrier()
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_run_with_its_message():
     with pytest.raises(InvalidArgument, match=r"rank 1: no such layer 'q_projj'"):
         launch(2, _rank1_fails, (), no_progress)
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.slow
 def test_a_rank_killed_without_a_report_fails_the_run():
     with pytest.raises(RuntimeError, match="rank 1 exited with code 3"):
         launch(2, _rank1_dies, (), no_progress)
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.slow
 def test_cancel_lets_rank_0_checkpoint_then_stops_every_rank(tmp_path):
     marker = tmp_path / "saved"
     calls = []
@@ -259,6 +264,7 @@ def _finetune(settings, store, model_id: str, dataset_id: str, method: str, conf
     return asyncio.run(run())
 
 
+@pytest.mark.slow
 def test_finetune_request_with_data_parallel_2_publishes_the_one_process_adapter(tmp_path):
     """The servicer path: data_parallel=2 (2 gloo ranks on CPU, rank 0 checkpointing to the store) publishes
     an adapter whose manifest's final_loss is the one-process run's; bad data_parallel is refused."""
@@ -336,6 +342,7 @@ def test_rank_checkpointers_rank_0_saves_on_drain_and_every_rank_restores_the_sa
     assert resumed["resumed_from_step"] == 1
 
 
+@pytest.mark.slow
 def test_two_ranks_accumulate_evaluate_and_stop_early_together(alpaca, tmp_path):
     """Accumulation, evaluations and an early stop across ranks: rank 0 evaluates and decides, every rank
     stops at the same step (none is left waiting in a collective), and the run is the one process's."""

@@ -65,6 +65,7 @@ def fixed_batch_loss(model, tokenizer, seed: int = 12345) -> float:
     return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)))
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(trained):
     from tailor_runtime.ml.perplexity import perplexity
 
@@ -87,6 +88,7 @@ def test_training_lowers_the_loss(trained):
     assert metrics["tokens_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_outputs_are_an_adapter_and_a_merged_model(trained):
     out, metrics, _ = trained
     assert read_format(out / "merged") == {"format": "hf-safetensors", "dtype": "float32"}
@@ -102,6 +104,7 @@ def test_outputs_are_an_adapter_and_a_merged_model(trained):
         load_causal_lm(out / "adapter")
 
 
+@pytest.mark.slow
 def test_progress_every_step(trained):
     _, _, progress = trained
     steps = [c for c in progress.calls if c[1] == "training"]
@@ -111,6 +114,7 @@ def test_progress_every_step(trained):
     assert percents == sorted(percents) and percents[-1] == 100.0
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_weights(trained, tmp_path):
     out, first, _ = trained
     again = finetune_lora(
@@ -189,6 +193,7 @@ class MemoryCheckpointer:
         self.saved.append(step)
 
 
+@pytest.mark.slow
 def test_cancel_keeps_the_last_checkpoint_and_a_rerun_resumes(tmp_path):
     cfg = LoraTrainConfig(steps=12, checkpoint_every=0)
     ckpt = MemoryCheckpointer(tmp_path / "ckpt")
@@ -206,6 +211,7 @@ def test_cancel_keeps_the_last_checkpoint_and_a_rerun_resumes(tmp_path):
     assert resumed["loss_curve"] == pytest.approx(fresh["loss_curve"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_progress_reports_learning_rate_and_eta(trained):
     _, _, progress = trained
     steps = [c[3] for c in progress.calls if c[1] == "training"]
@@ -214,6 +220,7 @@ def test_progress_reports_learning_rate_and_eta(trained):
 
 
 @pytest.mark.parametrize("variant", ["dora", "qlora"])
+@pytest.mark.slow
 def test_dora_and_qlora_train_and_give_a_float_merged_model(variant, tmp_path):
     preset = {"dora": {"dora": True}, "qlora": {"quantize_base": "nf4"}}[variant]
     cfg = LoraTrainConfig(steps=12, learning_rate=3e-3, **preset)

@@ -51,6 +51,7 @@ def qat_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_qat_output_is_a_plain_float_model_that_records_qat(qat_dir):
     fmt = json.loads((qat_dir / "tailor_format.json").read_text())
     assert fmt["format"] == "hf-safetensors" and fmt["qat"] == {
@@ -63,6 +64,7 @@ def test_qat_output_is_a_plain_float_model_that_records_qat(qat_dir):
     assert sum(type(m) is torch.nn.Linear for m in model.modules()) == 36  # 35 + lm_head, no fake quantizers
 
 
+@pytest.mark.slow
 def test_int4_after_qat_loses_less_than_int4_after_plain_training(qat_dir):
     qat_model, tok = load_causal_lm(qat_dir)
     plain, _ = load_causal_lm(MODEL)

@@ -80,6 +80,7 @@ def _request(inputs) -> pb.FineTuneRequest:
     )
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint(inputs):
     root, store, _, _ = inputs
     port = free_port()

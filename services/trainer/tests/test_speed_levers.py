@@ -60,6 +60,7 @@ def test_flex_document_attention_gives_the_dense_masks_losses():
     assert gap < 1e-5
 
 
+@pytest.mark.slow
 def test_compiled_layers_keep_the_losses(tmp_path):
     plain = losses(tmp_path, "eager")
     compiled = losses(tmp_path, "compiled", compile_layers=True)

@@ -76,6 +76,7 @@ def test_two_micro_batches_of_b_give_the_losses_of_one_batch_of_2b(tmp_path):
     assert small["loss_curve"][1] != pytest.approx(big["loss_curve"][1], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_accumulated_steps_update_the_adapter_as_one_big_batch_does():
     """The LoRA weights after 3 steps, in float64 so that float32's rounding does not hide a real
     difference: AdamW divides by sqrt(v) + 1e-8, so in float32 a weight whose gradient is near 1e-8
