@@ -239,7 +239,10 @@ def _enforce(
 
 
 def modelfile(model_dir: Path, gguf_type: str, name: str) -> str:
-    """An Ollama Modelfile for a plain-text (completion) model such as a story model."""
+    """An Ollama Modelfile: a chat model's TEMPLATE from its own chat_template (ollama_template), a
+    plain-text (completion) model such as a story model passes the prompt through."""
+    from tailor_exporter.ollama_template import ollama_template
+
     config = json.loads((model_dir / "config.json").read_text())
     generation = _read_json(model_dir / "generation_config.json")
     vocab = json.loads((model_dir / "tokenizer.json").read_text())
@@ -252,8 +255,7 @@ def modelfile(model_dir: Path, gguf_type: str, name: str) -> str:
         f"# Ollama Modelfile for {name} (GGUF {gguf_type}), written by Tailor.",
         f"#   ollama create {name} -f Modelfile && ollama run {name} 'Once upon a time'",
         "FROM ./model.gguf",
-        "# No chat format: the model continues plain text, so the prompt is passed through unchanged.",
-        'TEMPLATE """{{ .Prompt }}"""',
+        *_template_lines(ollama_template(model_dir)),
         "# Stop where transformers' generate stops (generation_config eos ids; a llama2.c story model ends a",
         "# story with <s>). The GGUF marks the same ids as end-of-generation tokens for llama.cpp itself.",
         *[f'PARAMETER stop "{pieces[s]}"' for s in stops if s in pieces],
@@ -261,6 +263,23 @@ def modelfile(model_dir: Path, gguf_type: str, name: str) -> str:
         f"PARAMETER num_ctx {config.get('max_position_embeddings') or config.get('n_positions') or 2048}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _template_lines(chat: str | None) -> list[str]:
+    if chat is not None and '"""' in chat:  # a Modelfile string cannot hold its own delimiter
+        return [
+            '# The chat template contains """, which a Modelfile TEMPLATE cannot hold: set TEMPLATE by hand.'
+        ]
+    if chat is None:
+        return [
+            "# No chat format: the model continues plain text, so the prompt is passed through unchanged.",
+            'TEMPLATE """{{ .Prompt }}"""',
+        ]
+    return [
+        "# One turn of the tokenizer's own chat_template, rendered by transformers (earlier turns: Ollama",
+        "# repeats this per turn).",
+        f'TEMPLATE """{chat}"""',
+    ]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
