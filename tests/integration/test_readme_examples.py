@@ -5,7 +5,6 @@ instead: a new README line that is neither fails this test."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,8 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tailor_cli.stack import Stack, free_base_port
+from support.remote_stack import gateway_env, started_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,16 +49,13 @@ def readme_commands() -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("readme-stack"), base_port=free_base_port(start=53000))
-    s.start(timeout=300)
-    yield s
-    s.stop()
+    with started_stack(tmp_path_factory.mktemp("readme-stack"), first_port=53000) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def env(stack, tmp_path_factory):
-    return {**os.environ, "TAILOR_GATEWAY": stack.address("gateway"), "TAILOR_TOKEN": stack.token,
-            "TAILOR_STATE_DIR": str(tmp_path_factory.mktemp("no-local-stack"))}  # fmt: skip
+    return gateway_env(stack, tmp_path_factory.mktemp("no-local-stack"))
 
 
 def sh(command: str, env: dict, cwd: Path = ROOT, timeout: int = 900) -> str:

@@ -7,15 +7,14 @@ light client (`pip install .`, no torch) talking to the same gateway from a virt
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support.remote_stack import gateway_env, started_stack
 
 import tailor
-from tailor_cli.stack import Stack, free_base_port
 from tailor_runtime.store.manifest import sha256_file
 
 pytestmark = pytest.mark.integration
@@ -31,10 +30,8 @@ QUICK_BENCHMARK = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("sdk-stack"), base_port=free_base_port(start=52000))
-    s.start(timeout=300)
-    yield s
-    s.stop()
+    with started_stack(tmp_path_factory.mktemp("sdk-stack"), first_port=52000) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +40,10 @@ def client(stack) -> tailor.Client:
 
 
 def _env(stack, tmp_path: Path) -> dict:
-    # An empty state dir: the CLI can find the gateway only through the environment.
-    return {**os.environ, "TAILOR_GATEWAY": stack.address("gateway"), "TAILOR_TOKEN": stack.token,
-            "TAILOR_STATE_DIR": str(tmp_path / "no-stack-here")}  # fmt: skip
+    return gateway_env(stack, tmp_path / "no-stack-here")
 
 
-def test_submit_a_dict_watch_it_and_fetch_its_report(client):
+def test_submit_a_dict_watch_it_and_fetch_its_report(client, tmp_path):
     uploads: dict[str, list[tuple[int, int]]] = {}
     spec = {
         "name": "sdk-dict",
@@ -77,12 +72,12 @@ def test_submit_a_dict_watch_it_and_fetch_its_report(client):
     assert submitted.id in {p.id for p in client.pipelines()}
 
     export = next(s for s in final.stages if s.kind == "export")
-    exported = client.download(export.results[0], Path(os.environ.get("TMPDIR", "/tmp")) / f"gguf-{final.id}")
+    exported = client.download(export.results[0], tmp_path / "gguf")
     modelfile = next(p for p in exported if p.name == "Modelfile").read_text()
     assert "ollama create sdk-dict -f Modelfile" in modelfile  # the pipeline's name, not a content hash
 
     progress: list[tuple[int, int]] = []
-    files = client.download(final.report_id, Path(os.environ.get("TMPDIR", "/tmp")) / f"sdk-{final.id}",
+    files = client.download(final.report_id, tmp_path / "report",
                             on_progress=lambda done, total: progress.append((done, total)))  # fmt: skip
     manifest = client.artifact(final.report_id).manifest
     assert sorted(f.name for f in files) == sorted(Path(f["path"]).name for f in manifest["files"])
