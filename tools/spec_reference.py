@@ -36,9 +36,8 @@ def sections() -> list[tuple[str, str, dict[str, Any]]]:
     from tailor_exporter.registry import list_formats
     from tailor_gateway import spec
     from tailor_quantizer.methods.registry import list_methods
-    from tailor_trainer.lora import LoraTrainConfig
-    from tailor_trainer.qat import QatTrainConfig
     from tailor_trainer.servicer import METHODS as TRAINER_METHODS
+    from tailor_trainer.servicer import config_class
 
     out: list[tuple[str, str, dict[str, Any]]] = []
     top = spec.PipelineSpec.model_json_schema()
@@ -47,10 +46,8 @@ def sections() -> list[tuple[str, str, dict[str, Any]]]:
         what = block.get("description") or "A block of the spec (see the top level for where it goes)."
         out.append((f"Spec block `{name}`", what, block))
     for method in sorted(TRAINER_METHODS):
-        cls = QatTrainConfig if method == "qat" else LoraTrainConfig
-        out.append(
-            (f"`finetune.method: {method}` config", TRAINER_METHODS[method][0], cls.model_json_schema())
-        )
+        schema = config_class(method).model_json_schema()
+        out.append((f"`finetune.method: {method}` config", TRAINER_METHODS[method][0], schema))
     for m in sorted(list_methods(), key=lambda m: m.name):
         out.append(
             (f"`quantize[].method: {m.name}` config", m.caps.description, m.Config.model_json_schema())

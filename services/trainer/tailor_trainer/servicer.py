@@ -54,7 +54,8 @@ METHODS = {
 DATA_SUFFIXES = (".txt", ".text", ".json", ".jsonl")
 
 
-def _config_class(method: str):
+def config_class(method: str):
+    """The pydantic config a fine-tuning method takes (what ListMethods publishes and FineTune validates)."""
     from tailor_trainer.lora import LoraTrainConfig
     from tailor_trainer.qat import QatTrainConfig
 
@@ -206,8 +207,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     devices=["cpu", "cuda"],
                     output_format="hf-safetensors",
                     libraries=list(libraries),
-                    parameters=config_parameters(_config_class(name)),
-                    config_schema_json=config_schema_json(_config_class(name)),
+                    parameters=config_parameters(config_class(name)),
+                    config_schema_json=config_schema_json(config_class(name)),
                     architectures=supported_families(f"finetune/{name}"),
                 )
             )
@@ -226,7 +227,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     "one process: leave data_parallel out or set it to 1"
                 )
             del raw["data_parallel"]
-        cfg = validate_config(_config_class(method), raw, method)
+        cfg = validate_config(config_class(method), raw, method)
         cfg = cfg.model_copy(update={"seed": int(request.seed), **preset})
         world_size = getattr(cfg, "data_parallel", 1)
         if world_size > 1:
