@@ -280,13 +280,17 @@ def cmd_artifacts(args) -> int:
         if args.json:
             return print_json(
                 [{"id": a.id, "kind": a.kind, "name": a.name, "format": a.format, "made_by": a.made_by,
-                  "bytes": a.size, "parents": a.parents} for a in artifacts]
+                  "bytes": a.size, "parents": a.parents, "pipeline_id": a.pipeline_id,
+                  "pipeline": a.pipeline_name, "stored": a.stored.isoformat() + "Z" if a.stored else ""}
+                 for a in artifacts]
             )  # fmt: skip
         table = Table(title="artifacts")
-        for col in ("id", "kind", "name", "format", "made by", "size"):
-            table.add_column(col, no_wrap=col in ("id", "size"), overflow="fold")
+        for col in ("id", "kind", "name", "format", "pipeline", "size", "stored (UTC)"):
+            table.add_column(col, no_wrap=col in ("id", "size", "stored (UTC)"), overflow="fold")
         for a in artifacts:
-            table.add_row(short_id(a.id), a.kind, a.name, a.format, a.made_by, human_bytes(a.size))
+            made_in = a.pipeline_name or ("upload" if a.made_by == "upload" else a.made_by)
+            stored = a.stored.strftime("%Y-%m-%d %H:%M") if a.stored else ""
+            table.add_row(short_id(a.id), a.kind, a.name, a.format, made_in, human_bytes(a.size), stored)
         console.print(table)
     elif args.action == "get":
         files = download_with_bar(client, args.id, args.dest)

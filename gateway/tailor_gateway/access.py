@@ -148,11 +148,27 @@ class Access:
         if not self.owns(project, artifact_id):
             raise NotFound(f"artifact {artifact_id} not found")
 
-    def owned(self, project: str, kind: str = "") -> list[tuple[str, str]]:
-        sql, args = "SELECT artifact_id, kind FROM artifact_owners WHERE project = ?", (project,)
+    def listing(self, project: str, kind: str = "") -> list[dict]:
+        """The project's artifacts, oldest first: id, kind, when it became the project's, and the pipeline
+        whose stage made it (from the stages' results; "" for uploads and imports)."""
+        sql, args = "SELECT artifact_id, kind, created FROM artifact_owners WHERE project = ?", (project,)
         if kind:
             sql, args = sql + " AND kind = ?", (project, kind)
-        return [(r["artifact_id"], r["kind"]) for r in self.db.query(sql + " ORDER BY created", args)]
+        rows = self.db.query(sql + " ORDER BY created", args)
+        made_by: dict[str, tuple[str, str]] = {}
+        for r in self.db.query(
+            "SELECT p.id AS pipeline_id, p.name AS pipeline_name, s.results_json FROM stages s "
+            "JOIN pipelines p ON p.id = s.pipeline_id WHERE p.project = ? AND s.results_json != '[]' "
+            "ORDER BY p.created",
+            (project,),
+        ):
+            for result in json.loads(r["results_json"]):
+                made_by.setdefault(result.get("id", ""), (r["pipeline_id"], r["pipeline_name"]))
+        return [
+            {"id": r["artifact_id"], "kind": r["kind"], "created": r["created"],
+             "pipeline": made_by.get(r["artifact_id"], ("", ""))}
+            for r in rows
+        ]  # fmt: skip
 
     # --- audit ----------------------------------------------------------------------------------
     def audit(self, who: Principal | None, action: str, target: str = "", **detail) -> None:

@@ -247,12 +247,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     async def ListArtifacts(self, request, context):
         # Only what this project owns; the ownership table answers without reading the store.
-        found = await self._db(self.access.owned, current_principal.get(), request.kind)
-        return pb.ListArtifactsResponse(
-            artifacts=[
-                common.ArtifactRef(id=i, kind=kind, uri=self.store.uri_for(i), sha256=i) for i, kind in found
-            ]
-        )
+        found = await self._db(self.access.listing, current_principal.get(), request.kind)
+        refs = [common.ArtifactRef(id=a["id"], kind=a["kind"], uri=self.store.uri_for(a["id"]), sha256=a["id"])
+                for a in found]  # fmt: skip
+        listings = []
+        for ref, a in zip(refs, found, strict=True):
+            listing = pb.ArtifactListing(
+                artifact=ref, pipeline_id=a["pipeline"][0], pipeline_name=a["pipeline"][1]
+            )
+            listing.stored_time.FromSeconds(int(a["created"]))
+            listings.append(listing)
+        return pb.ListArtifactsResponse(artifacts=refs, listings=listings)
 
     async def ImportModel(self, request, context):
         manifest, cached = await self.engine.import_model(

@@ -105,6 +105,11 @@ class Artifact:
     id: str
     kind: str
     manifest: dict[str, Any]
+    # From a listing (`Client.artifacts`): when the project got it, and the pipeline that made it ("" for
+    # uploads and imports). None / "" from `Client.artifact`, which reads only the manifest.
+    stored: datetime | None = None
+    pipeline_id: str = ""
+    pipeline_name: str = ""
 
     @property
     def name(self) -> str:
@@ -232,8 +237,17 @@ class Client:
         return Artifact(reply.artifact.id, reply.artifact.kind, json.loads(reply.manifest_json))
 
     def artifacts(self, kind: str = "") -> list[Artifact]:
-        refs = self._call("ListArtifacts", pb.ListArtifactsRequest(kind=kind)).artifacts
-        return [self.artifact(ref.id) for ref in refs]
+        """The project's artifacts (of one kind, if given), oldest first, with their manifests."""
+        reply = self._call("ListArtifacts", pb.ListArtifactsRequest(kind=kind))
+        found = []
+        for listing in reply.listings:
+            manifest = self.artifact(listing.artifact.id).manifest
+            stored = listing.stored_time.ToDatetime() if listing.HasField("stored_time") else None
+            found.append(
+                Artifact(listing.artifact.id, listing.artifact.kind, manifest, stored,
+                         listing.pipeline_id, listing.pipeline_name)
+            )  # fmt: skip
+        return found
 
     def upload(
         self, path: str | Path, kind: str | None = None, format: str | None = None,  # noqa: A002

@@ -119,6 +119,9 @@ def test_tailor_quantize_goes_through_the_gateway_and_out_downloads_it(stack, cl
     )
     artifact = client.artifact(result)  # owned by the token's project: the gateway recorded it
     assert artifact.made_by == "quantize"
+    listed = {a.id: a for a in client.artifacts()}
+    assert listed[result].pipeline_name == "quantize-int8_dynamic" and listed[result].stored is not None
+    assert listed[client.upload(EVAL).id].pipeline_name == ""  # an upload: no pipeline made it
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert written == sorted(f["path"] for f in artifact.manifest["files"])
 

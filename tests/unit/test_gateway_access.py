@@ -62,8 +62,30 @@ def test_artifacts_are_owned_per_project(access):
     assert access.owns("team-a", "b" * 64) and not access.owns("team-b", "b" * 64)
     with pytest.raises(NotFound):
         access.require_owned("team-b", "b" * 64)
-    assert access.owned("team-a", "model") == [("a" * 64, "model")]
-    assert len(access.owned("team-a")) == 2
+    assert [(a["id"], a["kind"]) for a in access.listing("team-a", "model")] == [("a" * 64, "model")]
+    assert len(access.listing("team-a")) == 2
+
+
+def test_an_artifacts_listing_names_the_pipeline_that_made_it(tmp_path):
+    from tailor_gateway.state import PipelineRow, StageRow
+
+    state = StateStore(str(tmp_path / "gw.db"))
+    access = Access(state.db)
+    made, uploaded = "c" * 64, "d" * 64
+    state.create_pipeline(
+        PipelineRow("p1", "team-a", "nf4-try", "name: nf4-try", "SUCCEEDED", 1.0, 1.0),
+        [StageRow("p1", "quantize/nf4", "quantize", 0, [], {})],
+    )
+    state.set_stage("p1", "quantize/nf4", results=[{"id": made, "kind": "model"}])
+    state.create_pipeline(  # another project's pipeline that made the same bytes names nothing here
+        PipelineRow("p2", "team-b", "theirs", "name: theirs", "SUCCEEDED", 0.5, 0.5),
+        [StageRow("p2", "quantize/nf4", "quantize", 0, [], {})],
+    )
+    state.set_stage("p2", "quantize/nf4", results=[{"id": made, "kind": "model"}])
+    access.own("team-a", [(uploaded, "dataset"), (made, "model")])
+    listed = {a["id"]: a for a in access.listing("team-a")}
+    assert listed[made]["pipeline"] == ("p1", "nf4-try") and listed[uploaded]["pipeline"] == ("", "")
+    assert listed[made]["created"] > 0
 
 
 def test_audit_rows_and_json_log_lines(access, caplog):
