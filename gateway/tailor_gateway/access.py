@@ -1,7 +1,10 @@
 """Who may do what: API tokens, artifact ownership and the audit log, in the gateway's database.
 
-Tokens are stored as sha256 hashes only, each scoped to one project and revocable; every request
-looks its token up, so a revoked token is refused at the next call. Every artifact a project
+Tokens are stored as sha256 hashes only, each scoped to one project and revocable. A verified token is
+remembered for up to TOKEN_CACHE_TTL_S (tokens.VerifiedTokens), so most requests need no database read;
+a revocation through revoke_token is refused at the next call in the revoking process and, on SQLite, in
+every process on the same database file; elsewhere (PostgreSQL, another process) within
+TOKEN_CACHE_TTL_S. Every artifact a project
 uploads or a pipeline of it produces is recorded as owned by that project: the gateway shows a
 project only what it owns (content addressing means two projects may own the same id).
 """
@@ -20,6 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from tailor_gateway.db import Database
+from tailor_gateway.tokens import VerifiedTokens
 from tailor_runtime.errors import InvalidArgument, NotFound, Unauthenticated
 
 log = logging.getLogger("tailor.audit")
@@ -46,6 +50,12 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _digest(header: str) -> str:
+    if not header.lower().startswith("bearer "):
+        raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
+    return token_hash(header[7:].strip())
+
+
 def check_project(project: str) -> str:
     if not PROJECT.match(project):
         raise InvalidArgument("project must be 1-63 lowercase letters, digits, '.', '_' or '-'")
@@ -57,6 +67,7 @@ class Access:
         self.db = db
         # Bootstrap tokens from TAILOR_TOKENS_FILE ('<sha256> <project>' lines), e.g. a mounted secret.
         self.file_tokens = file_tokens or dict
+        self.verified = VerifiedTokens(db.sidecar("tokens-revoked"))
 
     # --- tokens ---------------------------------------------------------------------------------
     def create_token(self, project: str, name: str = "") -> tuple[str, TokenInfo]:
@@ -80,6 +91,8 @@ class Access:
             raise NotFound(f"token {token_id!r} not found")
         if rows[0]["revoked"] is None:
             self.db.execute([("UPDATE tokens SET revoked = ? WHERE id = ?", (time.time(), token_id))])
+        # After the commit: a gateway that re-reads on seeing this finds the token revoked.
+        self.verified.invalidate()
         return self._info(self.db.query("SELECT * FROM tokens WHERE id = ?", (token_id,))[0])
 
     def list_tokens(self, project: str | None = None) -> list[TokenInfo]:
@@ -90,10 +103,33 @@ class Access:
         return [self._info(r) for r in rows]
 
     def authenticate(self, header: str) -> Principal:
-        """`Bearer <token>` -> the principal; Unauthenticated for a missing, unknown or revoked token."""
-        if not header.lower().startswith("bearer "):
-            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <token>'")
-        digest = token_hash(header[7:].strip())
+        """`Bearer <token>` -> the principal, read from the database (blocks: call it off the event
+        loop); Unauthenticated for a missing, unknown or revoked token. Remembers the answer."""
+        digest = _digest(header)
+        version = self.verified.version()
+        try:
+            principal = self._lookup(digest)
+        except Unauthenticated:
+            self.verified.forget(digest)
+            raise
+        self.verified.put(digest, principal, version)
+        return principal
+
+    def cached_principal(self, header: str) -> tuple[Principal, bool] | None:
+        """The principal of a recently verified token without a database read (None: call
+        authenticate), and whether it is due for a background re-read (see VerifiedTokens.get)."""
+        digest = _digest(header)
+        hit = self.verified.get(digest)
+        if hit is None:
+            return None
+        principal, due = hit
+        # A file token stays valid only while its line is there (the file is re-read when it changes).
+        if principal.token_id.startswith("file:") and digest not in self.file_tokens():
+            self.verified.forget(digest)
+            return None
+        return principal, due
+
+    def _lookup(self, digest: str) -> Principal:
         rows = self.db.query("SELECT id, project, revoked FROM tokens WHERE token_hash = ?", (digest,))
         if rows:
             if rows[0]["revoked"] is not None:

@@ -74,6 +74,11 @@ class Database:
         """Block until this process is the one gateway driving the state (see the module doc)."""
         raise NotImplementedError
 
+    def sidecar(self, name: str) -> Path | None:
+        """A file beside the database that every process using it can reach (SQLite only: they share
+        its directory), for cheap signals between them; None where there is no such place."""
+        return None
+
     def _transient(self, exc: BaseException) -> bool:
         raise NotImplementedError
 
@@ -105,7 +110,7 @@ class Database:
 class SqliteDatabase(Database):
     """A write connection behind a lock, and a read connection per thread: in WAL mode readers are not
     blocked by a writer (ours, or another process holding the write lock), nor by each other, so reads
-    keep answering. Per thread, not one shared: the token check on the event loop must never wait for a
+    keep answering. Per thread, not one shared: a token check must never wait for a
     database thread's listing (issue 23's load bar)."""
 
     dialect = "sqlite"
@@ -130,6 +135,9 @@ class SqliteDatabase(Database):
         # Short: a longer wait is the retry loop's, with backoff and a log line.
         conn.execute("PRAGMA busy_timeout=1000")
         return conn
+
+    def sidecar(self, name: str) -> Path | None:
+        return self.path.with_name(f"{self.path.name}.{name}")
 
     def _reader(self) -> sqlite3.Connection:
         """This thread's read connection (made at its first read)."""

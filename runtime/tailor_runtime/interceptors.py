@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from opentelemetry import context as otel_context
@@ -21,7 +22,9 @@ log = logging.getLogger("tailor.rpc")
 # Standard services every client may call without credentials (probes, reflection).
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-AuthCheck = Callable[[str, dict[str, str]], str]
+# (method, metadata) -> the caller's project, or an awaitable of it (a check that must read a database
+# does so off the event loop); raises Unauthenticated.
+AuthCheck = Callable[[str, dict[str, str]], str | Awaitable[str]]
 
 # The project of the authenticated caller, for servicers that scope data to it.
 current_principal: contextvars.ContextVar[str] = contextvars.ContextVar("current_principal", default="")
@@ -74,10 +77,14 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             stream_stream=adapt(handler.stream_stream),
         )
 
-    def _enter(self, method: str, metadata: dict[str, str], guarded: bool, context):
-        if guarded:
-            current_peer.set(peer_names(context))
-            current_principal.set(self.auth_check(method, metadata))
+    async def _authenticate(self, method: str, metadata: dict[str, str], context) -> None:
+        current_peer.set(peer_names(context))
+        project = self.auth_check(method, metadata)
+        if inspect.isawaitable(project):
+            project = await project
+        current_principal.set(project)
+
+    def _enter(self, method: str, metadata: dict[str, str]):
         parent = extract_context(metadata.items())
         token = otel_context.attach(parent)
         span = tracer().start_span(f"{self.service} {method}", kind=trace.SpanKind.SERVER)
@@ -100,7 +107,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         start, code = time.perf_counter(), grpc.StatusCode.OK
         span, tokens = None, ()
         try:
-            span, tokens = self._enter(method, metadata, guarded, context)
+            if guarded:
+                await self._authenticate(method, metadata, context)
+            span, tokens = self._enter(method, metadata)
             yield
         except Exception as exc:  # noqa: BLE001 - mapped to a status code
             code = exc.code if isinstance(exc, TailorError) else _code_of(context, exc)

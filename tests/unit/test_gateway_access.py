@@ -1,6 +1,7 @@
 """Tokens (hashed, scoped, revocable at once), artifact ownership, the audit log and rate limits,
 on SQLite and on a real PostgreSQL server."""
 
+import asyncio
 import json
 import logging
 
@@ -123,7 +124,13 @@ def test_gateway_check_sets_the_caller(tmp_path):
     access = Access(StateStore(tmp_path / "gw.db").db)
     token, info = access.create_token("team-a")
     check = gateway_auth_check(access, RateLimiter(rate=1.0, burst=1))
-    assert check("/x", {"authorization": f"Bearer {token}"}) == "team-a"
-    assert current_caller.get().token_id == info.id
-    with pytest.raises(RateLimited):
-        check("/x", {"authorization": f"Bearer {token}"})
+
+    async def main():
+        first = check("/x", {"authorization": f"Bearer {token}"})
+        # Not yet verified: an awaitable, the database read on a thread; then cached.
+        assert asyncio.iscoroutine(first) and await first == "team-a"
+        assert current_caller.get().token_id == info.id
+        with pytest.raises(RateLimited):  # the cached path, answered at once, is rate limited too
+            check("/x", {"authorization": f"Bearer {token}"})
+
+    asyncio.run(main())
