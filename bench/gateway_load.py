@@ -34,9 +34,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from tailor.connection import Connection
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
-from tailor_cli.client import Connection, upload
+from tailor.transfer import upload
 from tailor_cli.stack import Stack
 from tailor_gateway.access import Access
 from tailor_gateway.state import StateStore
@@ -295,7 +296,7 @@ def main() -> int:
             project = f"load-{i % PROJECTS}"
             token, _ = access.create_token(project, f"client-{i}")
             if project not in project_inputs:
-                conn = Connection(stack.address("gateway"), token, {})
+                conn = Connection(stack.address("gateway"), token)
                 model = upload(conn, ROOT / "examples" / "models" / "stories260K").artifact.id
                 data = upload(conn, ROOT / "examples" / "data" / "tinystories_eval.txt").artifact.id
                 project_inputs[project] = {"model": {"artifact": model}, "data": {"eval": {"artifact": data}}}
