@@ -222,25 +222,38 @@ def test_health_and_metrics_endpoints(finished, stack):
     assert "tailor_gateway_queue_depth" in text
 
 
-def test_one_trace_spans_gateway_and_services(finished, stack):
-    spans = [json.loads(line) for line in (stack.state_dir / "traces.jsonl").read_text().splitlines()]
-    pipeline_id = finished["pipeline"].id
+TRACED_SERVICES = {
+    "tailor-gateway",
+    "tailor-trainer",
+    "tailor-quantizer",
+    "tailor-benchmarker",
+    "tailor-exporter",
+    "tailor-selector",
+}
+
+
+def _trace_of(path: Path, pipeline_id: str) -> tuple[list[dict], set[str]]:
+    """The pipeline's root spans and the services in its trace, from the complete lines written so far."""
+    text = path.read_text() if path.exists() else ""
+    spans = [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
     roots = [
-        s
-        for s in spans
-        if s["attributes"].get("tailor.pipeline_id") == pipeline_id and s["parent_id"] is None
+        s for s in spans if s["attributes"].get("tailor.pipeline_id") == pipeline_id and not s["parent_id"]
     ]
+    services = {s["service"] for s in spans if roots and s["trace_id"] == roots[0]["trace_id"]}
+    return roots, services
+
+
+def test_one_trace_spans_gateway_and_services(finished, stack):
+    import time
+
+    # Spans reach the file from each process's exporter thread (batched every 100 ms): give them a moment.
+    for _ in range(60):
+        roots, services = _trace_of(stack.state_dir / "traces.jsonl", finished["pipeline"].id)
+        if len(roots) == 1 and TRACED_SERVICES <= services:
+            break
+        time.sleep(0.5)
     assert len(roots) == 1
-    trace_id = roots[0]["trace_id"]
-    services = {s["service"] for s in spans if s["trace_id"] == trace_id}
-    assert {
-        "tailor-gateway",
-        "tailor-trainer",
-        "tailor-quantizer",
-        "tailor-benchmarker",
-        "tailor-exporter",
-        "tailor-selector",
-    } <= services
+    assert TRACED_SERVICES <= services
 
 
 def test_bad_requests_get_the_right_status(finished, stack, conn):
