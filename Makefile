@@ -107,10 +107,10 @@ test-fast: install $(HELM)
 	$(BIN)/python -m pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 # make test with line coverage (.coveragerc: runtime/ gateway/ services/ cli/, tests left out; in-process
-# only, the services the tests start as processes are not measured). COV_FAIL_UNDER: the floor, a lower
-# bound measured on the test-fast lane (the full suite covers at least what it covers); TODO(lead): raise
-# it to the figure the first full `make coverage` prints.
-COV_FAIL_UNDER ?= 0
+# only, the services the tests start as processes are not measured). COV_FAIL_UNDER: the floor, below the
+# test-fast lane's 64.0% (615 tests, 12,079 statements; the full suite covers at least what it covers);
+# TODO(lead): raise it to the figure the first full `make coverage` prints.
+COV_FAIL_UNDER ?= 60
 COV_ARGS = --cov --cov-report=term:skip-covered --cov-fail-under=$(COV_FAIL_UNDER)
 coverage: install system-deps $(VENV)/.llamacpp $(VENV_MLSERVER)/.installed
 	TAILOR_REQUIRE_LLAMA_CPP=1 TAILOR_REQUIRE_MLSERVER=1 $(BIN)/python -m pytest -m "not gpu" $(COV_ARGS) $(PYTEST_ARGS)
