@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Package name -> the folder holding it.
 PACKAGES = {
+    "tailor": REPO / "sdk" / "tailor",  # the SDK (the generated stubs under it live in gen/, not read here)
     "tailor_runtime": REPO / "runtime" / "tailor_runtime",
     "tailor_gateway": REPO / "gateway" / "tailor_gateway",
     "tailor_cli": REPO / "cli" / "tailor_cli",
@@ -47,7 +48,7 @@ KNOWN_HEAVY_IMPORTS: dict[str, str] = {}
 # Packages (or parts) that must not load torch/transformers when imported, not even through another
 # first-party module's module-level imports: the gateway, the selector ("pure logic, no torch") and the
 # CLI start without torch; the runtime outside `ml` is what they import.
-LIGHT = ("tailor_runtime", "tailor_gateway", "tailor_selector", "tailor_cli")
+LIGHT = ("tailor", "tailor_runtime", "tailor_gateway", "tailor_selector", "tailor_cli")
 
 HEAVY = {"torch", "transformers"}
 
