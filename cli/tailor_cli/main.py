@@ -180,11 +180,11 @@ def run_pipeline(client: Client, spec, watch: bool, state_dir: Path, key: str = 
 
 def follow(client: Client, pipeline_id: str) -> Pipeline:
     """The pipeline's stages live until it ends; Ctrl-C stops watching only (raises WatchStopped)."""
-    last = None
     try:
         with Live(console=console, refresh_per_second=4, transient=False) as live:
-            for last in client.watch(pipeline_id):
-                live.update(stages_table(last.proto))
+            return client.wait(
+                pipeline_id, on_update=lambda p: live.update(stages_table(p.proto)), check=False
+            )
     except KeyboardInterrupt:
         # Watching is only a view: the gateway runs the pipeline whether anyone watches or not.
         console.print(
@@ -192,9 +192,6 @@ def follow(client: Client, pipeline_id: str) -> Pipeline:
             f"`tailor pipeline watch {pipeline_id}`, or stop it with `tailor pipeline cancel {pipeline_id}`"
         )
         raise WatchStopped from None
-    if last is None:
-        raise ClientError("the gateway closed the stream without news of the pipeline")
-    return last if last.done else client.pipeline(pipeline_id)
 
 
 class WatchStopped(Exception):

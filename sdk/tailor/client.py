@@ -111,6 +111,11 @@ class Artifact:
     pipeline_id: str = ""
     pipeline_name: str = ""
 
+    @classmethod
+    def from_reply(cls, reply) -> Artifact:
+        """From a gateway reply that carries `artifact` and `manifest_json` (upload, import, get)."""
+        return cls(reply.artifact.id, reply.artifact.kind, json.loads(reply.manifest_json))
+
     @property
     def name(self) -> str:
         return self.manifest.get("name", "")
@@ -233,8 +238,7 @@ class Client:
 
     # --- artifacts ------------------------------------------------------------------------------
     def artifact(self, artifact_id: str) -> Artifact:
-        reply = self._call("GetArtifact", pb.GetArtifactRequest(artifact_id=artifact_id))
-        return Artifact(reply.artifact.id, reply.artifact.kind, json.loads(reply.manifest_json))
+        return Artifact.from_reply(self._call("GetArtifact", pb.GetArtifactRequest(artifact_id=artifact_id)))
 
     def artifacts(self, kind: str = "") -> list[Artifact]:
         """The project's artifacts (of one kind, if given), oldest first, with their manifests."""
@@ -255,8 +259,7 @@ class Client:
     ) -> Artifact:  # fmt: skip
         """A file or folder into the store (a model folder's format is read from its config.json;
         pytorch_model.bin is converted to safetensors first, which needs torch)."""
-        reply = upload(self.connection, Path(path), kind, format, on_progress)
-        return Artifact(reply.artifact.id, reply.artifact.kind, json.loads(reply.manifest_json))
+        return Artifact.from_reply(upload(self.connection, Path(path), kind, format, on_progress))
 
     def download(
         self, artifact_id: str, dest: str | Path, on_progress: OnProgress | None = None
@@ -266,8 +269,7 @@ class Client:
 
     def import_model(self, hub_repo: str, revision: str = "") -> Artifact:
         """A Hugging Face Hub model, downloaded once by the gateway (a cached commit is not fetched again)."""
-        reply = import_hub(self.connection, hub_repo, revision)
-        return Artifact(reply.artifact.id, reply.artifact.kind, json.loads(reply.manifest_json))
+        return Artifact.from_reply(import_hub(self.connection, hub_repo, revision))
 
     # --- what the workers offer -----------------------------------------------------------------
     def capabilities(self) -> pb.ListCapabilitiesResponse:
