@@ -10,7 +10,7 @@ from rich.text import Text
 
 from tailor.common.v1 import common_pb2 as common
 from tailor.gateway.v1 import gateway_service_pb2 as pb
-from tailor_runtime.hardware import describe
+from tailor_runtime.benchmark_report import Environment
 
 # Ids are shown as their first 12 characters everywhere (any unique prefix of 8+ works in every command,
 # as in git); --json output carries whole ids.
@@ -182,11 +182,10 @@ def summary_view(summary: dict, report_path: str | None) -> Group:
     export = summary.get("export")
     if export and export.get("artifact_id"):
         parts.append(Text(export_check_line(export)))
-    env = summary.get("environment") or {}
-    if env:
-        gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else None
-        on = f"{gpu.get('name') or 'a CUDA GPU'}, " if gpu else ""
-        parts.append(Text(f"measured on: {on}{describe(env)}", style="dim"))
+    if summary.get("environment"):
+        env = Environment.parse(summary["environment"], "the summary's environment")
+        on = f"{env.gpu.name or 'a CUDA GPU'}, " if env.gpu is not None else ""
+        parts.append(Text(f"measured on: {on}{env.describe()}", style="dim"))
     if report_path:
         parts.append(Text.assemble(("report: ", "bold"), report_path))
     return Group(*parts)

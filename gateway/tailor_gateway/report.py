@@ -15,6 +15,7 @@ from html import escape
 from typing import Any
 
 from tailor_runtime import metrics_catalogue as mc
+from tailor_runtime.benchmark_report import Environment
 
 # metric -> (label, unit), from the one catalogue; the unit goes in column headers and axis titles.
 METRICS = {
@@ -344,29 +345,26 @@ def _loss_plot(curve: list, evals: list[tuple[int, float]]) -> str:
 
 
 def _footer(summary: dict) -> str:
-    """The machine, from the keys the benchmarker writes (`tailor_benchmarker.run.environment`)."""
-    env = summary.get("environment") or {}
-    gpu = env.get("gpu") if isinstance(env.get("gpu"), dict) else None
-    where = [env.get("hostname") or ""]
-    if gpu:
-        memory = f", {gpu['memory_total_mb'] / 1024:.0f} GiB" if _is_num(gpu.get("memory_total_mb")) else ""
-        where.append(f"{gpu.get('name') or 'a CUDA GPU'}{memory}")
-    cores = env.get("cpus_usable") or env.get("cpu_count")
-    if env.get("cpu_model"):
-        where.append(env["cpu_model"] + (f", {int(cores)} cores" if _is_num(cores) else ""))
-    if _is_num(env.get("memory_total_mb")):
-        where.append(f"{env['memory_total_mb'] / 1024:.0f} GiB RAM")
+    """The machine, from the environment block the benchmarker writes (`tailor_runtime.benchmark_report`)."""
+    env = Environment.parse(summary.get("environment"), "the summary's environment")
+    gpu = env.gpu
+    where = [env.hostname]
+    if gpu is not None:
+        memory = f", {gpu.memory_total_mb / 1024:.0f} GiB" if _is_num(gpu.memory_total_mb) else ""
+        where.append(f"{gpu.name or 'a CUDA GPU'}{memory}")
+    if env.cpu_model:
+        cores = env.cores()
+        where.append(env.cpu_model + (f", {cores} cores" if cores else ""))
+    if _is_num(env.memory_total_mb):
+        where.append(f"{env.memory_total_mb / 1024:.0f} GiB RAM")
     machine = " · ".join(w for w in where if w) or "a machine the benchmark did not describe"
-    threads = (
-        (env.get("threads") or {}).get("torch_intra_op") if isinstance(env.get("threads"), dict) else None
-    )
-    software = [f"{int(threads)} torch thread(s)"] if _is_num(threads) else []
-    if gpu and gpu.get("cuda"):
-        software.append(f"CUDA {gpu['cuda']}")
-    versions = env.get("versions") if isinstance(env.get("versions"), dict) else {}
-    software += [f"{k} {v}" for k, v in sorted(versions.items()) if v]
-    software += [f"Python {env['python']}"] if env.get("python") else []
-    software += [str(env["platform"])] if env.get("platform") else []
+    threads = env.threads.torch_intra_op
+    software = [f"{threads} torch thread(s)"] if threads is not None else []
+    if gpu is not None and gpu.cuda:
+        software.append(f"CUDA {gpu.cuda}")
+    software += [f"{k} {v}" for k, v in sorted(env.versions.items()) if v]
+    software += [f"Python {env.python}"] if env.python else []
+    software += [env.platform] if env.platform else []
     rest = " · ".join(_e(s) for s in software)
     return (
         f"<footer>All numbers were measured on <b>{_e(machine)}</b>"

@@ -11,6 +11,7 @@ from tailor_gateway import state as st
 from tailor_gateway.report import METRICS, render_report_html, render_report_json
 from tailor_gateway.spec import CONSTRAINT_METRICS, PipelineSpec
 from tailor_gateway.stage_requests import base_model_id
+from tailor_runtime.benchmark_report import Environment
 from tailor_runtime.store import ArtifactStore
 
 # The candidate metrics the summary keeps are the report's columns (top1_agreement: with the source model,
@@ -47,7 +48,10 @@ def build_summary(p, spec: PipelineSpec, stages: dict) -> dict[str, Any]:
         # The selector's copy of the metrics includes what it derived (perplexity_increase_pct).
         measured = {**stage.metrics, **verdict.get("metrics", {})}
         metrics = {k: measured[k] for k in SUMMARY_METRICS if k in measured}
-        environment = environment or stage.metrics.get("environment", {})
+        if not environment and stage.metrics.get("environment"):
+            # The machine every benchmark ran on: the first benchmark's, read through its schema.
+            env = Environment.parse(stage.metrics["environment"], f"stage {stage.kind}/{name}'s environment")
+            environment = env.model_dump(exclude_unset=True)
         candidates.append(
             {
                 "name": name,

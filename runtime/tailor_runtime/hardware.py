@@ -29,20 +29,6 @@ def memory_gb() -> float:
     return 0.0
 
 
-def describe(environment: dict) -> str:
-    """One line naming what a measurement ran on, from a benchmark report's environment block."""
-    versions = environment.get("versions") or {}
-    threads = (environment.get("threads") or {}).get("torch_intra_op")
-    parts = [
-        environment.get("cpu_model") or "unknown CPU",
-        f"{int(environment.get('cpus_usable') or environment.get('cpu_count') or 0) or '?'} cores",
-        f"{int(threads)} torch thread(s)" if threads else "",
-        f"torch {versions['torch']}" if versions.get("torch") else "",
-        f"transformers {versions['transformers']}" if versions.get("transformers") else "",
-    ]
-    return ", ".join(p for p in parts if p)
-
-
 def hardware_profile() -> common.HardwareProfile:
     # Accelerators are reported by the services that use them (torch.cuda), not probed here: the
     # gateway and the selector must not import torch.

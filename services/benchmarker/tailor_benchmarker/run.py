@@ -25,6 +25,7 @@ from typing import Any
 from tailor_benchmarker.child import PROGRESS_PREFIX
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_runtime import errors
+from tailor_runtime.benchmark_report import SCHEMA_VERSION, BenchmarkReport
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, NotFound, TailorError
 from tailor_runtime.hardware import cpu_model, memory_gb
 from tailor_runtime.progress import ProgressFn
@@ -62,10 +63,23 @@ def run_benchmark(
     reference_dir: Path | None = None,
     choice_file: Path | None = None,
 ) -> dict[str, Any]:
+    """`benchmark()` as the stored report's JSON-ready dict."""
+    return benchmark(model_dir, eval_text, cfg, progress, reference_dir, choice_file).dump()
+
+
+def benchmark(
+    model_dir: Path,
+    eval_text: Path,
+    cfg: BenchmarkConfig,
+    progress: ProgressFn,
+    reference_dir: Path | None = None,
+    choice_file: Path | None = None,
+) -> BenchmarkReport:
     """Perplexity, latency and memory of the model in `model_dir`, measured in a child process.
 
     With `reference_dir` (the parent model), also its agreement with the parent; with `choice_file`
-    (an SST-2 TSV), multiple-choice accuracy.
+    (an SST-2 TSV), multiple-choice accuracy. The child's result is checked against the report's schema
+    here, so a measurement that does not match it fails this stage, not a reader later.
     """
     from tailor_runtime.ml.model_io import folder_size_bytes
 
@@ -113,8 +127,11 @@ def run_benchmark(
     result["wall_s"] = time.monotonic() - started
     result["config"] = cfg.model_dump()
     result["environment"] = environment(result.get("threads", {}), result.get("gpu"))
-    progress(100.0, "done", f"perplexity {result['perplexity']['perplexity']:.3f}")
-    return result
+    report = BenchmarkReport.parse(
+        {"schema_version": SCHEMA_VERSION, **result}, f"benchmark of {model_dir.name}"
+    )
+    progress(100.0, "done", f"perplexity {report.perplexity.perplexity:.3f}")
+    return report
 
 
 def _check_format(model_dir: Path) -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from tailor.benchmarker.v1 import benchmarker_service_pb2 as pb
 from tailor.benchmarker.v1 import benchmarker_service_pb2_grpc as pb_grpc
 from tailor_benchmarker.config import BenchmarkConfig
-from tailor_benchmarker.metrics import headline_metrics
+from tailor_runtime.benchmark_report import FORMAT as REPORT_FORMAT
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.operations import WorkResult
 from tailor_runtime.server import ServiceContext
@@ -36,7 +35,7 @@ class BenchmarkerServicer(pb_grpc.BenchmarkerServiceServicer):
         self.ctx = ctx
 
     async def Benchmark(self, request: pb.BenchmarkRequest, context):
-        from tailor_benchmarker.run import run_benchmark
+        from tailor_benchmarker.run import benchmark
 
         cfg = config_from_struct(BenchmarkConfig, request.config, "benchmark")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
@@ -62,23 +61,24 @@ class BenchmarkerServicer(pb_grpc.BenchmarkerServiceServicer):
             eval_dir = store.materialize(request.eval_data.id, cache_dir)
             reference_dir = store.materialize(reference_id, cache_dir) if reference_id else None
             choices = store.materialize(choice_id, cache_dir) / choice_path if choice_id else None
-            result = run_benchmark(model_dir, eval_dir / eval_path, cfg, progress, reference_dir, choices)
-            metrics = headline_metrics(result)
+            report = benchmark(model_dir, eval_dir / eval_path, cfg, progress, reference_dir, choices)
+            ids = {
+                "model_id": request.model.id,
+                **({"reference_model": reference_id} if reference_id else {}),
+            }
+            report = report.model_copy(update=ids)
             with workspace(cache_dir) as out:
-                report = {"model": request.model.id, **result}
-                if reference_id:
-                    report["reference_model"] = reference_id
-                (out / "report.json").write_text(json.dumps(report, indent=2))
+                (out / "report.json").write_text(report.dump_json())
                 # A measurement is not deterministic (timings), so it is never served from the recipe cache.
                 manifest = store.publish_directory(
                     out,
                     kind="report",
-                    format="tailor-benchmark",
+                    format=REPORT_FORMAT,
                     name=f"benchmark-{model_manifest.name}",
                     parents=inputs,
                     recipe={"stage": "benchmark", "config": cfg.model_dump(mode="json"), "inputs": inputs},
                 )
-            return WorkResult(results=[manifest], metrics=metrics)
+            return WorkResult(results=[manifest], metrics=report.headline())
 
         return self.ctx.runner.start("benchmark", work, labels=dict(request.labels))
 

@@ -1,6 +1,6 @@
 """Selection over benchmark report files (the benchmarker's report.json), optionally for a target profile.
 
-Pure: reads JSON, builds candidates and constraints for `select()`, never imports torch. With a target
+Pure: reads JSON (as `tailor_runtime.benchmark_report.BenchmarkReport`), builds candidates and constraints for `select()`, never imports torch. With a target
 profile, memory, latency and throughput limits apply to roofline estimates for that hardware
 (`tailor_runtime.roofline`, labelled as estimates) and the model must fit the profile's memory.
 """
@@ -8,12 +8,11 @@ profile, memory, latency and throughput limits apply to roofline estimates for t
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tailor_benchmarker.metrics import headline_metrics
 from tailor_runtime import metrics_catalogue as mc
+from tailor_runtime.benchmark_report import BenchmarkReport
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.roofline import HardwareProfile, estimate_for_target
 from tailor_selector.selection import AT_LEAST, AT_MOST, QUALITY_LOSS, Candidate, Constraint, Objective
@@ -39,13 +38,13 @@ def load_candidates(paths: list[Path], baseline: str | None = None) -> list[Cand
     candidates = []
     for path in paths:
         try:
-            report = json.loads(Path(path).read_text())
+            data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"{path}: not a readable JSON report ({exc})") from None
-        if "perplexity" not in report or "latency" not in report:
+        if not isinstance(data, dict) or "perplexity" not in data or "latency" not in data:
             raise InvalidArgument(f"{path}: not a benchmark report (no perplexity or latency)")
-        report.setdefault("size_on_disk_mb", report.get("model_memory_mb", math.nan))
-        metrics = {k: float(v) for k, v in headline_metrics(report).items() if isinstance(v, int | float)}
+        headline = BenchmarkReport.parse(data, str(path)).headline()
+        metrics = {k: float(v) for k, v in headline.items() if isinstance(v, int | float)}
         candidates.append(Candidate(str(path), _name(Path(path)), metrics))
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):  # report.json files in folders of the same name: use the paths
