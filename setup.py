@@ -2,6 +2,7 @@
 
     pip install .                 # the light client: CLI and SDK (grpcio, protobuf, rich; no torch)
     pip install ".[gateway]"      # the gateway
+    pip install ".[web]"          # the HTTP/JSON API and the dashboard (python -m tailor_web)
     pip install ".[quantizer]"    # one worker (trainer, benchmarker, exporter, selector alike)
     pip install ".[all]"          # everything: the local stack (`tailor up`), what `make install` uses
 
@@ -28,6 +29,7 @@ SOURCE_ROOTS = [
     "services/selector",
     "gateway",
     "cli",
+    "web",
 ]
 
 # Which packages (names as in requirements.txt) each role imports. tests/unit/test_packaging.py checks
@@ -39,6 +41,8 @@ SERVER_KIT = CLIENT + [
 ]  # fmt: skip
 ML = ["torch", "transformers", "tokenizers", "safetensors", "huggingface-hub", "accelerate", "numpy"]
 ROLES = {
+    # The HTTP/JSON API: a gRPC client of the gateway through the SDK, served by uvicorn (web/tailor_web).
+    "web": CLIENT + ["fastapi", "uvicorn", "python-multipart"],
     "gateway": SERVER_KIT + ["jinja2", "kubernetes", "psycopg", "jsonschema", "huggingface-hub"],
     "selector": SERVER_KIT + ["numpy"],
     "trainer": SERVER_KIT + ML + ["peft", "bitsandbytes", "jinja2", "datasets"],
@@ -92,6 +96,8 @@ if __name__ == "__main__":
     setup(
         packages=sorted(dirs),
         package_dir=dirs,
+        # The dashboard's page, script, styles and vendored chart library, served by `python -m tailor_web`.
+        package_data={"tailor_web": ["static/*", "static/vendor/*"]},
         install_requires=requirements(CLIENT),
         extras_require={
             **{role: requirements(names) for role, names in ROLES.items()},
