@@ -1,7 +1,7 @@
 """One `serve()` for every service: grpc.aio, health, reflection, interceptors, metrics, graceful stop.
 
-Health reports NOT_SERVING until the service's readiness check passes and again as soon as SIGTERM
-arrives; then the server stops taking new calls, running operations get the grace period to finish,
+Health reports NOT_SERVING until the service's readiness check passes (the store answers and the
+service's warm-ups, such as building its method listing, have run) and again as soon as SIGTERM arrives; then the server stops taking new calls, running operations get the grace period to finish,
 and whatever is still running is cancelled (publishing nothing).
 """
 
@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,6 +59,30 @@ class ServiceContext:
     settings: ServiceSettings
     store: ArtifactStore
     runner: OperationRunner
+    # (what, call): each run on a thread before the service reports SERVING (see CachedListing).
+    warm_ups: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+
+
+class CachedListing:
+    """A listing reply that is slow to build once and constant after: ListMethods imports every method's
+    libraries to say which are available (6.8 s for the quantizer on an idle core). Built on a thread, so
+    the event loop never stalls on it, and registered as a warm-up, so the worker reports SERVING (and
+    the gateway sends it work or asks its capabilities) only once it is built: the first submissions
+    after start-up no longer wait out the capability check's deadline on a cold worker."""
+
+    def __init__(self, ctx: ServiceContext, what: str, build: Callable[[], object]):
+        self._build, self._value = build, None
+        self._lock = threading.Lock()  # a call during the warm-up waits for it rather than building again
+        ctx.warm_ups.append((what, self.built))
+
+    def built(self):
+        with self._lock:
+            if self._value is None:
+                self._value = self._build()
+            return self._value
+
+    async def get(self):
+        return self._value if self._value is not None else await asyncio.to_thread(self.built)
 
 
 # A service's register function: adds its servicers, returns their full names for health/reflection.
@@ -138,7 +164,7 @@ async def serve(
     ctx = ServiceContext(settings=settings, store=store, runner=runner)
 
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(settings.service, auth_check)], options=GRPC_OPTIONS
+        interceptors=[ServerInterceptor(settings.service, auth_check, tls=settings.tls)], options=GRPC_OPTIONS
     )
     names = list(register(server, ctx))
     if serve_operations:
@@ -169,6 +195,10 @@ async def serve(
         except Exception as exc:  # noqa: BLE001
             log.warning("artifact store not ready: %s", exc)
             await asyncio.sleep(2.0)
+    for what, warm_up in ctx.warm_ups:
+        started = time.monotonic()
+        await asyncio.to_thread(warm_up)
+        log.info("warmed up: %s in %.1f s", what, time.monotonic() - started)
     await set_health(health_pb2.HealthCheckResponse.SERVING)
     log.info("serving on %s", address, extra={"fields": {"services": names}})
     if on_started:

@@ -64,3 +64,30 @@ def test_sigterm_stops_within_the_grace_period(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_quantizer_reports_serving_only_after_its_method_listing_is_built(tmp_path):
+    """Otherwise the gateway's first capability check after start-up waits out its deadline on the
+    quantizer's first ListMethods, which imports every method's libraries."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tailor_quantizer"],
+        env=_env(tmp_path, TAILOR_PORT=str(port), TAILOR_GRACE_SECONDS="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while health_status(f"127.0.0.1:{port}") != "SERVING":
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "never became SERVING"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        logs = proc.stdout.read()
+        warmed, serving = logs.find('"msg": "warmed up'), logs.find('"msg": "serving on')
+        assert 0 <= warmed < serving, logs
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -21,7 +21,7 @@ from tailor_runtime.hardware import hardware_profile
 from tailor_runtime.ml.architectures import supported_families
 from tailor_runtime.ml.calibration import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from tailor_runtime.operations import WorkResult
-from tailor_runtime.server import ServiceContext
+from tailor_runtime.server import CachedListing, ServiceContext
 from tailor_runtime.stage import (
     config_from_struct,
     config_parameters,
@@ -74,11 +74,10 @@ def worker_device(method) -> str:
 class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
     def __init__(self, ctx: ServiceContext):
         self.ctx = ctx
+        self._methods = CachedListing(ctx, "method listing", lambda: [method_info(m) for m in list_methods()])
 
     async def ListMethods(self, request, context):
-        return pb.ListMethodsResponse(
-            methods=[method_info(m) for m in list_methods()], hardware=hardware_profile()
-        )
+        return pb.ListMethodsResponse(methods=await self._methods.get(), hardware=hardware_profile())
 
     async def Quantize(self, request: pb.QuantizeRequest, context):
         method = get_method(request.method)

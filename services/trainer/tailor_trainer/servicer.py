@@ -21,7 +21,7 @@ from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.hardware import hardware_profile
 from tailor_runtime.ml.architectures import supported_families
 from tailor_runtime.operations import WorkResult
-from tailor_runtime.server import ServiceContext
+from tailor_runtime.server import CachedListing, ServiceContext
 from tailor_runtime.stage import (
     config_parameters,
     config_schema_json,
@@ -190,29 +190,35 @@ def lora_rank_with_store(parallel, checkpointer: RankCheckpointer, *args, progre
     return metrics
 
 
+def method_infos() -> list[common.MethodInfo]:
+    """What ListMethods publishes: availability imports the methods' libraries (peft, bitsandbytes)."""
+    infos = []
+    for name, (description, libraries, _preset) in METHODS.items():
+        ok, why = _availability(name)
+        infos.append(
+            common.MethodInfo(
+                name=name,
+                description=description,
+                available=ok,
+                unavailable_reason=why,
+                devices=["cpu", "cuda"],
+                output_format="hf-safetensors",
+                libraries=list(libraries),
+                parameters=config_parameters(config_class(name)),
+                config_schema_json=config_schema_json(config_class(name)),
+                architectures=supported_families(f"finetune/{name}"),
+            )
+        )
+    return infos
+
+
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
     def __init__(self, ctx: ServiceContext):
         self.ctx = ctx
+        self._methods = CachedListing(ctx, "method listing", method_infos)
 
     async def ListMethods(self, request, context):
-        infos = []
-        for name, (description, libraries, _preset) in METHODS.items():
-            ok, why = _availability(name)
-            infos.append(
-                common.MethodInfo(
-                    name=name,
-                    description=description,
-                    available=ok,
-                    unavailable_reason=why,
-                    devices=["cpu", "cuda"],
-                    output_format="hf-safetensors",
-                    libraries=list(libraries),
-                    parameters=config_parameters(config_class(name)),
-                    config_schema_json=config_schema_json(config_class(name)),
-                    architectures=supported_families(f"finetune/{name}"),
-                )
-            )
-        return pb.ListMethodsResponse(methods=infos, hardware=hardware_profile())
+        return pb.ListMethodsResponse(methods=await self._methods.get(), hardware=hardware_profile())
 
     async def FineTune(self, request: pb.FineTuneRequest, context):
         if request.method not in METHODS:
