@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from support.benchmark_sample import sample_environment
+
 _ID = "0123456789abcdef" * 4
 
 _SUMMARY: dict[str, Any] = {
@@ -123,25 +125,14 @@ _SUMMARY: dict[str, Any] = {
         "faster than the original for +1.0% perplexity."
     ),
     "export": {"format": "onnx", "artifact_id": _ID[::-1], "max_abs_diff": 1.2e-5, "top1_agreement": 1.0},
-    # The keys the benchmarker writes (tailor_benchmarker.run.environment), not a hand-made shape.
-    "environment": {
-        "cpu_model": "Intel(R) Xeon(R) Platinum 8481C",
-        "cpu_count": 8,
-        "cpus_usable": 2,
-        "memory_total_mb": 8192.0,
-        "gpu": None,
-        "threads": {"torch_intra_op": 1, "torch_inter_op": 1},
-        "hostname": "bench-box",
-        "platform": "Linux-6.1-x86_64-with-glibc2.36",
-        "python": "3.11.2",
-        "versions": {"torch": "2.13.0", "transformers": "5.23.0", "onnxruntime": "1.31.1", "triton": None},
-    },
 }
 
 
 def sample_summary() -> dict[str, Any]:
     """A fresh copy, so a test can change it freely."""
     summary = copy.deepcopy(_SUMMARY)
+    # The block the benchmarker writes, built from its typed contract (tailor_runtime.benchmark_report).
+    summary["environment"] = sample_environment().model_dump(exclude_unset=True)
     for index, cand in enumerate(summary["candidates"]):
         cand["artifact_id"] = f"{index:x}" + _ID[1:]
     return summary

@@ -13,6 +13,7 @@ import torch
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_benchmarker.latency import decode_latency
 from tailor_benchmarker.run import run_benchmark
+from tailor_runtime.benchmark_report import SCHEMA_VERSION, BenchmarkReport
 from tailor_runtime.errors import Cancelled, FailedPrecondition, InvalidArgument
 from tailor_runtime.ml.model_io import load_causal_lm
 from tailor_runtime.ml.perplexity import encode_eval_text, perplexity, window_spans
@@ -181,6 +182,10 @@ def test_run_benchmark_measures_in_a_child_process():
     env = result["environment"]
     assert env["threads"]["torch_intra_op"] == 1 and env["versions"]["torch"] and env["hostname"]
     assert calls[0] == 0.0 and calls[-1] == 100.0 and calls == sorted(calls)
+    # The real output is the typed report: it parses, and dumps back to exactly what was returned.
+    report = BenchmarkReport.parse(result)
+    assert report.dump() == result and report.schema_version == SCHEMA_VERSION
+    assert report.environment.threads.torch_intra_op == 1 and report.model.runtime == "torch"
 
 
 @pytest.mark.slow
