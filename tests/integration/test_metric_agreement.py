@@ -17,6 +17,7 @@ from support.examples import upload_example_inputs
 from tailor.gateway.v1 import gateway_service_pb2 as gw
 from tailor.transfer import download
 from tailor_cli.stack import Stack, free_base_port
+from tailor_runtime.benchmark_report import SCHEMA_VERSION, BenchmarkReport, Environment
 
 pytestmark = pytest.mark.integration
 
@@ -106,3 +107,15 @@ def test_speed_numbers_are_one_median_and_ratios_never_invert(finished):
     assert not re.search(r"\b0\.\d+x (faster|slower|smaller|larger)", page)
     footer = re.search(r"<footer>.*?</footer>", page, re.S)[0]
     assert "an unnamed machine" not in footer and "{" not in footer and " cores" in footer
+
+
+def test_the_stored_benchmark_report_is_the_typed_contract(finished):
+    """The benchmarker's stored report.json parses as a BenchmarkReport, names the model it measured, and
+    its environment is the one the pipeline's report shows."""
+    report = BenchmarkReport.parse(finished["bench_original"], "the original's report.json")
+    assert report.schema_version == SCHEMA_VERSION and report.dump() == finished["bench_original"]
+    assert report.model_id == finished["rows"]["original"]["artifact_id"]
+    assert report.headline()["perplexity"] == pytest.approx(
+        finished["rows"]["original"]["metrics"]["perplexity"]
+    )
+    assert Environment.parse(finished["summary"]["environment"]).hostname == report.environment.hostname != ""
