@@ -1,4 +1,5 @@
-"""The local stack: every service as its own process on localhost, sharing one artifact store.
+"""The local stack: every service as its own process on localhost, sharing one artifact store, and the
+web front (`python -m tailor_web`: the HTTP/JSON API and the dashboard) in front of the gateway.
 
 Workers take calls from the gateway only: `start()` writes a fresh per-stack secret to
 `<state>/worker-secret` (0600) and hands its path to every process (TAILOR_WORKER_SECRET_FILE).
@@ -37,8 +38,12 @@ MODULES = {
     "benchmarker": "tailor_benchmarker",
     "exporter": "tailor_exporter",
     "selector": "tailor_selector",
+    "web": "tailor_web",
 }
 OFFSETS = {"gateway": 0, "quantizer": 1, "trainer": 2, "benchmarker": 3, "exporter": 4, "selector": 5}
+# The web front (HTTP/JSON API and dashboard, web/tailor_web): an HTTP server, not a gRPC service; its
+# "address" is the URL a person opens (so `tailor up`'s table prints it).
+WEB_OFFSET = 6
 # A process that dies more often than this within RESTART_WINDOW_S is left down (and said so): a crash
 # loop (bad settings, a port taken) would otherwise restart forever.
 MAX_RESTARTS = 5
@@ -129,6 +134,8 @@ class Stack:
     # Services get SIGTERM when the process that started them dies (`tailor up`, quickstart). Off for
     # stacks started by tests and benches from a helper thread: the signal follows the starting thread.
     die_with_parent: bool = False
+    # The web front as one more process (a gRPC client of this gateway, like any other client).
+    web: bool = True
     _restart_due: dict[str, float] = field(default_factory=dict, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
@@ -139,10 +146,18 @@ class Stack:
         for service in SERVICES:
             for i in range(2, self.replicas.get(service, 1) + 1):
                 found[f"{service}-{i}"] = 10 + len(found) - len(OFFSETS)
+        if self.web:
+            found["web"] = WEB_OFFSET
         return found
 
     def address(self, service: str) -> str:
+        if service == "web":
+            return self.web_url
         return f"127.0.0.1:{self.base_port + self.instances()[service]}"
+
+    @property
+    def web_url(self) -> str:
+        return f"http://127.0.0.1:{self.base_port + WEB_OFFSET}/"
 
     def metrics_port(self, service: str) -> int:
         return self.base_port + 1000 + self.instances()[service]
@@ -200,6 +215,11 @@ class Stack:
                 "PYTHONUNBUFFERED": "1",
                 **self.extra_env,
             }
+            if service == "web":
+                env |= {
+                    "TAILOR_GATEWAY": self.address("gateway"),
+                    "TAILOR_WEB_PORT": str(self.base_port + WEB_OFFSET),
+                }
             self.envs[service] = env
             self._spawn(service)
         self.store = store
@@ -221,6 +241,7 @@ class Stack:
             info = {
                 "gateway": self.address("gateway"),
                 "services": {s: self.address(s) for s in SERVICES},
+                **({"web": self.web_url} if self.web else {}),
                 "replicas": {s: self.address(s) for s in self.instances() if "-" in s},
                 "pids": {s: p.pid for s, p in self.processes.items()},
                 "restarts": {s: len(t) for s, t in self.restarts.items() if t},
@@ -264,7 +285,12 @@ class Stack:
                     raise RuntimeError(
                         f"{service} exited with code {proc.returncode} while starting:\n{tail}"
                     )
-                if health_status(self.address(service)) == "SERVING":
+                ready = (
+                    web_ready(self.web_url)
+                    if service == "web"
+                    else health_status(self.address(service)) == "SERVING"
+                )
+                if ready:
                     pending.discard(service)
             if pending and time.monotonic() > deadline:
                 self.stop()
@@ -371,6 +397,18 @@ def health_status(address: str, timeout: float = 1.0) -> str:
             return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError:
         return "DOWN"
+
+
+def web_ready(url: str, timeout: float = 1.0) -> bool:
+    """The web front answers its own health path (it says nothing about the gateway behind it)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url + "healthz", timeout=timeout) as reply:
+            return reply.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
 
 
 def free_base_port(replicas: dict[str, int] | None = None, start: int = 44000, stop: int = 60000) -> int:

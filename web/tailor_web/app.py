@@ -37,6 +37,9 @@ from tailor_web.errors import (
 from tailor_web.gateway import IMPORT_TIMEOUT_S, Gateway, to_json
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+# RPCs of the gateway with no HTTP route, each with the reason (tests/web/test_web_api.py holds every
+# other RPC to having one). Empty: every RPC is reachable over HTTP.
+WITHOUT_ROUTE: dict[str, str] = {}
 STATIC = Path(__file__).parent / "static"
 # A comment line on a quiet watch, so proxies and load balancers do not close an idle stream.
 HEARTBEAT_S = 15.0
