@@ -10,7 +10,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tailor_runtime.roofline import PROFILES, get_profile
+from tailor_runtime import targets
+from tailor_runtime.roofline import get_profile
 from tailor_selector.reports import Limits, constraints_for, load_candidates, parse_objective
 from tailor_selector.selection import DEFAULT_OBJECTIVES, QUALITY_LOSS, fmt, select
 
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--target",
-        choices=sorted(PROFILES),
+        choices=targets.names(roofline=True),  # the catalogue's targets with vendor figures, aliases too
         default=None,
         help="estimate memory and speed for this hardware (roofline)",
     )

@@ -9,6 +9,9 @@ which a roofline does not see (stories260K decodes ~20x slower than its roofline
 about 2x: see `tests/unit/test_roofline.py` and BENCHMARKS.md). KV-cache reads are ignored (short
 contexts). Every figure this module returns is labelled `"estimate"`.
 
+The targets and their vendor figures are the hardware-target catalogue's (`tailor_runtime.targets`), which
+the exporter's targets read too.
+
 Memory on a target: on a CPU profile, the peak resident memory measured here (the same software stack
 runs there); on an accelerator, the weights plus ACCELERATOR_MEMORY_MARGIN for activations, the KV cache
 and the allocator.
@@ -20,6 +23,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from tailor_runtime.errors import InvalidArgument
+from tailor_runtime.targets import TARGETS, Target, get_target
 
 ACCELERATOR_MEMORY_MARGIN = 0.2
 LABEL = "estimate (roofline upper bound)"
@@ -27,6 +31,9 @@ LABEL = "estimate (roofline upper bound)"
 
 @dataclass(frozen=True)
 class HardwareProfile:
+    """A target's roofline figures under its name (not the proto's `common.HardwareProfile`, which is the
+    machine a worker runs on)."""
+
     name: str
     description: str
     kind: str  # "cpu" or "gpu": where the weights live, which memory figure applies
@@ -36,64 +43,31 @@ class HardwareProfile:
     source: str
 
 
-# Vendor figures; the source of each is named. CPU compute: cores x clock x FLOPs per cycle (FMA units).
-PROFILES: dict[str, HardwareProfile] = {
-    p.name: p
-    for p in (
-        HardwareProfile(
-            "raspberry-pi-5",
-            "Raspberry Pi 5, 8 GB (Broadcom BCM2712, 4x Cortex-A76 at 2.4 GHz, LPDDR4X-4267, 32-bit bus)",
-            "cpu",
-            17.1,  # 4267 MT/s x 4 bytes
-            153.6,  # 4 cores x 2.4 GHz x 16 FP32 FLOPs/cycle (2x 128-bit NEON FMA)
-            8.0,
-            "raspberrypi.com Raspberry Pi 5 product brief; Arm Cortex-A76 software optimization guide",
-        ),
-        HardwareProfile(
-            "snapdragon-8-gen-3",
-            "Phone SoC: Qualcomm Snapdragon 8 Gen 3 CPU (1x X4 3.3 GHz, 5x A720, 2x A520), LPDDR5X-9600, 12 GB",
-            "cpu",
-            76.8,  # 9600 MT/s x 8 bytes (64-bit bus)
-            380.0,  # X4: 3.3 GHz x 32 + A720: 5 x 3.0 GHz x 16 + A520: 2 x 2.3 GHz x 8 FP32 FLOPs/cycle
-            12.0,
-            "Qualcomm Snapdragon 8 Gen 3 product brief (LPDDR5X 4800 MHz); Arm core guides for FLOPs/cycle",
-        ),
-        HardwareProfile(
-            "t4",
-            "NVIDIA T4 (16 GB GDDR6)",
-            "gpu",
-            320.0,
-            65_000.0,  # FP16 tensor cores
-            16.0,
-            "NVIDIA T4 Tensor Core GPU datasheet",
-        ),
-        HardwareProfile(
-            "a100",
-            "NVIDIA A100 SXM 80 GB (HBM2e)",
-            "gpu",
-            2039.0,
-            312_000.0,  # BF16/FP16 tensor, dense
-            80.0,
-            "NVIDIA A100 Tensor Core GPU datasheet",
-        ),
-        HardwareProfile(
-            "h100",
-            "NVIDIA H100 SXM 80 GB (HBM3)",
-            "gpu",
-            3350.0,
-            989_000.0,  # BF16/FP16 tensor, dense
-            80.0,
-            "NVIDIA H100 Tensor Core GPU datasheet",
-        ),
+def _profile(target: Target) -> HardwareProfile:
+    hw = target.hardware
+    if hw is None:
+        raise ValueError(f"target {target.name!r} has no roofline figures")
+    return HardwareProfile(
+        target.name,
+        target.description,
+        hw.kind,
+        hw.memory_bandwidth_gbs,
+        hw.peak_gflops,
+        hw.memory_gb,
+        hw.source,
     )
+
+
+# The targets of the catalogue (`tailor_runtime.targets`) that carry vendor figures, by their names.
+PROFILES: dict[str, HardwareProfile] = {
+    t.name: _profile(t) for t in TARGETS.values() if t.hardware is not None
 }
 
 
 def get_profile(name: str) -> HardwareProfile:
-    try:
-        return PROFILES[name]
-    except KeyError:
-        raise InvalidArgument(f"unknown hardware profile {name!r}", choices=sorted(PROFILES)) from None
+    """The roofline profile of the target named `name` (an alias too: `raspberry-pi`); InvalidArgument
+    listing the targets that have figures."""
+    return PROFILES[get_target(name, roofline=True).name]
 
 
 def decode_estimate(

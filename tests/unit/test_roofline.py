@@ -34,6 +34,38 @@ def test_profiles_are_complete_and_sourced():
         get_profile("pdp-11")
 
 
+def test_profiles_are_the_catalogues_targets_with_figures_and_answer_to_their_aliases():
+    from tailor_runtime import targets
+
+    assert set(PROFILES) == {t.name for t in targets.CATALOGUE if t.hardware is not None}
+    pi = targets.TARGETS["raspberry-pi-5"]
+    assert get_profile("raspberry-pi") == get_profile("raspberry-pi-5") == PROFILES["raspberry-pi-5"]
+    assert (PROFILES["raspberry-pi-5"].memory_bandwidth_gbs, PROFILES["raspberry-pi-5"].memory_gb) == (
+        pi.hardware.memory_bandwidth_gbs,
+        pi.hardware.memory_gb,
+    )
+    assert "gguf" in pi.formats  # the same entry the exporter resolves
+    with pytest.raises(InvalidArgument) as err:
+        get_profile("pdp-11")
+    assert err.value.message.startswith(
+        "unknown hardware target 'pdp-11'; valid choices: a100, h100, raspberry-pi,"
+    )
+    with pytest.raises(InvalidArgument, match="'cpu-x86' has no roofline figures.*valid choices: a100"):
+        get_profile("cpu-x86")  # an export target without vendor figures
+
+
+def test_tailor_select_takes_the_old_target_name_and_refuses_one_without_figures(tmp_path):
+    from support.benchmark_sample import sample_report
+
+    from tailor_cli.main import main
+
+    report = tmp_path / "report.json"
+    report.write_text(sample_report().dump_json())
+    assert main(["select", str(report), "--target", "raspberry-pi", "--json"]) == 0
+    with pytest.raises(SystemExit):  # argparse: the choices are the targets with figures
+        main(["select", str(report), "--target", "cpu-x86"])
+
+
 def test_decode_is_bandwidth_bound_at_batch_1_and_compute_bound_at_large_batches():
     pi = get_profile("raspberry-pi-5")
     one = decode_estimate(pi, weight_bytes=440e6, parameters=110e6)

@@ -33,6 +33,7 @@ from tailor_runtime.stage import (
     validate_config,
     workspace,
 )
+from tailor_runtime.targets import Target
 
 CALIBRATION_SUFFIXES = (".txt", ".text", ".jsonl", ".json")
 
@@ -77,13 +78,16 @@ def format_info(fmt) -> common.MethodInfo:
     )
 
 
-def target_info(target) -> pb.TargetInfo:
+def target_info(name: str, target: Target) -> pb.TargetInfo:
+    """One entry per name a request may use: a name kept from an earlier version is listed too, so a
+    stored spec that uses it passes the gateway's check."""
+    alias = f" (an earlier name of {target.name})" if name != target.name else ""
     return pb.TargetInfo(
-        name=target.name,
-        description=target.description,
+        name=name,
+        description=target.export_description + alias,
         default_format=target.default_format,
         formats=list(target.formats),
-        settings={name: to_struct(values) for name, values in target.settings.items()},
+        settings={fmt: to_struct(values) for fmt, values in target.settings.items()},
     )
 
 
@@ -94,7 +98,7 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
     async def ListFormats(self, request, context):
         return pb.ListFormatsResponse(
             formats=[format_info(fmt) for fmt in list_formats()],
-            targets=[target_info(TARGETS[name]) for name in sorted(TARGETS)],
+            targets=[target_info(name, TARGETS[name]) for name in sorted(TARGETS)],
         )
 
     async def Export(self, request: pb.ExportRequest, context):

@@ -62,3 +62,42 @@ def test_export_refuses_a_format_off_its_target_before_any_work():
     request = pb.ExportRequest(model=common.ArtifactRef(id="a" * 64), format="gguf", target="ios")
     with pytest.raises(InvalidArgument, match="does not run on target 'ios'"):
         asyncio.run(ExporterServicer(None).Export(request, None))
+
+
+def test_export_targets_are_the_catalogues_and_the_old_name_still_resolves():
+    from tailor_runtime import targets as catalogue
+
+    pi = catalogue.TARGETS["raspberry-pi-5"]
+    assert TARGETS["raspberry-pi"] is TARGETS["raspberry-pi-5"] is pi  # one target, two names
+    assert resolve("", "raspberry-pi-5", {}) == resolve("", "raspberry-pi", {}) == ("gguf", {"type": "Q4_0"})
+    # The roofline's hardware is exportable too: a GPU takes the CUDA formats and settings.
+    assert (
+        resolve("", "h100", {})
+        == resolve("", "cuda", {})
+        == ("triton", {"variant": "onnx-fp16", "device": "gpu"})
+    )
+    assert resolve("", "snapdragon-8-gen-3", {}) == ("ort", {"int8": True})
+    assert {t.name for t in catalogue.CATALOGUE if t.formats} == {t.name for t in TARGETS.values()}
+
+
+def test_an_unknown_target_lists_every_name_a_request_may_use():
+    with pytest.raises(InvalidArgument) as err:
+        resolve("", "raspberry-pi-6", {})
+    message = err.value.message
+    assert message.startswith("unknown export target 'raspberry-pi-6'; valid choices: ")
+    for name in ("raspberry-pi", "raspberry-pi-5", "t4", "cpu-x86", "ios"):
+        assert name in err.value.choices, name
+    request = pb.ExportRequest(model=common.ArtifactRef(id="a" * 64), target="tpu")
+    with pytest.raises(InvalidArgument, match="unknown export target 'tpu'.*raspberry-pi-5"):
+        asyncio.run(ExporterServicer(None).Export(request, None))
+
+
+def test_list_formats_lists_the_old_name_beside_the_target_so_stored_specs_pass_the_gateway():
+    reply = asyncio.run(ExporterServicer(None).ListFormats(pb.ListFormatsRequest(), None))
+    targets = {t.name: t for t in reply.targets}
+    assert {"raspberry-pi", "raspberry-pi-5", "t4", "a100", "h100", "snapdragon-8-gen-3"} <= set(targets)
+    old, new = targets["raspberry-pi"], targets["raspberry-pi-5"]
+    assert (old.default_format, list(old.formats)) == (new.default_format, list(new.formats))
+    assert "(an earlier name of raspberry-pi-5)" in old.description and "earlier name" not in new.description
+    # The export descriptions of the targets that were there before are the same words.
+    assert targets["cpu-x86"].description.startswith("x86-64 servers and desktops: ONNX Runtime with INT8")
