@@ -45,7 +45,7 @@ ROLES = {
     "web": CLIENT + ["fastapi", "uvicorn", "python-multipart"],
     "gateway": SERVER_KIT + ["jinja2", "kubernetes", "psycopg", "jsonschema", "huggingface-hub"],
     "selector": SERVER_KIT + ["numpy"],
-    "trainer": SERVER_KIT + ML + ["peft", "bitsandbytes", "jinja2", "datasets"],
+    "trainer": SERVER_KIT + ML + ["peft", "bitsandbytes", "jinja2", "datasets", "tensorboard"],
     "quantizer": SERVER_KIT + ML + [
         "bitsandbytes", "llmcompressor", "compressed-tensors", "datasets", "torchao", "gguf",
         "sentencepiece", "onnx", "onnxruntime", "peft",

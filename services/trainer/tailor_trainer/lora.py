@@ -124,6 +124,11 @@ class LoraTrainConfig(BaseModel):
         default=False, description="Recompute activations in backward: less memory, about 30% slower."
     )
     merge: bool = Field(default=True, description="Also publish the base model with the adapter merged in.")
+    tensorboard: bool = Field(
+        default=False,
+        description="Write TensorBoard event files of the run (loss, learning rate, eval loss per step) into "
+        "the adapter artifact's runs/ folder, with TensorBoard's own writer (needs tensorboard installed).",
+    )
     fused_kernels: bool = Field(
         default=True,
         description=(
@@ -281,6 +286,10 @@ def finetune_lora(
     from tailor_runtime.ml.model_io import save_hf_model, write_format
     from tailor_trainer.loop import train
 
+    if cfg.tensorboard:
+        from tailor_trainer.tensorboard_log import require_tensorboard
+
+        require_tensorboard()
     model, tokenizer = load_full_precision_base(model_dir, cfg.seq_len, "LoRA training", progress)
     targets = resolve_target_modules(model, cfg.target_modules)
     if cfg.chat_template is not None:
@@ -344,6 +353,11 @@ def finetune_lora(
         dora=cfg.dora,
         quantize_base=cfg.quantize_base,
     )
+    tokens_per_s = result.real_tokens / max(result.seconds, 1e-9)
+    if cfg.tensorboard:
+        from tailor_trainer.tensorboard_log import RUNS, write_run
+
+        write_run(adapter_out / RUNS, result, cfg.model_dump(), tokens_per_s)
     if cfg.merge:
         merged = (
             merge_into_full_precision(model_dir, adapter_out)
@@ -358,7 +372,7 @@ def finetune_lora(
         "eval_loss": result.eval_loss,
         "loss_curve": result.losses,
         "learning_rates": result.learning_rates,
-        "tokens_per_s": result.real_tokens / max(result.seconds, 1e-9),
+        "tokens_per_s": tokens_per_s,
         "steps": result.steps_run,
         "max_steps": cfg.steps,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,

@@ -379,3 +379,46 @@ def test_a_run_checkpointed_at_its_early_stop_stays_stopped_when_run_again(tmp_p
     assert sha256(tmp_path / "a1" / "adapter_model.safetensors") == sha256(
         tmp_path / "a2" / "adapter_model.safetensors"
     )
+
+
+# --- TensorBoard ----------------------------------------------------------------------------------
+
+
+def test_tensorboard_event_files_hold_the_runs_losses_rates_and_evaluations(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    metrics, adapter = run(
+        tmp_path, "tb", steps=5, eval_every=2, tensorboard=True, lr_schedule="cosine", warmup_steps=2
+    )
+    events = EventAccumulator(str(adapter / "runs"))
+    events.Reload()  # TensorBoard's own reader
+    losses = events.Scalars("train/loss")
+    assert [e.step for e in losses] == [1, 2, 3, 4, 5]
+    assert [e.value for e in losses] == pytest.approx(metrics["loss_curve"], rel=1e-6)
+    rates = [e.value for e in events.Scalars("train/learning_rate")]
+    assert rates == pytest.approx(metrics["learning_rates"], rel=1e-6) and rates[0] < rates[1]
+    evaluated = [(e.step, e.value) for e in events.Scalars("eval/loss")]
+    assert evaluated == [(e["step"], pytest.approx(e["loss"], rel=1e-6)) for e in metrics["eval_losses"]]
+    assert events.Scalars("train/tokens_per_s")[0].value == pytest.approx(metrics["tokens_per_s"], rel=1e-6)
+    # The adapter itself is unchanged by the extra folder: peft still loads it.
+    assert adapter_weights(adapter)
+
+
+def test_no_event_files_unless_asked(tmp_path):
+    _metrics, adapter = run(tmp_path, "plain", steps=1)
+    assert not (adapter / "runs").exists()
+
+
+def test_tensorboard_without_the_package_is_refused_before_training(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tailor_runtime.errors import FailedPrecondition
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    progress = Recorder()
+    with pytest.raises(FailedPrecondition, match="needs the tensorboard package"):
+        run(tmp_path, "missing", steps=1, tensorboard=True, progress=progress)
+    assert progress.training == []  # refused before the first step
