@@ -1,6 +1,6 @@
 """One catalogue of the metrics Tailor measures and shows: name, unit, direction, aggregation and label.
 
-The benchmarker writes these names (`tailor_benchmarker.metrics.headline_metrics`), the selector takes
+The benchmarker writes these names (`tailor_runtime.benchmark_report.BenchmarkReport.headline`), the selector takes
 its objective directions from here, and the gateway's report, the CLI's tables and the dashboard label
 their columns from here, so one number never carries two labels (or one label two numbers).
 

@@ -72,6 +72,7 @@ def test_the_gpu_gives_the_cpu_numbers_with_a_compiled_static_cache(cpu_result):
     from tailor_benchmarker.metrics import headline_metrics
 
     headline = headline_metrics({**gpu, "size_on_disk_mb": 1.0})
+    _is_a_typed_report(gpu)
     assert headline["device"] == "cuda" and headline["tokens_per_s_pipelined"] > 0
     assert headline["peak_memory_mb"] == gpu["memory"]["gpu_peak_allocated_mb"]
     print("stories260K fp32 on", gpu["gpu"]["name"], latency["tokens_per_s"], "tokens/s")
@@ -85,6 +86,7 @@ def test_a_4bit_gptq_model_runs_as_packed_int4_layers_with_the_cpu_perplexity(tm
     assert gpu["perplexity"]["perplexity"] == pytest.approx(cpu["perplexity"]["perplexity"], rel=1e-3)
     assert gpu["latency"]["compiled"], gpu["latency"].get("compile_error")
     assert gpu["latency"]["sample"] == cpu["latency"]["sample"]
+    assert _is_a_typed_report(gpu).model.packed_int4 == {"packed_layers": 35}
 
 
 def test_bitsandbytes_nf4_is_measured_on_the_gpu(tmp_path):
@@ -94,3 +96,14 @@ def test_bitsandbytes_nf4_is_measured_on_the_gpu(tmp_path):
     assert 2.5 < gpu["perplexity"]["perplexity"] < 10
     # Compiled where torch.compile can capture bitsandbytes' layers; the report says which.
     print("nf4 compiled:", gpu["latency"]["compiled"], gpu["latency"].get("compile_error"))
+    _is_a_typed_report(gpu)
+
+
+def _is_a_typed_report(measured: dict):
+    """A GPU measurement fits the report's schema (GPU memory, the device, compile flags) and dumps back."""
+    from tailor_runtime.benchmark_report import BenchmarkReport
+
+    report = BenchmarkReport.parse(measured, "the GPU measurement")
+    assert report.device == "cuda" and report.gpu is not None and report.gpu.name
+    assert report.dump() == measured
+    return report
