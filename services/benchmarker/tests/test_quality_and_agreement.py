@@ -10,8 +10,8 @@ import torch
 
 from tailor_benchmarker.config import BenchmarkConfig
 from tailor_benchmarker.latency import decode_latency
+from tailor_benchmarker.metrics import headline_metrics
 from tailor_benchmarker.run import run_benchmark
-from tailor_benchmarker.servicer import headline_metrics
 from tailor_benchmarker.tasks import generation, multiple_choice, read_sst2
 from tailor_runtime.ml.agreement import agreement
 from tailor_runtime.ml.model_io import load_causal_lm
