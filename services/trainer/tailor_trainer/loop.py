@@ -95,6 +95,19 @@ def scheduler_for(optimizer: Any, schedule: str, warmup: int, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# The flat indices of a batch's labelled positions, found on the host before the batch is copied to the
+# GPU (with_label_positions), so that the step's loss selects them without a host synchronisation.
+LABEL_POSITIONS = "label_positions"
+
+
+def with_label_positions(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with its labelled positions (on the host, where its labels are) for batch_loss."""
+    labels = batch["labels"]
+    if labels.is_cuda:
+        return batch
+    return {**batch, LABEL_POSITIONS: (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)}
+
+
 def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
     """Mean next-token cross-entropy over the positions that carry a label.
 
@@ -114,19 +127,22 @@ def batch_loss(model: Any, batch: dict[str, Any]) -> Any:
         kwargs["attention_mask"] = document_block_mask(batch["position_ids"])
     if hasattr(base, "model") and hasattr(base, "lm_head"):
         hidden = base.model(input_ids=batch["input_ids"], **kwargs).last_hidden_state
-        keep = labels != IGNORE
-        if not bool(keep.any()):  # nothing to learn in this batch: a zero that still has a graph
+        positions = batch.get(LABEL_POSITIONS)
+        if positions is None:  # found here: a boolean index and .any() each wait for the GPU
+            positions = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+        if positions.numel() == 0:  # nothing to learn in this batch: a zero that still has a graph
             return hidden.sum() * 0.0
-        selected = hidden[keep]
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        targets = labels.reshape(-1).index_select(0, positions)
         fused = fused_cross_entropy(base, selected)
         if fused is not None:
-            return fused(base.lm_head.weight, selected, labels[keep])
+            return fused(base.lm_head.weight, selected, targets)
         logits = base.lm_head(selected).float()
         # The model's own forward caps its logits (Gemma 2: cap * tanh(logits / cap)); so does the loss.
         cap = final_logit_softcap(base)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return torch.nn.functional.cross_entropy(logits, labels[keep])
+        return torch.nn.functional.cross_entropy(logits, targets)
     logits = model(input_ids=batch["input_ids"], **kwargs).logits
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE
@@ -210,7 +226,10 @@ def accumulate_gradients(
     positions)."""
     single = isinstance(micro_batches, list | tuple) and len(micro_batches) == 1
     total = tokens = 0
-    loss_sum = 0.0
+    # The step's loss stays on the device until every backward is queued: reading it (.item()) waits
+    # for the GPU, and a wait between forward and backward leaves the GPU idle while the host launches
+    # the backward's kernels. It is read once at the end, before the optimizer step.
+    losses = []
     for full in micro_batches:
         tokens += int(full.get("real_tokens", full["input_ids"].numel()))
         batch = full if parallel is None else parallel.shard(full)
@@ -218,19 +237,19 @@ def accumulate_gradients(
         total += n
         if parallel is not None and not n:
             continue  # nothing labelled here: zeros, and the rank still joins the all-reduce
-        loss = batch_loss(model, to_device(batch))
-        value = loss.item()
-        if parallel is None:
-            _check_finite(value, step)  # before backward: a diverged loss must not reach the weights
+        loss = batch_loss(model, to_device(with_label_positions(batch)))
         (loss if single else loss * n).backward()
-        loss_sum += value if single else value * n
+        losses.append(loss.detach() if single else loss.detach() * n)
         del loss, batch
+    loss_sum = float(sum(losses)) if losses else 0.0
     if not single and total:
         for param in params:
             if param.grad is not None:
                 param.grad.div_(total)
         loss_sum /= total
     if parallel is None:
+        # Before the optimizer step, which the caller takes: a diverged loss never reaches the weights.
+        _check_finite(loss_sum, step)
         return loss_sum, tokens
     mean, _ = parallel.average_gradients(params, total, loss_sum)
     _check_finite(mean, step)  # the same value on every rank: all stop together
