@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+import yaml
 from support.remote_stack import started_stack
+from web_client import EVAL, MODEL, QUICK_BENCHMARK, auth, upload_folder
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +21,33 @@ def http(web_stack) -> httpx.Client:
     # trust_env off: a proxy from the environment must not see the local stack's tokens.
     with httpx.Client(base_url=web_stack.web_url, timeout=300, trust_env=False) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def inputs(web_stack, http) -> dict:
+    """The bundled model (multipart) and eval text (one raw file) uploaded over HTTP: both replies."""
+    model = upload_folder(http, web_stack.token, MODEL, "model", "hf-safetensors")
+    with EVAL.open("rb") as handle:
+        data = http.post("/api/v1/artifacts", params={"kind": "dataset", "format": "text", "path": EVAL.name},
+                         content=handle,
+                         headers={**auth(web_stack.token), "Content-Type": "application/octet-stream"})  # fmt: skip
+    assert data.status_code == 200, data.text
+    return {"model": model, "dataset": data.json()}
+
+
+@pytest.fixture(scope="session")
+def submit(web_stack, http, inputs):
+    """submit(name, **more) -> the created Pipeline's JSON: one bf16 candidate beside the original, on
+    the bundled model, with a quick benchmark (tens of seconds here)."""
+
+    def submit_one(name: str, **more) -> dict:
+        spec = {"name": name, "model": {"artifact": inputs["model"]["artifact"]["id"]},
+                "data": {"eval": {"artifact": inputs["dataset"]["artifact"]["id"]}},
+                "quantize": [{"method": "bf16"}], "benchmark": QUICK_BENCHMARK, **more}  # fmt: skip
+        reply = http.post(
+            "/api/v1/pipelines", json={"spec_yaml": yaml.safe_dump(spec)}, headers=auth(web_stack.token)
+        )
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    return submit_one

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import tarfile
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,23 +16,13 @@ import yaml
 from google.protobuf import json_format
 from tailor_web.app import WITHOUT_ROUTE
 from tailor_web.errors import HTTP_STATUS
+from web_client import MODEL, auth, upload_folder
 
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor_gateway.tokens import issue_token
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "examples" / "models" / "stories260K"
-EVAL = ROOT / "examples" / "data" / "tinystories_eval.txt"
-QUICK_BENCHMARK = {
-    "config": {"max_eval_tokens": 512, "context_length": 128, "stride": 64, "latency_new_tokens": 4,
-               "warmup": 0, "repetitions": 1, "threads": 1}
-}  # fmt: skip
 SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"]
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 def auth_md(token: str) -> list[tuple[str, str]]:
@@ -55,19 +44,6 @@ def assert_same_refusal(reply, exc: grpc.RpcError) -> None:
     assert reply.json() == {"error": {"code": exc.code().name, "message": exc.details()}}
 
 
-def upload_folder(http, token: str, folder: Path, kind: str, fmt: str) -> dict:
-    files = [("file", (p.relative_to(folder).as_posix(), p.open("rb"), "application/octet-stream"))
-             for p in sorted(folder.rglob("*")) if p.is_file()]  # fmt: skip
-    try:
-        reply = http.post("/api/v1/artifacts", params={"kind": kind, "format": fmt, "name": folder.name},
-                          files=files, headers=auth(token))  # fmt: skip
-    finally:
-        for _, (_, handle, _) in files:
-            handle.close()
-    assert reply.status_code == 200, reply.text
-    return reply.json()
-
-
 def sse_events(http, token: str, pipeline_id: str) -> list[tuple[str, dict]]:
     """Every (event, data) of the watch stream until the server ends it."""
     events, name, data = [], "", []
@@ -85,21 +61,11 @@ def sse_events(http, token: str, pipeline_id: str) -> list[tuple[str, dict]]:
 
 
 @pytest.fixture(scope="module")
-def finished(web_stack, http):
+def finished(web_stack, http, inputs, submit):
     """A bundled-model pipeline uploaded, submitted and watched to its end, all over HTTP."""
-    token = web_stack.token
-    model = upload_folder(http, token, MODEL, "model", "hf-safetensors")
-    with EVAL.open("rb") as handle:
-        data = http.post("/api/v1/artifacts", params={"kind": "dataset", "format": "text", "path": EVAL.name},
-                         content=handle, headers={**auth(token), "Content-Type": "application/octet-stream"})  # fmt: skip
-    assert data.status_code == 200, data.text
-    spec = {"name": "web-api", "model": {"artifact": model["artifact"]["id"]},
-            "data": {"eval": {"artifact": data.json()["artifact"]["id"]}},
-            "quantize": [{"method": "bf16"}], "benchmark": QUICK_BENCHMARK}  # fmt: skip
-    created = http.post("/api/v1/pipelines", json={"spec_yaml": yaml.safe_dump(spec)}, headers=auth(token))
-    assert created.status_code == 200, created.text
-    events = sse_events(http, token, created.json()["id"])
-    return {"model": model, "dataset": data.json(), "pipeline": created.json(), "events": events}
+    created = submit("web-api")
+    events = sse_events(http, web_stack.token, created["id"])
+    return {**inputs, "pipeline": created, "events": events}
 
 
 def test_every_gateway_rpc_has_a_route_or_a_named_reason(http):

@@ -1,0 +1,131 @@
+"""The dashboard in headless Debian Chromium (driven by Playwright, never `playwright install`), on a
+real stack: a wrong token is refused with the gateway's reason, sign-in, a pipeline seen finishing live
+(over SSE, no reload), its comparison sorted and its Pareto plot clicked, a cancelled pipeline said so;
+screenshots in light and dark to /tmp for a person to look at."""
+
+from __future__ import annotations
+
+import pytest
+from support.chromium import FLAGS, chromium_binary
+
+playwright = pytest.importorskip("playwright.sync_api")
+expect = playwright.expect
+
+pytestmark = [pytest.mark.browser, pytest.mark.integration]
+SHOTS = "/tmp/tailor-web-{}.png"
+WAIT_MS = 300_000  # a pipeline on a loaded 2-core machine
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_binary(), args=list(FLAGS))
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, web_stack):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(web_stack.web_url)
+    yield page
+    context.close()
+    # A blocked script (CSP), a failed call or an exception shows up here. 401s of the wrong-token step are
+    # the browser's own report of a refused request, expected.
+    assert not [p for p in problems if "401" not in p], problems
+
+
+def sign_in(page, token: str) -> None:
+    page.get_by_label("API token").fill(token)
+    page.get_by_role("button", name="Sign in").click()
+
+
+def test_a_wrong_token_is_refused_with_the_gateways_reason(page, web_stack):
+    sign_in(page, "tlr_not-a-real-token")
+    alert = page.get_by_role("alert")
+    alert.wait_for()
+    assert "did not accept this token" in alert.inner_text() and "UNAUTHENTICATED" in alert.inner_text()
+    assert page.locator("#view-sign-in").is_visible()
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_sign_in_watch_a_pipeline_finish_live_and_compare(page, web_stack, submit):
+    sign_in(page, web_stack.token)
+    page.get_by_role("heading", name="Your project").wait_for()
+    assert web_stack.token not in page.url
+    created = submit("web-browser")
+    page.get_by_role("button", name="Refresh").click()
+    page.get_by_role("link", name="web-browser").first.click()
+    # Every state the page shows, recorded as the live stream changes it (no reload happens).
+    page.evaluate(
+        """() => { window.seen = [document.getElementById('pipeline-state').textContent];
+        new MutationObserver(() => window.seen.push(document.getElementById('pipeline-state').textContent))
+          .observe(document.getElementById('pipeline-state'), {childList: true, characterData: true, subtree: true}); }"""
+    )
+    expect(page.locator("#pipeline-state")).to_have_text("succeeded", timeout=WAIT_MS)
+    seen = [s for s in page.evaluate("window.seen") if s]
+    assert seen[-1] == "succeeded" and seen[0] in ("pending", "running"), seen
+    assert page.evaluate("performance.getEntriesByType('navigation').length") == 1
+    assert created["id"] in page.url and web_stack.token not in page.url
+    assert page.get_by_role("button", name="Cancel pipeline").is_disabled()
+
+    table = page.locator("#candidates")
+    table.wait_for()
+    names = table.locator("tbody th").all_inner_texts()
+    assert set(names) >= {"original", "bf16"}, names
+    page.locator("#candidates thead button", has_text="size_mb").click()
+    header = page.locator("#candidates thead th", has_text="size_mb")
+    assert header.get_attribute("aria-sort") == "ascending"
+    column = table.locator("thead th").all_inner_texts().index("size_mb") + 1
+    sizes = [float(t) for t in table.locator(f"tbody tr > :nth-child({column})").all_inner_texts()]
+    page.locator("#candidates thead button", has_text="size_mb").click()
+    assert header.get_attribute("aria-sort") == "descending"
+
+    # The plot is Chart.js's, with every candidate that has both metrics as a point; a click selects one.
+    points = page.evaluate("Chart.getChart(document.getElementById('pareto')).data.datasets[0].data.length")
+    assert points == len(names)
+    page.locator("#pareto").scroll_into_view_if_needed()
+    box = page.evaluate(
+        """() => { const c = Chart.getChart(document.getElementById('pareto'));
+        const p = c.getDatasetMeta(0).data[0]; const r = c.canvas.getBoundingClientRect();
+        return {x: r.left + p.x, y: r.top + p.y, name: c.data.datasets[0].data[0].name}; }"""
+    )
+    page.mouse.click(box["x"], box["y"])
+    # Chart.js handles pointer events on the next animation frame: the text is waited for, not read at once.
+    expect(page.locator("#selected")).to_contain_text(f"Selected: {box['name']}")
+    page.screenshot(path=SHOTS.format("pipeline-light"), full_page=True)
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=SHOTS.format("pipeline-dark"), full_page=True)
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(15, 18, 22)"
+
+    # The switch overrides the system: light again, though the system says dark.
+    page.get_by_role("button", name="Theme: system").click()
+    assert page.evaluate("document.documentElement.dataset.theme") == "light"
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(255, 255, 255)"
+    assert sorted(sizes) == sizes
+
+    page.get_by_role("link", name="Pipelines and artifacts").click()
+    page.get_by_role("heading", name="Artifacts").wait_for()
+    page.locator("#artifacts tbody tr").first.wait_for()
+    page.emulate_media(color_scheme="light")
+    page.screenshot(path=SHOTS.format("home-light"), full_page=True)
+
+
+def test_cancel_from_the_page_says_cancelled(page, web_stack, submit):
+    sign_in(page, web_stack.token)
+    page.get_by_role("heading", name="Your project").wait_for()
+    created = submit("web-cancel")  # tens of seconds of work: cancelled well before it ends
+    page.goto(f"{web_stack.web_url}#/pipelines/{created['id']}")
+    page.get_by_role("button", name="Cancel pipeline").click()
+    expect(page.locator("#pipeline-state")).to_have_text("cancelled", timeout=WAIT_MS)
+    assert page.get_by_role("button", name="Cancel pipeline").is_disabled()
+    page.emulate_media(color_scheme="dark")
+    page.screenshot(path=SHOTS.format("cancelled-dark"), full_page=True)
+    page.goto(web_stack.web_url)
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("API token").wait_for()
+    page.screenshot(path=SHOTS.format("sign-in-dark"))

@@ -1,0 +1,33 @@
+"""What the web tests share: the bundled inputs and talking HTTP to the API as a page does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = ROOT / "examples" / "models" / "stories260K"
+EVAL = ROOT / "examples" / "data" / "tinystories_eval.txt"
+QUICK_BENCHMARK = {
+    "config": {"max_eval_tokens": 512, "context_length": 128, "stride": 64, "latency_new_tokens": 4,
+               "warmup": 0, "repetitions": 1, "threads": 1}
+}  # fmt: skip
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def upload_folder(http: httpx.Client, token: str, folder: Path, kind: str, fmt: str) -> dict:
+    """A folder over HTTP as a page sends one: multipart, each file's filename its relative path."""
+    files = [("file", (p.relative_to(folder).as_posix(), p.open("rb"), "application/octet-stream"))
+             for p in sorted(folder.rglob("*")) if p.is_file()]  # fmt: skip
+    try:
+        reply = http.post("/api/v1/artifacts", params={"kind": kind, "format": fmt, "name": folder.name},
+                          files=files, headers=auth(token))  # fmt: skip
+    finally:
+        for _, (_, handle, _) in files:
+            handle.close()
+    assert reply.status_code == 200, reply.text
+    return reply.json()
