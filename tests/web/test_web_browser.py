@@ -45,7 +45,10 @@ def sign_in(page, token: str) -> None:
 
 
 def test_a_wrong_token_is_refused_with_the_gateways_reason(page, web_stack):
-    sign_in(page, "tlr_not-a-real-token")
+    # By keyboard alone: the page puts the focus in the token field; Enter submits.
+    expect(page.get_by_label("API token")).to_be_focused()
+    page.keyboard.type("tlr_not-a-real-token")
+    page.keyboard.press("Enter")
     alert = page.get_by_role("alert")
     alert.wait_for()
     assert "did not accept this token" in alert.inner_text() and "UNAUTHENTICATED" in alert.inner_text()
@@ -77,7 +80,8 @@ def test_sign_in_watch_a_pipeline_finish_live_and_compare(page, web_stack, submi
     table.wait_for()
     names = table.locator("tbody th").all_inner_texts()
     assert set(names) >= {"original", "bf16"}, names
-    page.locator("#candidates thead button", has_text="size_mb").click()
+    page.locator("#candidates thead button", has_text="size_mb").focus()
+    page.keyboard.press("Enter")  # sorting is a button: the keyboard reaches it as the mouse does
     header = page.locator("#candidates thead th", has_text="size_mb")
     assert header.get_attribute("aria-sort") == "ascending"
     column = table.locator("thead th").all_inner_texts().index("size_mb") + 1

@@ -188,7 +188,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         """Upload files as multipart/form-data (each part's filename is its path in the artifact), or one
         file as application/octet-stream with ?path=. Streamed to the gateway as it arrives."""
         reader = transfer.body_reader(request.headers.get("content-type", ""), path)
-        header = pb.UploadHeader(kind=kind, format=format, name=name)
+        header = pb.UploadHeader(kind=kind, format=format, name=name or Path(path).name)
         return to_json(await transfer.upload(gateway, caller, header, request.stream(), reader))
 
     @app.get(

@@ -252,7 +252,8 @@ async function openHome() {
   });
   $("artifacts").tBodies[0].replaceChildren(...artifactRows);
   $("artifacts-empty").hidden = artifactRows.length > 0;
-  say(`${rows.length} pipelines, ${listings.length} artifacts.`);
+  const count = (n, what) => `${n} ${what}${n === 1 ? "" : "s"}`;
+  say(`${count(rows.length, "pipeline")}, ${count(listings.length, "artifact")}.`);
 }
 
 async function openPipeline(id) {
