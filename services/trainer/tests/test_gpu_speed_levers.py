@@ -42,12 +42,12 @@ def folder(tmp_path_factory):
     return tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=1)
 
 
-def losses(folder: Path, tmp: Path, **options) -> list[float]:
+def prepared(folder: Path, tmp: Path, **options):
+    """(model, params, batch_at, to_device) for a LoRA run of the tiny Llama on packed Alpaca rows."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tailor_trainer.datasets import ExampleBatches, build_examples
-    from tailor_trainer.loop import train
     from tailor_trainer.lora import LoraTrainConfig, build_peft_model, resolve_target_modules
     from tailor_trainer.speed import FLEX_ATTR, pad_to_width
 
@@ -65,7 +65,48 @@ def losses(folder: Path, tmp: Path, **options) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
     batch_at = (lambda s: pad_to_width(batches.batch(s), 512, 0)) if cfg.compile_layers else batches.batch
     to_device = lambda b: {k: v.to("cuda") if hasattr(v, "to") else v for k, v in b.items()}  # noqa: E731
+    return model, params, batch_at, to_device
+
+
+def losses(folder: Path, tmp: Path, **options) -> list[float]:
+    from tailor_trainer.loop import train
+
+    model, params, batch_at, to_device = prepared(folder, tmp, **options)
     return train(model, params, batch_at, 6, 1e-3, lambda *a, **k: None, to_device=to_device).losses
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"fused_kernels": False}, {"fused_kernels": False, "compile_layers": True}],
+    ids=["eager", "compile"],
+)
+def test_forward_and_backward_are_queued_without_a_host_synchronisation(folder, tmp_path, options):
+    """A wait for the GPU between forward and backward idles it while the host launches the backward:
+    under torch's sync debug mode "error" a step's loss and backward raise at any such wait. Without
+    Liger's fused linear cross-entropy, whose forward reads its count of labelled positions with
+    .item() (liger_kernel/ops/fused_linear_cross_entropy.py, with a TODO of Liger's own on it): that
+    is the one wait a step with fused_kernels keeps."""
+    import torch
+
+    from tailor_trainer.loop import LABEL_POSITIONS, batch_loss, with_label_positions
+
+    model, _params, batch_at, to_device = prepared(folder, tmp_path, **options)
+    batch = to_device(with_label_positions(batch_at(1)))
+    batch_loss(model, batch).backward()  # the first step compiles (which waits): not the one checked
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        batch_loss(model, batch).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # Without the host's label positions, the loss finds them on the GPU, which waits: the check can fail.
+    del batch[LABEL_POSITIONS]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            batch_loss(model, batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize(
