@@ -29,6 +29,7 @@ from tailor_runtime.stage import (
     dataset_file,
     read_format_name,
     recipe,
+    require_architecture,
     require_artifact,
     validate_config,
     workspace,
@@ -110,6 +111,9 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
         cfg = validate_config(fmt.Config, config, f"{format_name} export")
         store, cache_dir = self.ctx.store, self.ctx.settings.cache_dir
         source_manifest = require_artifact(store, request.model, "model", ("model",))
+        # The gateway checks this at submit; a direct call (or a spec accepted while no exporter listed
+        # its formats) gets the same refusal here, before any work, not a converter's traceback.
+        require_architecture(store, request.model.id, f"export/{format_name}")
         source_format = source_manifest.format
         # A test-mode marker (TAILOR_FAKE_WORK: format fake-*) is no model: the runner fakes this export too.
         decodable = source_format in dense.DECODABLE or source_format.startswith("fake-")

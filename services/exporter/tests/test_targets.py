@@ -101,3 +101,23 @@ def test_list_formats_lists_the_old_name_beside_the_target_so_stored_specs_pass_
     assert "(an earlier name of raspberry-pi-5)" in old.description and "earlier name" not in new.description
     # The export descriptions of the targets that were there before are the same words.
     assert targets["cpu-x86"].description.startswith("x86-64 servers and desktops: ONNX Runtime with INT8")
+
+
+def test_a_direct_export_of_a_family_the_format_cannot_take_is_refused_before_any_work(tmp_path):
+    """The gateway refuses this at submit; a worker called directly says the same, with no operation."""
+    import types
+
+    from support.families import tiny_model
+
+    from tailor_runtime.ml import architectures
+    from tailor_runtime.store import open_store
+
+    store = open_store(str(tmp_path / "store"))
+    folder = tiny_model("gpt2", tmp_path / "gpt2")
+    model = store.publish_directory(folder, kind="model", format="hf-safetensors", name="gpt2")
+    assert architectures.get("gpt2").refusal("export/onnx")  # what the registry says
+    ctx = types.SimpleNamespace(store=store, settings=types.SimpleNamespace(cache_dir=tmp_path / "cache"))
+    request = pb.ExportRequest(model=common.ArtifactRef(id=model.id), format="onnx")
+    with pytest.raises(InvalidArgument, match="export/onnx is not available for gpt2 models"):
+        asyncio.run(ExporterServicer(ctx).Export(request, None))
+    assert not (tmp_path / "cache").exists()  # nothing fetched
