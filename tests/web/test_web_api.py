@@ -16,7 +16,7 @@ import yaml
 from google.protobuf import json_format
 from tailor_web.app import WITHOUT_ROUTE
 from tailor_web.errors import HTTP_STATUS
-from web_client import MODEL, auth, upload_folder
+from web_client import MODEL, auth, sse_events, upload_folder
 
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor_gateway.tokens import issue_token
@@ -42,22 +42,6 @@ def assert_same_refusal(reply, exc: grpc.RpcError) -> None:
     assert exc is not None, "gRPC accepted what HTTP refused"
     assert reply.status_code == HTTP_STATUS[exc.code()], (reply.status_code, exc.code())
     assert reply.json() == {"error": {"code": exc.code().name, "message": exc.details()}}
-
-
-def sse_events(http, token: str, pipeline_id: str) -> list[tuple[str, dict]]:
-    """Every (event, data) of the watch stream until the server ends it."""
-    events, name, data = [], "", []
-    with http.stream("GET", f"/api/v1/pipelines/{pipeline_id}/events", headers=auth(token)) as reply:
-        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
-        for line in reply.iter_lines():
-            if line.startswith("event:"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                data.append(line.split(":", 1)[1].strip())
-            elif not line and name:
-                events.append((name, json.loads("\n".join(data))))
-                name, data = "", []
-    return events
 
 
 @pytest.fixture(scope="module")

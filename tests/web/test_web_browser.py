@@ -5,8 +5,12 @@ screenshots in light and dark to /tmp for a person to look at."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 from support.chromium import FLAGS, chromium_binary
+from web_client import sse_events
 
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
@@ -133,3 +137,47 @@ def test_cancel_from_the_page_says_cancelled(page, web_stack, submit):
     page.get_by_role("button", name="Sign out").click()
     page.get_by_label("API token").wait_for()
     page.screenshot(path=SHOTS.format("sign-in-dark"))
+
+
+AXE = Path(__file__).parent / "vendor" / "axe.min.js"  # axe-core 4.14.1 (MPL-2.0), vendored for the tests
+
+
+def test_no_serious_accessibility_violation_on_any_page_in_either_theme(browser, web_stack, http, submit):
+    """axe-core's WCAG 2.1 A/AA rules on the sign-in, project and pipeline pages (with the comparison),
+    light and dark. The page's CSP forbids injected scripts, so this context bypasses it (the other tests
+    keep it)."""
+    created = submit("web-axe")
+    assert sse_events(http, web_stack.token, created["id"])[-1] == ("end", {})
+    context = browser.new_context(viewport={"width": 1280, "height": 1000}, bypass_csp=True)
+    page = context.new_page()
+    found = {}
+    try:
+        for scheme in ("light", "dark"):
+            page.emulate_media(color_scheme=scheme)
+            page.goto(web_stack.web_url)
+            page.get_by_label("API token").wait_for()
+            found[f"sign-in {scheme}"] = _axe(page)
+            sign_in(page, web_stack.token)
+            page.locator("#artifacts tbody tr").first.wait_for()
+            found[f"home {scheme}"] = _axe(page)
+            page.goto(f"{web_stack.web_url}#/pipelines/{created['id']}")
+            page.locator("#candidates tbody tr").first.wait_for()
+            found[f"pipeline {scheme}"] = _axe(page)
+            page.get_by_role("button", name="Sign out").click()
+    finally:
+        context.close()
+    serious = {view: v for view, v in found.items() if v}
+    assert not serious, json.dumps(serious, indent=1)
+
+
+def _axe(page) -> list[dict]:
+    """axe's serious and critical violations on the page as it is now (it checked something: rules passed)."""
+    page.add_script_tag(path=str(AXE))
+    result = page.evaluate(
+        """async () => { const r = await axe.run(document, {runOnly: ['wcag2a', 'wcag2aa', 'wcag21a', 'wcag21aa']});
+        return {passes: r.passes.length, violations: r.violations
+          .filter(v => v.impact === 'serious' || v.impact === 'critical')
+          .map(v => ({id: v.id, help: v.help, nodes: v.nodes.map(n => n.target.join(' ')).slice(0, 5)}))}; }"""
+    )
+    assert result["passes"] > 5, result
+    return result["violations"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -31,3 +32,19 @@ def upload_folder(http: httpx.Client, token: str, folder: Path, kind: str, fmt: 
             handle.close()
     assert reply.status_code == 200, reply.text
     return reply.json()
+
+
+def sse_events(http, token: str, pipeline_id: str) -> list[tuple[str, dict]]:
+    """Every (event, data) of the watch stream until the server ends it."""
+    events, name, data = [], "", []
+    with http.stream("GET", f"/api/v1/pipelines/{pipeline_id}/events", headers=auth(token)) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        for line in reply.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                data.append(line.split(":", 1)[1].strip())
+            elif not line and name:
+                events.append((name, json.loads("\n".join(data))))
+                name, data = "", []
+    return events
