@@ -5,12 +5,14 @@ screenshots in light and dark to /tmp for a person to look at."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
 from support.chromium import FLAGS, chromium_binary
-from web_client import sse_events
+from web_client import MODEL, sse_events
 
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect
@@ -181,3 +183,27 @@ def _axe(page) -> list[dict]:
     )
     assert result["passes"] > 5, result
     return result["violations"]
+
+
+def test_upload_the_bundled_model_from_the_page_and_download_it_checked(page, web_stack, inputs, tmp_path):
+    sign_in(page, web_stack.token)
+    page.get_by_role("heading", name="Your project").wait_for()
+    files = sorted(str(p) for p in MODEL.iterdir() if p.is_file())
+    page.get_by_label("Files").set_input_files(files)
+    page.get_by_label("Name").fill("stories260K")  # the name is in the manifest, so in the id
+    page.get_by_role("button", name="Upload", exact=True).click()
+    model_id = inputs["model"]["artifact"]["id"]  # the same bytes uploaded over the API: the same id
+    expect(page.locator("#upload-said")).to_contain_text(
+        f"Uploaded stories260K: artifact {model_id}", timeout=60_000
+    )
+    assert page.locator("#upload-progress").evaluate("bar => bar.value") == 100
+
+    with page.expect_download() as caught:
+        page.get_by_role("button", name="Download stories260K as a tar file").first.click()
+    archive = tmp_path / "model.tar"
+    caught.value.save_as(archive)
+    manifest = json.loads(inputs["model"]["manifest_json"])
+    with tarfile.open(archive) as tar:
+        got = {m.name: hashlib.sha256(tar.extractfile(m).read()).hexdigest() for m in tar.getmembers()}
+    assert got == {f["path"]: f["sha256"] for f in manifest["files"]}
+    page.screenshot(path=SHOTS.format("uploaded-light"), full_page=True)

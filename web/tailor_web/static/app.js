@@ -137,6 +137,61 @@ function alertUser(text) {
   box.hidden = !text;
 }
 
+// An upload with progress: XMLHttpRequest, because fetch reports no upload progress. Each file's name in
+// the form is its path inside the artifact (a folder's files relative to the folder, as the CLI sends).
+function uploadFiles(files, { kind, format, name }, onProgress) {
+  const form = new FormData();
+  for (const file of files) {
+    const path = file.webkitRelativePath ? file.webkitRelativePath.split("/").slice(1).join("/") : file.name;
+    form.append("file", file, path);
+  }
+  const query = new URLSearchParams({ kind, format, name });
+  return new Promise((resolve, reject) => {
+    const request = new XMLHttpRequest();
+    request.open("POST", `/api/v1/artifacts?${query}`);
+    request.setRequestHeader("Authorization", `Bearer ${token}`);
+    request.upload.onprogress = (e) => e.lengthComputable && onProgress(e.loaded, e.total);
+    request.onerror = () => reject(new Error("the upload was cut off"));
+    request.onload = () => {
+      let body = {};
+      try {
+        body = JSON.parse(request.responseText);
+      } catch {}
+      if (request.status === 200) resolve(body);
+      else reject(new ApiError(request.status, body.error?.code || "UNKNOWN", body.error?.message || `the server answered ${request.status}`));
+    };
+    request.send(form);
+  });
+}
+
+async function submitUpload(event) {
+  event.preventDefault();
+  const folder = [...$("upload-folder").files];
+  const files = folder.length ? folder : [...$("upload-files").files];
+  const said = $("upload-said");
+  if (!files.length) {
+    said.textContent = "Choose files or a folder first.";
+    return;
+  }
+  const name = $("upload-name").value.trim() || (folder.length ? folder[0].webkitRelativePath.split("/")[0] : files[0].name);
+  const bar = $("upload-progress");
+  bar.hidden = false;
+  bar.value = 0;
+  said.textContent = `Uploading ${files.length} file(s)…`;
+  try {
+    const reply = await uploadFiles(files, { kind: $("upload-kind").value, format: $("upload-format").value.trim(), name }, (done, total) => {
+      bar.value = Math.round((100 * done) / total);
+    });
+    bar.value = 100;
+    said.textContent = `Uploaded ${name}: artifact ${reply.artifact.id}`;
+    $("upload-form").reset();
+    await openHome();
+  } catch (error) {
+    said.textContent = "";
+    alertUser(`The upload was refused: ${explain(error)}`);
+  }
+}
+
 // --- views ------------------------------------------------------------------------------------
 function show(view) {
   for (const name of ["sign-in", "home", "pipeline"]) $(`view-${name}`).hidden = name !== view;
@@ -493,6 +548,10 @@ document.addEventListener("DOMContentLoaded", () => {
   $("sign-in-form").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", () => signOut());
   $("refresh").addEventListener("click", () => route());
+  $("upload-form").addEventListener("submit", submitUpload);
+  $("upload-kind").addEventListener("change", (e) => {
+    $("upload-format").value = e.target.value === "model" ? "hf-safetensors" : "text";
+  });
   window.addEventListener("hashchange", route);
   route();
 });
