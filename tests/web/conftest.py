@@ -36,16 +36,25 @@ def inputs(web_stack, http) -> dict:
 
 
 @pytest.fixture(scope="session")
-def submit(web_stack, http, inputs):
-    """submit(name, **more) -> the created Pipeline's JSON: one bf16 candidate beside the original, on
-    the bundled model, with a quick benchmark (tens of seconds here)."""
+def quick_spec(inputs):
+    """quick_spec(name) -> YAML: one bf16 candidate beside the original, on the bundled model uploaded
+    over HTTP, with a quick benchmark (tens of seconds here)."""
+
+    def spec(name: str, **more) -> str:
+        return yaml.safe_dump({"name": name, "model": {"artifact": inputs["model"]["artifact"]["id"]},
+                               "data": {"eval": {"artifact": inputs["dataset"]["artifact"]["id"]}},
+                               "quantize": [{"method": "bf16"}], "benchmark": QUICK_BENCHMARK, **more})  # fmt: skip
+
+    return spec
+
+
+@pytest.fixture(scope="session")
+def submit(web_stack, http, quick_spec):
+    """submit(name, **more) -> the created Pipeline's JSON (quick_spec's pipeline, submitted over HTTP)."""
 
     def submit_one(name: str, **more) -> dict:
-        spec = {"name": name, "model": {"artifact": inputs["model"]["artifact"]["id"]},
-                "data": {"eval": {"artifact": inputs["dataset"]["artifact"]["id"]}},
-                "quantize": [{"method": "bf16"}], "benchmark": QUICK_BENCHMARK, **more}  # fmt: skip
         reply = http.post(
-            "/api/v1/pipelines", json={"spec_yaml": yaml.safe_dump(spec)}, headers=auth(web_stack.token)
+            "/api/v1/pipelines", json={"spec_yaml": quick_spec(name, **more)}, headers=auth(web_stack.token)
         )
         assert reply.status_code == 200, reply.text
         return reply.json()

@@ -192,6 +192,33 @@ async function submitUpload(event) {
   }
 }
 
+// A spec as YAML: the gateway's whole check (validate) or a submission; its refusal is shown as it is.
+async function sendSpec(validateOnly) {
+  const said = $("spec-said");
+  const spec_yaml = $("spec-yaml").value;
+  if (!spec_yaml.trim()) {
+    said.textContent = "Write a spec first.";
+    return;
+  }
+  alertUser("");
+  said.textContent = validateOnly ? "Checking…" : "Submitting…";
+  try {
+    const reply = validateOnly
+      ? await api("/api/v1/pipelines:validate", { method: "POST", json: { spec_yaml } })
+      : await api("/api/v1/pipelines", { method: "POST", json: { spec_yaml, idempotency_key: randomKey() } });
+    if (validateOnly) said.textContent = `Valid: it would run ${reply.stages.map((s) => s.name).join(", ")}.`;
+    else location.hash = `#/pipelines/${reply.id}`;
+  } catch (error) {
+    said.textContent = "";
+    alertUser(`The spec was refused: ${explain(error)}`);
+  }
+}
+
+function randomKey() {
+  // getRandomValues works on plain http too (randomUUID needs a secure context).
+  return [...crypto.getRandomValues(new Uint8Array(16))].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 // --- views ------------------------------------------------------------------------------------
 function show(view) {
   for (const name of ["sign-in", "home", "pipeline"]) $(`view-${name}`).hidden = name !== view;
@@ -549,6 +576,11 @@ document.addEventListener("DOMContentLoaded", () => {
   $("sign-out").addEventListener("click", () => signOut());
   $("refresh").addEventListener("click", () => route());
   $("upload-form").addEventListener("submit", submitUpload);
+  $("spec-validate").addEventListener("click", () => sendSpec(true));
+  $("spec-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    sendSpec(false);
+  });
   $("upload-kind").addEventListener("change", (e) => {
     $("upload-format").value = e.target.value === "model" ? "hf-safetensors" : "text";
   });
