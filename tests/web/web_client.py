@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import httpx
+from support.examples import EXAMPLES
 
-ROOT = Path(__file__).resolve().parents[2]
-MODEL = ROOT / "examples" / "models" / "stories260K"
-EVAL = ROOT / "examples" / "data" / "tinystories_eval.txt"
+MODEL = EXAMPLES / "models" / "stories260K"
+EVAL = EXAMPLES / "data" / "tinystories_eval.txt"
+# The benchmark settings of tests/integration/test_sdk.py: a few seconds per candidate here.
 QUICK_BENCHMARK = {
     "config": {"max_eval_tokens": 512, "context_length": 128, "stride": 64, "latency_new_tokens": 4,
                "warmup": 0, "repetitions": 1, "threads": 1}
