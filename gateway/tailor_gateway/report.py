@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from html import escape
 from typing import Any
 
+from tailor_gateway.report_svg import Point, loss_plot, scatter
+from tailor_gateway.report_text import esc, is_num, num
 from tailor_runtime import metrics_catalogue as mc
 from tailor_runtime.benchmark_report import Environment
 
@@ -33,8 +33,6 @@ METRICS = {
     )
 }
 _OPS = {"at_most": "≤", "at_least": "≥"}
-# A constraint line further than this many data spans from the points would squash them: say so instead.
-_MAX_STRETCH = 1.5
 
 
 def render_report_json(summary: dict[str, Any]) -> str:
@@ -48,8 +46,8 @@ def render_report_html(summary: dict[str, Any]) -> str:
     plots = _plots(summary)
     body = "\n".join(
         [
-            f"<header><h1>{_e(title)}</h1><p class=muted>pipeline {_e(pipeline.get('id', ''))} · "
-            f"created {_e(pipeline.get('created', ''))}</p></header>",
+            f"<header><h1>{esc(title)}</h1><p class=muted>pipeline {esc(pipeline.get('id', ''))} · "
+            f"created {esc(pipeline.get('created', ''))}</p></header>",
             _recommendation(summary),
             _goals(summary),
             _table(summary),
@@ -66,14 +64,14 @@ def render_report_html(summary: dict[str, Any]) -> str:
         "<!doctype html>\n<html lang=en><head><meta charset=utf-8>"
         # No fetch of any kind is allowed: the page must open the same offline and in ten years.
         "<meta http-equiv=Content-Security-Policy content=\"default-src 'none'; style-src 'unsafe-inline'\">"
-        f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{_e(title)}</title>"
+        f"<meta name=viewport content='width=device-width, initial-scale=1'><title>{esc(title)}</title>"
         f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n"
     )
 
 
 # --- page sections ------------------------------------------------------------------------------
 def _recommendation(summary: dict) -> str:
-    rationale = f"<p>{_e(summary.get('rationale', ''))}</p>" if summary.get("rationale") else ""
+    rationale = f"<p>{esc(summary.get('rationale', ''))}</p>" if summary.get("rationale") else ""
     chosen = _candidate(summary, summary.get("recommended", ""))
     if chosen is None:
         return (
@@ -90,20 +88,20 @@ def _recommendation(summary: dict) -> str:
     ppl = _ppl_change(chosen, base)
     if ppl is not None and chosen is not base:
         facts.append(f"perplexity {_signed_pct(ppl)}")
-    facts_html = "".join(f"<span class=chip>{_e(f)}</span>" for f in facts)
-    versus = f" than {_e(base.get('name', ''))}" if facts and base else ""
+    facts_html = "".join(f"<span class=chip>{esc(f)}</span>" for f in facts)
+    versus = f" than {esc(base.get('name', ''))}" if facts and base else ""
     return (
         "<section class='verdict ok'><p class=eyebrow>Recommended</p>"
-        f"<h2>{_e(chosen['name'])} <span class=muted>({_e(chosen.get('method', ''))})</span></h2>"
+        f"<h2>{esc(chosen['name'])} <span class=muted>({esc(chosen.get('method', ''))})</span></h2>"
         f"<p>{facts_html}{versus}</p>{rationale}</section>"
     )
 
 
 def _goals(summary: dict) -> str:
-    items = [f"<li>{_e(_constraint_text(c))}</li>" for c in summary.get("constraints", [])]
+    items = [f"<li>{esc(_constraint_text(c))}</li>" for c in summary.get("constraints", [])]
     objectives = [
-        f"<li>{'maximize' if o.get('maximize') else 'minimize'} {_e(_label(o.get('metric', '')))}"
-        f"{_e(' (weight ' + _short(o['weight']) + ')') if o.get('weight', 1.0) != 1.0 else ''}</li>"
+        f"<li>{'maximize' if o.get('maximize') else 'minimize'} {esc(_label(o.get('metric', '')))}"
+        f"{esc(' (weight ' + _short(o['weight']) + ')') if o.get('weight', 1.0) != 1.0 else ''}</li>"
         for o in summary.get("objectives", [])
     ]
     return (
@@ -120,7 +118,7 @@ def _table(summary: dict) -> str:
     header = (
         "<tr><th>Candidate</th><th>Method</th><th class=n>Size (MB)</th><th class=n>Perplexity (Δ)</th>"
         f"{_th('latency_ms_per_token')}{_th('tokens_per_s')}"
-        f"<th class=n>{_e(memory)}<br>(MB)</th>"
+        f"<th class=n>{esc(memory)}<br>(MB)</th>"
         "<th class=n title='with the model it was quantized from'>Top-1 agreement<br>(KL, nats)</th>"
         "<th>Verdict</th></tr>"
     )
@@ -148,13 +146,13 @@ def _table(summary: dict) -> str:
         artifact = cand.get("artifact_id", "")
         rows.append(
             f"<tr class='{' '.join(c for c in classes if c)}'>"
-            f"<td><b>{_e(cand.get('name', ''))}</b>{badges}</td>"
-            f"<td>{_e(cand.get('method', ''))}<br><code title='artifact {_e(artifact)}'>{_e(artifact[:12])}</code></td>"
-            f"<td class=n>{_num(size)}{size_note}</td><td class=n>{_num(_metric(cand, 'perplexity'), 3)}"
+            f"<td><b>{esc(cand.get('name', ''))}</b>{badges}</td>"
+            f"<td>{esc(cand.get('method', ''))}<br><code title='artifact {esc(artifact)}'>{esc(artifact[:12])}</code></td>"
+            f"<td class=n>{num(size)}{size_note}</td><td class=n>{num(_metric(cand, 'perplexity'), 3)}"
             f" <small>({_signed_pct(_ppl_change(cand, base))})</small>{_gate_note(cand, base)}</td>"
-            f"<td class=n>{_num(_metric(cand, 'latency_ms_per_token'))}</td>"
-            f"<td class=n>{_num(_metric(cand, 'tokens_per_s'))}</td>"
-            f"<td class=n>{_num(_metric(cand, 'peak_memory_mb'))}{_device_note(cand, candidates)}</td>"
+            f"<td class=n>{num(_metric(cand, 'latency_ms_per_token'))}</td>"
+            f"<td class=n>{num(_metric(cand, 'tokens_per_s'))}</td>"
+            f"<td class=n>{num(_metric(cand, 'peak_memory_mb'))}{_device_note(cand, candidates)}</td>"
             f"<td class=n>{_agreement(cand)}</td>"
             f"<td>{_verdict(cand, summary)}</td></tr>"
         )
@@ -163,13 +161,13 @@ def _table(summary: dict) -> str:
         rows.append(
             "<tr class='reference'>"
             f"<td><b>base</b> <span class='badge base'>before fine-tuning</span></td>"
-            f"<td>{_e(reference.get('method', ''))}<br><code>{_e(reference.get('artifact_id', '')[:12])}</code></td>"
-            f"<td class=n>{_num(_metric(reference, 'size_mb'))}</td>"
-            f"<td class=n>{_num(_metric(reference, 'perplexity'), 3)}"
+            f"<td>{esc(reference.get('method', ''))}<br><code>{esc(reference.get('artifact_id', '')[:12])}</code></td>"
+            f"<td class=n>{num(_metric(reference, 'size_mb'))}</td>"
+            f"<td class=n>{num(_metric(reference, 'perplexity'), 3)}"
             f" <small>({_signed_pct(_metric(reference, 'perplexity_increase_pct'))})</small></td>"
-            f"<td class=n>{_num(_metric(reference, 'latency_ms_per_token'))}</td>"
-            f"<td class=n>{_num(_metric(reference, 'tokens_per_s'))}</td>"
-            f"<td class=n>{_num(_metric(reference, 'peak_memory_mb'))}</td>"
+            f"<td class=n>{num(_metric(reference, 'latency_ms_per_token'))}</td>"
+            f"<td class=n>{num(_metric(reference, 'tokens_per_s'))}</td>"
+            f"<td class=n>{num(_metric(reference, 'peak_memory_mb'))}</td>"
             "<td class=n>-</td><td>reference row: what fine-tuning changed (not selectable)</td></tr>"
         )
     return (
@@ -182,8 +180,8 @@ def _th(metric: str) -> str:
     """A numeric column header: the catalogue's label (with its aggregation), then the unit, and the
     catalogue's account of the aggregation as the tooltip."""
     entry = mc.lookup(metric)
-    tip = f" title='{_e(entry.aggregation)}'" if entry else ""
-    return f"<th class=n{tip}>{_e(mc.label(metric))}<br>({_e(mc.unit(metric))})</th>"
+    tip = f" title='{esc(entry.aggregation)}'" if entry else ""
+    return f"<th class=n{tip}>{esc(mc.label(metric))}<br>({esc(mc.unit(metric))})</th>"
 
 
 def _device_note(cand: dict, candidates: list[dict]) -> str:
@@ -199,14 +197,14 @@ def _gate_note(cand: dict, base: dict) -> str:
     parent; say so, with that baseline and its tokens, whenever it is not the table's baseline."""
     gate = cand.get("gate") or {}
     parent = gate.get("parent_perplexity")
-    if not _is_num(parent):
+    if not is_num(parent):
         return ""
     tokens = gate.get("tokens_scored")
-    on = f" on {int(tokens):,} tokens" if _is_num(tokens) else ""
+    on = f" on {int(tokens):,} tokens" if is_num(tokens) else ""
     theirs = _metric(base, "perplexity")
     if theirs is not None and abs(parent / theirs - 1) < 1e-3:
-        return f"<br><small>gate, same tokens as the benchmark{_e(on)}</small>"
-    return f"<br><small>{_e(f'gate: vs its parent {_num(parent, 3)}{on}, not the baseline row')}</small>"
+        return f"<br><small>gate, same tokens as the benchmark{esc(on)}</small>"
+    return f"<br><small>{esc(f'gate: vs its parent {num(parent, 3)}{on}, not the baseline row')}</small>"
 
 
 def _agreement(cand: dict) -> str:
@@ -231,12 +229,12 @@ def _verdict(cand: dict, summary: dict) -> str:
         unit = _unit(METRICS.get(metric, ("", ""))[1])
         # A relative excess reads at a glance; a percentage metric already is one.
         over = ""
-        if unit != "%" and _is_num(limit) and _is_num(actual) and limit:
+        if unit != "%" and is_num(limit) and is_num(actual) and limit:
             over = f" ({_signed_pct((actual - limit) / abs(limit) * 100)})"
-        text = f"✗ {_label(metric)} {_num(actual)}{unit} {op} {_short(limit)}{unit}{over}"
-        lines.append(f"<span class=nw>{_e(text)}</span>")
+        text = f"✗ {_label(metric)} {num(actual)}{unit} {op} {_short(limit)}{unit}{over}"
+        lines.append(f"<span class=nw>{esc(text)}</span>")
     if cand.get("rejected_by"):
-        lines.insert(0, f"<span class=nw>{_e('✗ ' + cand['rejected_by'] + ': not published')}</span>")
+        lines.insert(0, f"<span class=nw>{esc('✗ ' + cand['rejected_by'] + ': not published')}</span>")
     return "<span class=bad>" + "".join(lines) + "</span>"
 
 
@@ -245,12 +243,12 @@ def _export(summary: dict) -> str:
     if not export:
         return ""
     facts = [("format", export.get("format", "")), ("artifact", export.get("artifact_id", ""))]
-    if _is_num(export.get("max_abs_diff")):
-        bound = f" (allowed ≤ {export['atol']:g})" if _is_num(export.get("atol")) else ""
+    if is_num(export.get("max_abs_diff")):
+        bound = f" (allowed ≤ {export['atol']:g})" if is_num(export.get("atol")) else ""
         facts.append(("largest |difference| from the source model", f"{export['max_abs_diff']:.2g}{bound}"))
     known = {"format", "artifact_id", "max_abs_diff", "atol"}
     for key, label, floor_key in EXPORT_AGREEMENTS:
-        if _is_num(export.get(key)):
+        if is_num(export.get(key)):
             floor = export.get(floor_key) if floor_key else _NO_FLOOR
             facts.append((label, _agreement_text(export[key], floor)))
         known |= {key, floor_key or key}
@@ -277,7 +275,7 @@ def _agreement_text(value: float, floor: Any) -> str:
     text = f"{100 * value:.1f}%"
     if floor is _NO_FLOOR:
         return text
-    if not _is_num(floor):
+    if not is_num(floor):
         return text + " (no floor reported)"
     verdict = "passed" if value >= floor else "BELOW the floor"
     return text + f" (floor {100 * floor:g}%: {verdict})"
@@ -289,59 +287,15 @@ def _finetune(summary: dict) -> str:
         return ""
     facts = [(k, v) for k, v in finetune.items() if k not in ("loss_curve", "eval_losses")]
     section = _facts_section("Fine-tuning", facts)
-    curve = [p for p in finetune.get("loss_curve", []) if _is_num(p[1])]
+    curve = [p for p in finetune.get("loss_curve", []) if is_num(p[1])]
     if len(curve) < 2:
         return section
-    evals = [(e["step"], e["loss"]) for e in finetune.get("eval_losses", []) if _is_num(e.get("loss"))]
+    evals = [(e["step"], e["loss"]) for e in finetune.get("eval_losses", []) if is_num(e.get("loss"))]
     caption = "The line is the training loss at each step" + (
         "; the green points are the loss on held-out text (eval_every)." if evals else "."
     )
-    plot = f"<div class=plots style='max-width:640px'>{_loss_plot(curve, evals)}</div><p class=muted>{caption}</p>"
+    plot = f"<div class=plots style='max-width:640px'>{loss_plot(curve, evals)}</div><p class=muted>{caption}</p>"
     return section.replace("</section>", f"{plot}</section>")
-
-
-def _loss_plot(curve: list, evals: list[tuple[int, float]]) -> str:
-    """Training loss per step (a line) and the held-out evaluations (points), on one pair of axes."""
-    steps, losses = [p[0] for p in curve], [p[1] for p in curve]
-    x_ticks = _ticks(steps, floor_zero=True)
-    y_ticks = _ticks(losses + [v for _, v in evals], floor_zero=False)
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    def px(v: float) -> float:
-        return _L + (v - x0) / (x1 - x0) * (_W - _L - _R)
-
-    def py(v: float) -> float:
-        return _H - _B - (v - y0) / (y1 - y0) * (_H - _T - _B)
-
-    title = "Training loss" + (" and held-out loss" if evals else "")
-    parts = [
-        f"<svg id=plot-loss class=plot viewBox='0 0 {_W} {_H}' role=img aria-label='{_e(title)}'>",
-        f"<text x={_W / 2} y=24 class=ptitle>{_e(title)}</text>",
-    ]
-    for t in x_ticks:
-        parts.append(f"<line x1={px(t):.1f} x2={px(t):.1f} y1={_T} y2={_H - _B} class=grid />")
-        parts.append(
-            f"<text x={px(t):.1f} y={_H - _B + 17} class=tick>{_tick(t, x_ticks[1] - x_ticks[0])}</text>"
-        )
-    for t in y_ticks:
-        parts.append(f"<line x1={_L} x2={_W - _R} y1={py(t):.1f} y2={py(t):.1f} class=grid />")
-        parts.append(
-            f"<text x={_L - 8} y={py(t) + 4:.1f} class='tick end'>{_tick(t, y_ticks[1] - y_ticks[0])}</text>"
-        )
-    parts.append(f"<rect x={_L} y={_T} width={_W - _L - _R} height={_H - _T - _B} class=frame />")
-    parts.append(f"<text x={(_L + _W - _R) / 2} y={_H - 12} class=atitle>Step</text>")
-    parts.append(
-        f"<text transform='translate(18 {(_T + _H - _B) / 2}) rotate(-90)' class=atitle>Loss (nats/token)</text>"
-    )
-    coords = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in curve)
-    parts.append(f"<polyline points='{coords}' class=front><title>training loss</title></polyline>")
-    for step, loss in evals:
-        parts.append(
-            f"<circle cx={px(step):.1f} cy={py(loss):.1f} r=5 class='pt rec'>"
-            f"<title>held-out loss {_num(loss, 4)} at step {step}</title></circle>"
-        )
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 def _footer(summary: dict) -> str:
@@ -350,12 +304,12 @@ def _footer(summary: dict) -> str:
     gpu = env.gpu
     where = [env.hostname]
     if gpu is not None:
-        memory = f", {gpu.memory_total_mb / 1024:.0f} GiB" if _is_num(gpu.memory_total_mb) else ""
+        memory = f", {gpu.memory_total_mb / 1024:.0f} GiB" if is_num(gpu.memory_total_mb) else ""
         where.append(f"{gpu.name or 'a CUDA GPU'}{memory}")
     if env.cpu_model:
         cores = env.cores()
         where.append(env.cpu_model + (f", {cores} cores" if cores else ""))
-    if _is_num(env.memory_total_mb):
+    if is_num(env.memory_total_mb):
         where.append(f"{env.memory_total_mb / 1024:.0f} GiB RAM")
     machine = " · ".join(w for w in where if w) or "a machine the benchmark did not describe"
     threads = env.threads.torch_intra_op
@@ -365,33 +319,23 @@ def _footer(summary: dict) -> str:
     software += [f"{k} {v}" for k, v in sorted(env.versions.items()) if v]
     software += [f"Python {env.python}"] if env.python else []
     software += [env.platform] if env.platform else []
-    rest = " · ".join(_e(s) for s in software)
+    rest = " · ".join(esc(s) for s in software)
     return (
-        f"<footer>All numbers were measured on <b>{_e(machine)}</b>"
+        f"<footer>All numbers were measured on <b>{esc(machine)}</b>"
         f"{' · ' + rest if rest else ''}. Generated by Tailor.</footer>"
     )
 
 
 def _facts_section(title: str, facts: list[tuple[str, Any]]) -> str:
-    rows = "".join(f"<dt>{_e(str(k))}</dt><dd>{_e(_scalar(v))}</dd>" for k, v in facts)
-    return f"<section><h2>{_e(title)}</h2><dl>{rows}</dl></section>"
+    rows = "".join(f"<dt>{esc(str(k))}</dt><dd>{esc(_scalar(v))}</dd>" for k, v in facts)
+    return f"<section><h2>{esc(title)}</h2><dl>{rows}</dl></section>"
 
 
 # --- plots --------------------------------------------------------------------------------------
-@dataclass
-class _Point:
-    name: str
-    x: float
-    y: float
-    feasible: bool
-    recommended: bool
-    tip: str
-
-
 def _plots(summary: dict) -> str:
     base = _candidate(summary, summary.get("baseline", "")) or {}
     limits = {
-        c.get("metric"): c.get("value") for c in summary.get("constraints", []) if _is_num(c.get("value"))
+        c.get("metric"): c.get("value") for c in summary.get("constraints", []) if is_num(c.get("value"))
     }
     hlines = []
     base_ppl = _metric(base, "perplexity")
@@ -407,157 +351,16 @@ def _plots(summary: dict) -> str:
             if x is None or y is None:
                 continue  # a failed measurement cannot be placed; the table shows it
             name = str(cand.get("name", ""))
-            tip = f"{name} ({cand.get('method', '')}): {label.lower()} {_num(x)} {unit}, perplexity {_num(y, 3)}"
+            tip = (
+                f"{name} ({cand.get('method', '')}): {label.lower()} {num(x)} {unit}, perplexity {num(y, 3)}"
+            )
             recommended = name == summary.get("recommended")
-            points.append(_Point(name, x, y, bool(cand.get("feasible")), recommended, tip))
+            points.append(Point(name, x, y, bool(cand.get("feasible")), recommended, tip))
         vlines = [(limits[metric], f"limit: {label.lower()}")] if metric in limits else []
         plot_id = "plot-" + metric.split("_")[0]
         title = f"Perplexity against {label.lower()}"
-        out.append(_scatter(plot_id, title, points, f"{label} ({unit})", hlines, vlines))
+        out.append(scatter(plot_id, title, points, f"{label} ({unit})", hlines, vlines))
     return "".join(out)
-
-
-def _front(points: list[_Point]) -> list[_Point]:
-    """The points no other point beats on both axes (both lower is better), left to right."""
-    front: list[_Point] = []
-    for p in sorted(points, key=lambda p: (p.x, p.y)):
-        if not front or p.y < front[-1].y:
-            front.append(p)
-    return front
-
-
-_W, _H, _L, _R, _T, _B = 600, 420, 64, 20, 40, 52
-
-
-def _scatter(
-    plot_id: str,
-    title: str,
-    points: list[_Point],
-    x_title: str,
-    hlines: list[tuple[float, str]],
-    vlines: list[tuple[float, str]],
-) -> str:
-    parts = [
-        f"<svg id={plot_id} class=plot viewBox='0 0 {_W} {_H}' role=img aria-label='{_e(title)}'>",
-        f"<text x={_W / 2} y=24 class=ptitle>{_e(title)}</text>",
-    ]
-    if not points:
-        parts.append(f"<text x={_W / 2} y={_H / 2} class=ptitle>no measurements to plot</text></svg>")
-        return "".join(parts)
-    xs, ys = [p.x for p in points], [p.y for p in points]
-    x_ticks = _ticks(xs + _reachable([v for v, _ in vlines], xs), floor_zero=True)
-    y_ticks = _ticks(ys + _reachable([v for v, _ in hlines], ys), floor_zero=False)
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-
-    def px(v: float) -> float:
-        return _L + (v - x0) / (x1 - x0) * (_W - _L - _R)
-
-    def py(v: float) -> float:
-        return _H - _B - (v - y0) / (y1 - y0) * (_H - _T - _B)
-
-    step_x, step_y = x_ticks[1] - x_ticks[0], y_ticks[1] - y_ticks[0]
-    for t in x_ticks:
-        parts.append(f"<line x1={px(t):.1f} x2={px(t):.1f} y1={_T} y2={_H - _B} class=grid />")
-        parts.append(f"<text x={px(t):.1f} y={_H - _B + 17} class=tick>{_tick(t, step_x)}</text>")
-    for t in y_ticks:
-        parts.append(f"<line x1={_L} x2={_W - _R} y1={py(t):.1f} y2={py(t):.1f} class=grid />")
-        parts.append(f"<text x={_L - 8} y={py(t) + 4:.1f} class='tick end'>{_tick(t, step_y)}</text>")
-    parts.append(f"<rect x={_L} y={_T} width={_W - _L - _R} height={_H - _T - _B} class=frame />")
-    parts.append(f"<text x={(_L + _W - _R) / 2} y={_H - 12} class=atitle>{_e(x_title)}</text>")
-    parts.append(
-        f"<text transform='translate(18 {(_T + _H - _B) / 2}) rotate(-90)' class=atitle>"
-        "Perplexity (lower is better)</text>"
-    )
-    # Every point is an obstacle for every label: no text is drawn across a marker.
-    taken = [(px(p.x) - 9, py(p.y) - 9, px(p.x) + 9, py(p.y) + 9) for p in points]
-    labels = []
-    for value, text in hlines:
-        text = f"{text} ({_num(value, 3)})"
-        if y0 <= value <= y1:
-            y = py(value)
-            parts.append(f"<line x1={_L} x2={_W - _R} y1={y:.1f} y2={y:.1f} class=limit />")
-            spots = [(_W - _R - 6, y - 6, "end"), (_L + 6, y - 6, "start"), (_W - _R - 6, y + 15, "end")]
-        else:
-            text, spots = f"{text}: off the chart", [(_W - _R - 6, _T + 16, "end")]
-        labels.append(_label_at(spots, text, taken, "limtext"))
-    for value, text in vlines:
-        text = f"{text} ({_num(value)})"
-        if x0 <= value <= x1:
-            x = px(value)
-            parts.append(f"<line x1={x:.1f} x2={x:.1f} y1={_T} y2={_H - _B} class=limit />")
-            spots = [(x - 6, _T + 16, "end"), (x + 6, _T + 16, "start"), (x - 6, _H - _B - 8, "end")]
-        else:
-            text, spots = f"{text}: off the chart", [(_W - _R - 6, _H - _B - 8, "end")]
-        labels.append(_label_at(spots, text, taken, "limtext"))
-    front = _front(points)
-    if len(front) > 1:
-        coords = " ".join(f"{px(p.x):.1f},{py(p.y):.1f}" for p in front)
-        parts.append(f"<polyline points='{coords}' class=front />")
-    # Greyed points first, so the candidates that matter are drawn on top; labels last of all.
-    for p in sorted(points, key=lambda p: (p.feasible, p in front, p.recommended)):
-        cx, cy = px(p.x), py(p.y)
-        kind = "rec" if p.recommended else "fail" if not p.feasible else "pareto" if p in front else "ok"
-        if p.recommended:
-            parts.append(f"<circle cx={cx:.1f} cy={cy:.1f} r=11 class=ring />")
-        parts.append(
-            f"<circle cx={cx:.1f} cy={cy:.1f} r=6 class='pt {kind}'><title>{_e(p.tip)}</title></circle>"
-        )
-        gap = 16 if p.recommended else 11
-        spots = [(cx + gap, cy + 4, "start"), (cx - gap, cy + 4, "end"), (cx, cy - gap - 2, "middle")]
-        spots += [(cx, cy + gap + 10, "middle")]
-        spots += [(cx + gap, cy + 4 + k * 14 * sign, "start") for k in (1, 2, 3) for sign in (1, -1)]
-        labels.append(_label_at(spots, p.name, taken, f"plabel {kind}"))
-    parts.extend(labels)
-    parts.append("</svg>")
-    return "".join(parts)
-
-
-def _label_at(spots: list[tuple[float, float, str]], text: str, taken: list, cls: str) -> str:
-    """Text at the first spot where it stays in the plot and covers no point or earlier label."""
-    width, height = 6.6 * len(text), 13.0
-    chosen = spots[0]
-    for x, y, anchor in spots:
-        left = x if anchor == "start" else x - width if anchor == "end" else x - width / 2
-        box = (left, y - 10, left + width, y - 10 + height)
-        inside = box[0] >= _L and box[2] <= _W - _R and box[1] >= _T and box[3] <= _H - _B
-        if inside and not any(_overlap(box, other) for other in taken):
-            chosen = (x, y, anchor)
-            taken.append(box)
-            break
-    x, y, anchor = chosen
-    return f"<text x={x:.1f} y={y:.1f} class='{cls} {anchor}'>{_e(text)}</text>"
-
-
-def _overlap(a: tuple, b: tuple) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _reachable(limits: list[float], data: list[float]) -> list[float]:
-    """Constraint values close enough to the data to share the axis with it."""
-    lo, hi = min(data), max(data)
-    span = (hi - lo) or abs(hi) or 1.0
-    return [v for v in limits if lo - _MAX_STRETCH * span <= v <= hi + _MAX_STRETCH * span]
-
-
-def _ticks(values: list[float], floor_zero: bool) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 x 10^k) that frame the values with a margin."""
-    lo, hi = min(values), max(values)
-    pad = (hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0
-    lo, hi = lo - pad, hi + pad
-    if floor_zero and min(values) >= 0:
-        lo = max(lo, 0.0)
-    raw = (hi - lo) / 5
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if raw <= m * magnitude)
-    first, last = math.floor(lo / step), math.ceil(hi / step)
-    return [k * step for k in range(first, last + 1)]
-
-
-def _tick(value: float, step: float) -> str:
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    if round(step / 10 ** math.floor(math.log10(step)), 6) == 2.5:
-        decimals += 1
-    return f"{value:,.{decimals}f}"
 
 
 # --- values -------------------------------------------------------------------------------------
@@ -567,7 +370,7 @@ def _candidate(summary: dict, name: str) -> dict | None:
 
 def _metric(cand: dict, metric: str) -> float | None:
     value = (cand.get("metrics") or {}).get(metric)
-    return float(value) if _is_num(value) else None
+    return float(value) if is_num(value) else None
 
 
 def _ppl_change(cand: dict, base: dict) -> float | None:
@@ -593,26 +396,9 @@ def _unit(unit: str) -> str:
     return "%" if unit == "%" else f" {unit}" if unit else ""
 
 
-def _is_num(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _num(value: Any, decimals_below_10: int = 2) -> str:
-    if not _is_num(value):
-        return "—"
-    a = abs(value)
-    if a >= 100:
-        return f"{value:,.0f}"
-    if a >= 10:
-        return f"{value:.1f}"
-    if a >= 0.01 or a == 0:
-        return f"{value:.{decimals_below_10}f}"
-    return f"{value:.2g}"
-
-
 def _short(value: Any) -> str:
     """A limit as a person wrote it: 5, not 5.00; 1,024, not 1,024.0."""
-    if not _is_num(value):
+    if not is_num(value):
         return "—"
     return f"{value:,.3f}".rstrip("0").rstrip(".")
 
@@ -621,12 +407,12 @@ def _signed_pct(value: float | None) -> str:
     if value is None:
         return "—"
     digits = 2 if 0 < abs(value) < 0.1 else 1
-    return f"{'+' if value > 0 else '−' if value < 0 else '±'}{_num(abs(value), digits)}%"
+    return f"{'+' if value > 0 else '−' if value < 0 else '±'}{num(abs(value), digits)}%"
 
 
 def _scalar(value: Any) -> str:
     if isinstance(value, float):
-        return _num(value, 4)
+        return num(value, 4)
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, default=str)
     return str(value)
@@ -640,10 +426,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _e(value: Any) -> str:
-    return escape(str(value), quote=True)
 
 
 _LEGEND = (
