@@ -194,3 +194,12 @@ def test_two_projects_are_kept_apart_over_http_as_over_grpc(web_stack, http, fin
     assert again["artifact"]["id"] == model_id
     mine = http.get("/api/v1/artifacts", headers=auth(other)).json()
     assert all(listing["pipeline_id"] == "" for listing in mine["listings"])
+
+
+def test_the_web_front_never_logs_a_token(web_stack, http, finished):
+    other = issue_token(web_stack.state_dir / "tokens", "web-logs")
+    assert http.get("/api/v1/pipelines", headers=auth(other)).status_code == 200
+    assert http.get("/api/v1/pipelines", headers=auth(other + "x")).status_code == 401
+    log = (web_stack.state_dir / "logs" / "web.log").read_text()
+    assert "GET /api/v1/pipelines" in log  # the access log is there, with paths and statuses only
+    assert web_stack.token not in log and other not in log
