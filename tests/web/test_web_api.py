@@ -14,12 +14,12 @@ import grpc
 import pytest
 import yaml
 from google.protobuf import json_format
-from tailor_web.app import WITHOUT_ROUTE
-from tailor_web.errors import HTTP_STATUS
 from web_client import MODEL, auth, sse_events, upload_folder
 
 from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor_gateway.tokens import issue_token
+from tailor_web.app import WITHOUT_ROUTE
+from tailor_web.errors import HTTP_STATUS
 
 pytestmark = pytest.mark.integration
 SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"]
