@@ -90,17 +90,25 @@ def test_network_policies_let_only_the_gateway_in_from_outside(helm, values):
         mine = [p for p in policies if _selects(p["spec"]["podSelector"], labels)]
         assert len(mine) == 1, f"{name}: exactly one policy isolates it"
         policy = mine[0]
-        assert policy["spec"]["policyTypes"] == ["Ingress"]
         component = labels["app.kubernetes.io/component"]
-        port = {"minio": "s3", "postgresql": "postgresql"}.get(component, "grpc")
+        # only the web front's egress is fenced (test_chart_web.py checks where it may go)
+        assert policy["spec"]["policyTypes"] == (["Ingress", "Egress"] if component == "web" else ["Ingress"])
+        port = {"minio": "s3", "postgresql": "postgresql", "web": "http"}.get(component, "grpc")
         callers = {n: _admitted(policy, pod, port) for n, pod in pods.items()}
-        if component == "gateway":
+        if component == "web":
+            # an entry point like the gateway: from anywhere unless networkPolicy.webFrom names who
+            assert all(callers.values()) and _admitted(policy, outsider, port)
+            assert _admitted(policy, helm_test, port)
+        elif component == "gateway":
             rule = next(
                 r for r in policy["spec"]["ingress"] if {"port": "grpc", "protocol": "TCP"} in r["ports"]
             )
             restricted = value_set_id(values) == "external-values.yaml"  # networkPolicy.gatewayFrom set there
             assert ("from" in rule) == restricted
             assert _admitted(policy, outsider, "grpc") == ("from" not in rule)
+            # the web front reaches it whatever gatewayFrom says
+            web_pods = {n for n, pod in pods.items() if pod["app.kubernetes.io/component"] == "web"}
+            assert web_pods and all(callers[n] for n in web_pods)
         elif component in WORKERS or component == "postgresql":
             gateway_pods = {n for n, pod in pods.items() if pod["app.kubernetes.io/component"] == "gateway"}
             assert {n for n, ok in callers.items() if ok} == gateway_pods, f"{name}: from the gateway only"
@@ -115,7 +123,7 @@ def test_network_policies_let_only_the_gateway_in_from_outside(helm, values):
             assert all(callers.values()), f"{name}: every pod of the release"
             assert not _admitted(policy, outsider, port) and not _admitted(policy, other_release, port)
         # Prometheus (networkPolicy.metricsFrom, a namespace) may scrape every metrics port
-        if component not in ("minio", "postgresql"):
+        if component not in ("minio", "postgresql", "web"):  # the web front serves no /metrics
             rules = [
                 r for r in policy["spec"]["ingress"] if {"port": "metrics", "protocol": "TCP"} in r["ports"]
             ]

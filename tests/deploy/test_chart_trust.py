@@ -28,7 +28,10 @@ def _deployments(objects) -> dict[str, dict]:
     return {
         o["metadata"]["labels"]["app.kubernetes.io/component"] + ":" + o["metadata"]["name"]: o
         for o in objects
-        if o["kind"] == "Deployment" and o["metadata"]["labels"]["app.kubernetes.io/component"] != "triton"
+        if o["kind"] == "Deployment"
+        # Triton runs NVIDIA's image; the web front is a client of the gateway, with no certificate
+        # (test_chart_web.py checks that it mounts none)
+        and o["metadata"]["labels"]["app.kubernetes.io/component"] not in ("triton", "web")
     }
 
 

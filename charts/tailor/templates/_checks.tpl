@@ -13,7 +13,7 @@ Included from deployments.yaml so that every render runs them.
 {{- if $gw.pools -}}
 {{- fail "gateway.pools: the gateway is one pod; pools are for the stage services and Triton" -}}
 {{- end -}}
-{{- range $name := splitList " " (include "tailor.components" .) -}}
+{{- range $name := splitList " " (include "tailor.workloads" .) -}}
 {{- $c := index $.Values $name -}}
 {{- $a := $c.autoscaling -}}
 {{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
@@ -30,6 +30,11 @@ Included from deployments.yaml so that every render runs them.
 {{- fail (printf "%s.pools[%s].autoscaling: minReplicas (%v) is greater than maxReplicas (%v)" $name $p.name .minReplicas .maxReplicas) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $p := prepend (.Values.web.pools | default list) .Values.web -}}
+{{- if gt (int (($p.gpu | default dict).count | default 0)) 0 -}}
+{{- fail "web: the web front needs no GPU; set web.gpu.count=0 (and in every web pool)" -}}
 {{- end -}}
 {{- end -}}
 {{- if and (not .Values.store.minio.enabled) (not .Values.store.external.existingSecret) -}}

@@ -3,6 +3,12 @@
 gateway quantizer trainer benchmarker exporter selector triton
 {{- end -}}
 
+{{/* Every component with the values block: the gRPC components above plus the web front (web.yaml), which
+has its own Deployment, Service and NetworkPolicy; autoscalers, disruption budgets and checks range over this. */}}
+{{- define "tailor.workloads" -}}
+{{ include "tailor.components" . }} web
+{{- end -}}
+
 {{/* The components that run Tailor's own images (gRPC health, TAILOR_* settings). */}}
 {{- define "tailor.services" -}}
 gateway quantizer trainer benchmarker exporter selector
