@@ -118,6 +118,43 @@ def test_probes_ask_a_route_the_web_app_serves():
     assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
+def test_the_rendered_command_and_env_start_a_process_that_answers_the_probe(tmp_path):
+    """The container's command and environment as the chart renders them, run here (its port swapped for a
+    free one): it listens and answers the readiness probe with no gateway reachable (the channel is lazy)."""
+    import os  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    import urllib.error  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    from support.ports import free_port  # noqa: PLC0415
+
+    _, container = _web(rendered(None))
+    assert container["command"][0] == "python"
+    port = free_port()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env |= {"TAILOR_WEB_PORT": str(port), "HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")}
+    probe = container["readinessProbe"]["httpGet"]
+    log = tmp_path / "web.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, *container["command"][1:]], env=env, stdout=out, stderr=out)
+    try:
+        status = None
+        deadline = time.monotonic() + 60  # how long to wait for it to listen, not a claim about speed
+        while status is None and proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['path']}", timeout=5) as response:
+                    status = response.status
+            except urllib.error.HTTPError as exc:  # it answered, with an error status
+                status = exc.code
+            except OSError:  # not listening yet
+                time.sleep(0.2)
+        assert status == 200, f"no answer on {probe['path']} (exit code {proc.poll()}):\n{log.read_text()}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @value_sets
 def test_the_web_service_selects_the_web_pods_on_their_http_port(helm, values):
     objects = rendered(values)
