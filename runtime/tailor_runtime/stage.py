@@ -6,6 +6,7 @@ import importlib.metadata
 import json
 import shutil
 import tempfile
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,16 +38,40 @@ def config_from_struct(config_cls: type[BaseModel], struct: struct_pb2.Struct | 
 
 
 def config_parameters(config_cls: type[BaseModel]) -> list[common.Parameter]:
-    """A config's fields as capability-listing parameters (name, type, default, help)."""
+    """A config's fields as capability-listing parameters: name, type as written (`int`, `bool | None`),
+    the default as JSON ("" for a required field), help, and the choices of a Literal."""
     return [
         common.Parameter(
             name=name,
-            type=str(field.annotation),
-            default_json=repr(field.default),
+            type=_type_name(field.annotation),
+            default_json=_default_json(field),
             description=field.description or "",
+            choices=[str(c) for c in _literal_choices(field.annotation)],
         )
         for name, field in config_cls.model_fields.items()
     ]
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__  # `int`, not "<class 'int'>"
+    return str(annotation).replace("typing.", "")
+
+
+def _default_json(field: Any) -> str:
+    from pydantic_core import PydanticUndefined, to_jsonable_python
+
+    if field.is_required():
+        return ""
+    value = field.get_default(call_default_factory=True)
+    return "" if value is PydanticUndefined else json.dumps(to_jsonable_python(value), sort_keys=True)
+
+
+def _literal_choices(annotation: Any) -> tuple:
+    """The values a Literal (or an optional Literal) allows; () for any other type."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return tuple(c for arg in typing.get_args(annotation) for c in _literal_choices(arg))
 
 
 def config_schema_json(config_cls: type[BaseModel]) -> str:

@@ -50,3 +50,17 @@ def test_listings_are_built_by_the_warm_up_that_serve_runs_before_serving():
         built = ctx.warm_ups[0][1]()
         assert list(_call(servicer, "ListMethods").methods) == list(built)
         assert ctx.warm_ups[0][1]() is built  # built once
+
+
+def test_parameters_give_defaults_as_json_types_as_written_and_a_literals_choices():
+    import json
+
+    lora = {p.name: p for p in _call(TrainerServicer(_ctx()), "ListMethods").methods[0].parameters}
+    assert (lora["r"].type, json.loads(lora["r"].default_json)) == ("int", 8)
+    assert json.loads(lora["packing"].default_json) is True
+    assert json.loads(lora["target_modules"].default_json) is None
+    assert list(lora["lr_schedule"].choices) == ["constant", "linear", "cosine"]
+    assert json.loads(lora["lr_schedule"].default_json) == "constant"
+    for method in _call(QuantizerServicer(_ctx()), "ListMethods").methods:
+        for p in method.parameters:  # every default parses as JSON (it was Python's repr)
+            assert p.default_json == "" or json.loads(p.default_json) is not None or p.default_json == "null"
