@@ -32,7 +32,7 @@ from tailor.gateway.v1 import gateway_service_pb2 as pb
 from tailor.specs import LocalSpec
 from tailor_cli.admin import add_parsers as add_admin_parsers
 from tailor_cli.admin import cmd_audit, cmd_tokens
-from tailor_cli.render import human_bytes, short_id, stages_table, summary_view
+from tailor_cli.render import human_bytes, plan_table, short_id, stages_table, summary_view
 from tailor_cli.select import add_parser as add_select_parser
 from tailor_cli.select import cmd_select
 from tailor_cli.triton import add_parser as add_triton_parser
@@ -211,6 +211,21 @@ def watch_pipeline(client: Client, pipeline_id: str, state_dir: Path) -> int:
         report_path = next((str(f) for f in files if f.name == "report.html"), None)
     console.print(summary_view(last.summary, report_path))
     console.print(f"pipeline finished in {elapsed:.1f}s")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """Every stage's predicted peak GPU and host memory, disk and rough time on each machine of its pool."""
+    LocalSpec.load(args.spec)
+    stages = open_client(args).plan(args.spec)
+    if args.json:
+        return print_json(
+            [{"stage": s.name, "kind": s.kind, "plans": [vars(p) for p in s.plans]} for s in stages]
+        )
+    console.print(plan_table(stages))
+    console.print(
+        "memory in GiB; times are rough (FLOPs or bytes over the machine's figures: docs/planning.md)"
+    )
     return 0
 
 
@@ -639,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
     describe = methods_sub.add_parser("describe", help="a method's or export format's settings")
     describe.add_argument("name", help="a quantize or finetune method, or an export format")
     describe.add_argument("--json", action="store_true", help="JSON on stdout (the schema itself)")
+    plan = sub.add_parser(
+        "plan", help="predict each stage's peak GPU/host memory, disk and time on the workers' hardware"
+    )
+    plan.add_argument("spec", type=Path)
+    plan.add_argument("--json", action="store_true", help="JSON on stdout")
     completion = sub.add_parser(
         "completion",
         help="print a shell completion script",
@@ -658,6 +678,7 @@ COMMANDS = {
     "status": cmd_status,
     "quickstart": cmd_quickstart,
     "pipeline": cmd_pipeline,
+    "plan": cmd_plan,
     "artifacts": cmd_artifacts,
     "models": cmd_models,
     "quantize": cmd_quantize,

@@ -233,3 +233,40 @@ def render_gate(metrics: dict) -> Text:
         f"{metrics.get('top1_agreement', float('nan')):.3f}",
         style=style,
     )
+
+
+def plan_table(stages) -> Table:
+    """`tailor plan`: one row per stage and machine of its pool (tailor.Stage.plans)."""
+    table = Table(title="plan (predicted, not measured)")
+    for col in ("stage", "machine", "device", "GPU peak", "host peak", "disk", "time", "fits"):
+        table.add_column(col, justify="right" if col in ("GPU peak", "host peak", "disk", "time") else "left")
+    for stage in stages:
+        for p in stage.plans:
+            fits = (
+                "unknown (pool reports no hardware)"
+                if p.fits is None
+                else "yes"
+                if p.fits
+                else f"no: {p.reason}"
+            )
+            if p.alternatives:
+                fits += "; would fit: " + "; ".join(p.alternatives[:2])
+            table.add_row(
+                stage.name,
+                p.machine or "-",
+                p.device,
+                f"{p.gpu_peak_gb:.2f}" if p.device == "cuda" else "-",
+                f"{p.host_peak_gb:.2f}",
+                f"{p.disk_gb:.2f}",
+                _duration(p.seconds),
+                fits,
+            )
+    return table
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"~{seconds:.0f} s"
+    if seconds < 3600:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"

@@ -32,8 +32,10 @@ from tailor.trainer.v1 import trainer_service_pb2 as train_pb
 from tailor.trainer.v1 import trainer_service_pb2_grpc as train_grpc
 from tailor_gateway.config_check import check_config
 from tailor_gateway.spec import PipelineSpec
+from tailor_gateway.spec import plan as stage_dag
 from tailor_gateway.workers import WorkerPools
-from tailor_runtime.errors import InvalidArgument
+from tailor_runtime import planner
+from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.ml import architectures
 from tailor_runtime.stage import config_schema_json
 
@@ -157,6 +159,62 @@ class Capabilities:
         await self._check_configs(spec, offered)
         if model_config is not None:
             await self._check_architecture(wanted, architectures.for_config(model_config))
+            await self.plan(spec, model_config)
+
+    async def machines(self) -> dict[str, list]:
+        """pool -> the distinct hardware (HardwareProfile) its answering workers report; the trainer and
+        quantizer pools report theirs in ListMethods, the others none yet."""
+        found: dict[str, list] = {}
+        for pool in ("trainer", "quantizer"):
+            seen = {}
+            for reply in await self._replies(pool) or []:
+                hw = reply.hardware
+                if hw.memory_gb or hw.accelerator_memory_gb:
+                    key = (
+                        round(hw.memory_gb, 1),
+                        hw.accelerator,
+                        round(hw.accelerator_memory_gb, 1),
+                        hw.cpu_cores,
+                    )
+                    seen.setdefault(key, hw)
+            found[pool] = list(seen.values())
+        return found
+
+    async def plan(self, spec: PipelineSpec, model_config: dict) -> list[tuple]:
+        """Every stage planned on each machine of its pool: [(stage name, [(HardwareProfile or None,
+        Estimate, fits, reason, alternatives)])]. FAILED_PRECONDITION for the first stage that fits no
+        machine of a pool that reports its hardware, with the numbers and what would fit."""
+        profiles = await self.machines()
+        machines = {pool: [_machine(hw) for hw in hws] for pool, hws in profiles.items()}
+        by_machine = {
+            id(m): hw for pool in profiles for m, hw in zip(machines[pool], profiles[pool], strict=True)
+        }
+        stages = [(s.name, s.kind, s.params) for s in stage_dag(spec)]
+        try:
+            planned = planner.plan_pipeline(model_config, stages, machines, spec.benchmark.config)
+        except InvalidArgument as exc:
+            log.info("no plan: %s", exc.message)  # a config.json without the widths: nothing to plan
+            return []
+        out = []
+        for name, kind, params, plans in planned:
+            rows = []
+            for machine, est in plans:
+                if machine is None:
+                    rows.append((None, est, True, "", []))
+                    continue
+                ok, reason = planner.fits(est, machine)
+                better = [] if ok else planner.alternatives(
+                    planner.ModelShape.from_config(model_config), kind, params, machine,
+                    benchmark_config=spec.benchmark.config,
+                )  # fmt: skip
+                rows.append(
+                    (by_machine[id(machine)], est, ok, reason, [_alternative(a, e) for a, e in better])
+                )
+            known = [r for r in rows if r[0] is not None]
+            if known and not any(r[2] for r in known):
+                raise FailedPrecondition(_refusal(name, known))
+            out.append((name, rows))
+        return out
 
     async def _check_configs(self, spec: PipelineSpec, offered: dict[str, frozenset[str] | None]) -> None:
         """Every stage's `config:` against the JSON Schema its pool publishes for the method or format."""
@@ -226,3 +284,32 @@ class Capabilities:
                 if item.name == name:
                     families.update(item.architectures)
         return frozenset(families) or None
+
+
+def _machine(hw) -> planner.Machine:
+    return planner.Machine(
+        name=hw.name,
+        memory_gb=hw.memory_gb,
+        cpu_cores=hw.cpu_cores or 1,
+        accelerator=hw.accelerator,
+        accelerator_memory_gb=hw.accelerator_memory_gb,
+    )
+
+
+def _alternative(label: str, est: planner.Estimate) -> str:
+    gpu = f"{est.gib('accelerator'):.1f} GiB GPU, " if est.accelerator_bytes else ""
+    return f"{label} ({gpu}{est.gib('host'):.1f} GiB host)"
+
+
+def _refusal(stage: str, rows: list[tuple]) -> str:
+    """The stage, its predicted numbers on each machine, the machine's figures and what would fit."""
+    parts = []
+    for hw, est, _ok, reason, better in rows:
+        where = f"{hw.accelerator or 'CPU'} worker {hw.name or ''}".replace("  ", " ").strip()
+        gpu = f"{est.gib('accelerator'):.1f} GiB GPU, " if est.accelerator_bytes else ""
+        line = f"on the {where}: predicted peak {gpu}{est.gib('host'):.1f} GiB host memory: {reason}"
+        line += f"; would fit: {'; '.join(better[:3])}" if better else "; needs a worker with more memory"
+        parts.append(line)
+    return f"{stage} cannot fit any worker of its pool (`tailor plan SPEC` shows the plan): " + " | ".join(
+        parts
+    )

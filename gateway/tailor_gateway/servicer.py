@@ -7,6 +7,7 @@ a commit waiting on the disk or on a database that is away holds up only its own
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 from google.protobuf import json_format, timestamp_pb2
@@ -26,7 +27,7 @@ from tailor_gateway.artifacts import (
 from tailor_gateway.auth import current_caller
 from tailor_gateway.engine import Engine, create_phase
 from tailor_gateway.spec import plan
-from tailor_runtime.errors import NotFound
+from tailor_runtime.errors import InvalidArgument, NotFound
 from tailor_runtime.interceptors import current_principal
 from tailor_runtime.operations import to_struct
 from tailor_runtime.store import ArtifactStore
@@ -159,12 +160,19 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             return self._to_proto(self._owned(row.id))
 
         if request.validate_only:
-            spec = await self.engine.submit(request.spec_yaml, current_principal.get(), validate_only=True)
+            project = current_principal.get()
+            spec = await self.engine.submit(request.spec_yaml, project, validate_only=True)
+            planned = dict(await self._plan(spec, project, request.model_config_json))
             return pb.Pipeline(
                 name=spec.name,
                 state=pb.PIPELINE_STATE_PENDING,
                 stages=[
-                    pb.Stage(name=s.name, kind=s.kind, state=common.OPERATION_STATE_PENDING)
+                    pb.Stage(
+                        name=s.name,
+                        kind=s.kind,
+                        state=common.OPERATION_STATE_PENDING,
+                        plans=[_resource_plan(*row) for row in planned.get(s.name, [])],
+                    )
                     for s in plan(spec)
                 ],
             )
@@ -172,6 +180,20 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             return await self.engine.submit(
                 request.spec_yaml, current_principal.get(), request.idempotency_key, then=audit_and_read
             )
+
+    async def _plan(self, spec, project: str, config_json: str) -> list[tuple]:
+        """The planner's rows per stage (capabilities.plan; it refuses a stage that fits no machine): from
+        the client's config.json of a `path:` model, else the stored model's."""
+        if config_json:
+            try:
+                config = json.loads(config_json)
+            except json.JSONDecodeError as exc:
+                raise InvalidArgument(f"model_config_json is not JSON: {exc}") from None
+        else:
+            config = await asyncio.to_thread(self.engine._model_config, spec, project)
+        if not isinstance(config, dict):
+            return []
+        return await self.engine.capabilities.plan(spec, config)
 
     async def GetPipeline(self, request, context):
         return await self._pipeline(await self._pipeline_id(request.pipeline_id))
@@ -308,6 +330,26 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             id=manifest.id, kind=manifest.kind, uri=self.store.uri_for(manifest.id), sha256=manifest.id
         )
         return pb.GetArtifactResponse(artifact=ref, manifest_json=manifest.canonical_bytes().decode())
+
+
+def _resource_plan(hardware, est, fits: bool, reason: str, alternatives: list[str]) -> pb.ResourcePlan:
+    gib = 2**30
+    message = pb.ResourcePlan(
+        device=est.device,
+        accelerator_peak_gb=est.accelerator_bytes / gib,
+        host_peak_gb=est.host_bytes / gib,
+        disk_gb=est.disk_bytes / gib,
+        seconds=est.seconds,
+        fits=fits,
+        known=hardware is not None,
+        reason=reason,
+        terms={k: float(v) for k, v in est.terms.items()},
+        notes=est.notes,
+        alternatives=alternatives,
+    )
+    if hardware is not None:
+        message.hardware.CopyFrom(hardware)
+    return message
 
 
 def pipeline_to_dict(p: pb.Pipeline) -> dict:

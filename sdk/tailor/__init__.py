@@ -20,6 +20,7 @@ _EXPORTS = {
     "Client": "tailor.client",
     "Pipeline": "tailor.client",
     "Stage": "tailor.client",
+    "ResourcePlan": "tailor.client",
     "Artifact": "tailor.client",
     "ClientError": "tailor.errors",
     "RequestRefused": "tailor.errors",

@@ -35,6 +35,46 @@ class Stage:
     cached: bool
     # A running stage's own measurements so far (the trainer's loss, learning_rate, tokens_per_s, eta_s).
     metrics: dict[str, Any]
+    # From validate() / plan(): the planner's prediction on each machine of the stage's pool (docs/planning.md).
+    plans: list[ResourcePlan] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """A stage's predicted peak memory (GiB), disk (GiB) and rough time on one machine of its pool."""
+
+    machine: str  # the worker's hardware in words ("" when the pool reports none)
+    device: str  # where the work was planned: cuda or cpu
+    gpu_peak_gb: float
+    host_peak_gb: float
+    disk_gb: float
+    seconds: float  # rough
+    fits: bool | None  # None: the pool reports no hardware
+    reason: str
+    terms: dict[str, float]  # the parts of the peak, bytes
+    alternatives: list[str]  # changes that would fit, with their peaks
+    notes: list[str]
+
+    @classmethod
+    def from_proto(cls, p) -> ResourcePlan:
+        hw = p.hardware
+        machine = ""
+        if p.known:
+            gpu = f", {hw.accelerator} {hw.accelerator_memory_gb:.0f} GiB" if hw.accelerator_memory_gb else ""
+            machine = f"{hw.name or 'worker'}: {hw.memory_gb:.1f} GiB RAM, {hw.cpu_cores} cores{gpu}"
+        return cls(
+            machine=machine,
+            device=p.device,
+            gpu_peak_gb=p.accelerator_peak_gb,
+            host_peak_gb=p.host_peak_gb,
+            disk_gb=p.disk_gb,
+            seconds=p.seconds,
+            fits=p.fits if p.known else None,
+            reason=p.reason,
+            terms=dict(p.terms),
+            alternatives=list(p.alternatives),
+            notes=list(p.notes),
+        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +122,7 @@ class Pipeline:
                 error=s.error.message,
                 cached=s.cached,
                 metrics=json_format.MessageToDict(s.progress.metrics),
+                plans=[ResourcePlan.from_proto(r) for r in s.plans],
             )
             for s in p.stages
         ]
@@ -165,9 +206,22 @@ class Client:
         worker publishes, artifact inputs) and the stages it would run; nothing is uploaded or created."""
         return self._validate(LocalSpec.load(spec))
 
+    def plan(self, spec: str | Path | dict) -> list[Stage]:
+        """The stages the spec would run, each with the planner's predicted peak GPU and host memory,
+        disk and rough time on every machine of its pool (`Stage.plans`); the gateway refuses a stage
+        that fits no machine (RequestRefused naming the stage, the numbers and what would fit). A local
+        `path:` model's config.json is read here; nothing is uploaded."""
+        return [s for s in self._validate(LocalSpec.load(spec)).stages if s.plans]
+
     def _validate(self, local: LocalSpec) -> Pipeline:
         local.check_local_paths()
-        request = pb.CreatePipelineRequest(spec_yaml=local.yaml(), validate_only=True)
+        model = local.raw.get("model") or {}
+        config = local.base / str(model.get("path", "")) / "config.json" if "path" in model else None
+        request = pb.CreatePipelineRequest(
+            spec_yaml=local.yaml(),
+            validate_only=True,
+            model_config_json=config.read_text() if config is not None and config.is_file() else "",
+        )
         return Pipeline.from_proto(self._call("CreatePipeline", request))
 
     def submit(
