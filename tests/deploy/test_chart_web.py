@@ -367,3 +367,16 @@ def test_a_values_file_with_a_web_typo_fails(helm, tmp_path: Path):
     bad.write_text("web:\n  ingress:\n    enabled: true\n    hostnames: [tailor.example.com]\n")
     done = _template(helm, "--values", str(bad))
     assert done.returncode != 0 and "web.ingress: Additional property hostnames is not allowed" in done.stderr
+
+
+def test_empty_dns_to_opens_port_53_anywhere_and_nothing_more(helm, tmp_path: Path):
+    values = tmp_path / "dns.yaml"
+    values.write_text("networkPolicy:\n  dnsTo: []\n")
+    objects = _render(helm, "--values", str(values))
+    (policy,) = _of(objects, "NetworkPolicy", "web")
+    to_gateway, dns = policy["spec"]["egress"]
+    assert "to" not in dns and {p["port"] for p in dns["ports"]} == {53}
+    assert to_gateway["to"] and to_gateway["ports"] == [
+        {"port": VALUES["gateway"]["port"], "protocol": "TCP"}
+    ]
+    kubernetes_validate.validate(policy, KUBE_VERSION, strict=True)
