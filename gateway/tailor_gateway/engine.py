@@ -57,7 +57,6 @@ from tailor_runtime.telemetry import tracer
 from tailor_runtime.trust import call_project
 
 log = logging.getLogger("tailor.gateway.engine")
-OS = common.OperationState
 MAX_ATTEMPTS = 3
 # A stage whose store or worker is away (UNAVAILABLE) is retried this long, with backoff, then fails.
 UNAVAILABLE_RETRY_S = 300.0
@@ -67,10 +66,11 @@ HEALTH_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 30.0
 # The database was away past its retry budget: drive the pipeline again after this long (logged).
 REDRIVE_AFTER_S = 5.0
+# A finished worker operation's state -> the stage's.
 _OP_STATE = {
-    OS.OPERATION_STATE_SUCCEEDED: st.SUCCEEDED,
-    OS.OPERATION_STATE_FAILED: st.FAILED,
-    OS.OPERATION_STATE_CANCELLED: st.CANCELLED,
+    common.OperationState.OPERATION_STATE_SUCCEEDED: st.SUCCEEDED,
+    common.OperationState.OPERATION_STATE_FAILED: st.FAILED,
+    common.OperationState.OPERATION_STATE_CANCELLED: st.CANCELLED,
 }
 
 
