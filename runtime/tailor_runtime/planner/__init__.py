@@ -69,13 +69,13 @@ def fits(est: Estimate, machine: Machine) -> tuple[bool, str]:
     """(fits, why not) on one machine: the GPU's memory (one GPU; multi-GPU sharding is not modelled) and
     the host's RAM."""
     problems = []
-    if (
-        est.accelerator_bytes
-        and machine.on_gpu
-        and est.accelerator_bytes > machine.accelerator_memory_gb * GIB
-    ):
+    # Several GPUs: the peak split evenly, as FSDP or a device map would (what a stage could reach; the
+    # stages themselves run on one GPU today, issue 18 item 3).
+    per_gpu = est.accelerator_bytes / max(1, machine.gpus)
+    if est.accelerator_bytes and machine.on_gpu and per_gpu > machine.accelerator_memory_gb * GIB:
+        gpus = f" on each of {machine.gpus} GPUs (split evenly)" if machine.gpus > 1 else " on the GPU"
         problems.append(
-            f"needs {est.gib('accelerator'):.1f} GiB on the GPU, {machine.accelerator or 'the GPU'} has "
+            f"needs {per_gpu / GIB:.1f} GiB{gpus}, {machine.accelerator or 'the GPU'} has "
             f"{machine.accelerator_memory_gb:.1f} GiB"
         )
     if machine.memory_gb and est.host_bytes > machine.memory_gb * GIB:

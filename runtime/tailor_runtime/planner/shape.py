@@ -114,7 +114,8 @@ class ModelShape:
     def norm_params(self) -> int:
         """Per layer: two RMSNorm weights (Gemma 2/3: four; LayerNorm: weight and bias)."""
         per = 4 if self.model_type in ("gemma2", "gemma3_text") else 2
-        return per * self.hidden * (1 if self.gated else 2)
+        qk_norms = 2 * self.head_dim if self.model_type in ("qwen3", "gemma3_text") else 0  # q_norm, k_norm
+        return per * self.hidden * (1 if self.gated else 2) + qk_norms
 
     @property
     def layer_params(self) -> int:

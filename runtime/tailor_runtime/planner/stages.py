@@ -338,7 +338,10 @@ def plan_benchmark(
     flops = 2 * shape.total_params * windows * ctx * (2 if reference else 1)
     decode_tokens = (c["warmup"] + c["repetitions"]) * c["latency_new_tokens"] * (1 + len(c["batch_sizes"]))
     est.seconds = (flops + 2 * shape.total_params * decode_tokens) / (m.gflops() * 1e9)
-    est.notes.append("time rough: perplexity and decode FLOPs at the machine's figure")
+    est.seconds += t["weights"] / (DISK_GBS * 1e9)  # reading the model
+    est.notes.append(
+        "time rough: the model read at 0.5 GB/s, perplexity and decode FLOPs at the machine's figure"
+    )
     return est
 
 
