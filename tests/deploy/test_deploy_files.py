@@ -101,3 +101,12 @@ def test_images_that_write_gguf_carry_llama_cpps_converter(component):
     assert "COPY --from=llamacpp /converter/ /opt/llama.cpp/" in text
     assert "ENV TAILOR_LLAMA_CPP_CONVERTER=/opt/llama.cpp" in text
     assert (REPO / "tools" / "llama-cpp-converter.sh").stat().st_mode & 0o111  # executable in the build
+
+
+def test_the_image_the_web_front_runs_from_holds_its_package():
+    """The chart's web component runs `python -m tailor_web` from the gateway's image (skaffold.yaml
+    sets it so): that Dockerfile must copy web/, whose absence setup.py would skip without a word."""
+    values = _values()
+    assert values["web"]["image"]["repository"] == values["gateway"]["image"]["repository"]
+    copies = re.findall(r"^COPY (\S+)", DOCKERFILES["gateway"].read_text(), flags=re.M)
+    assert "web/" in copies

@@ -40,8 +40,10 @@ def test_one_artifact_per_service_with_an_existing_dockerfile():
 def test_the_chart_is_deployed_with_every_built_image():
     assert REPO / RELEASE["chartPath"] == CHART
     templates = RELEASE["setValueTemplates"]
-    for name in COMPONENTS:
-        key = name.replace("-", "_")
+    # component -> the image it runs from: the web front has none of its own (the gateway's has tailor_web).
+    images = {**{name: name for name in COMPONENTS}, "web": "gateway"}
+    for name, image in images.items():
+        key = image.replace("-", "_")
         assert templates[f"{name}.image.repository"] == f"{{{{.IMAGE_REPO_tailor_{key}}}}}"
         assert (
             templates[f"{name}.image.tag"]
