@@ -195,6 +195,9 @@ class Capabilities:
         except InvalidArgument as exc:
             log.info("no plan: %s", exc.message)  # a config.json without the widths: nothing to plan
             return []
+        except Exception:  # a planner bug must not refuse submissions: logged, the spec goes unplanned
+            log.warning("planning failed; the spec is accepted unplanned", exc_info=True)
+            return []
         out = []
         for name, kind, params, plans in planned:
             rows = []
