@@ -73,6 +73,9 @@ def test_plan_lists_every_model_stage_with_the_workers_hardware(client):
     assert abs(float(finetune.machine.split(": ")[1].split(" GiB")[0]) - memory_gb()) < 0.1
     assert 0 < finetune.host_peak_gb < 1 and finetune.terms["frozen base"] == MODEL_PARAMS * 4
     assert stages["benchmark/original"].plans[0].fits is None  # the benchmarker reports no hardware
+    # A spec that fits is created as before (the gateway plans it again from the stored config.json).
+    created = client.submit(_spec(MODEL, steps=2))
+    assert created.id and client.cancel(created.id).id == created.id
 
 
 MODEL_PARAMS = 260_032  # stories260K (tests/unit/test_planner.py counts it against transformers)
