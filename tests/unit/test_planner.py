@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 from support.families import tiny_config
+from support.model_configs import LLAMA3_70B
 
 from tailor_runtime.planner import GIB, Machine, ModelShape, alternatives, fits, plan_pipeline, plan_stage
 from tailor_runtime.planner import stages as st
 
 ROOT = Path(__file__).resolve().parents[2]
 STORIES = json.loads((ROOT / "examples" / "models" / "stories260K" / "config.json").read_text())
-# Llama-3-70B's config.json values (meta-llama/Meta-Llama-3-70B), written here, not downloaded.
-LLAMA3_70B = {
-    "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
-    "num_hidden_layers": 80, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192,
-    "tie_word_embeddings": False, "dtype": "bfloat16",
-}  # fmt: skip
 H200_GIB = 141e9 / GIB  # NVIDIA's 141 GB
 
 
