@@ -27,6 +27,9 @@ COVERED_ELSEWHERE = {
         "no network here: tests/integration/test_gateway_model_import.py runs the gateway's Hub import on an "
         "offline cache laid out by huggingface_hub"
     ),
+    "tailor plan examples/quickstart.yaml": (
+        "tests/integration/test_plan_gateway.py (the table against a real stack, a spec that cannot fit)"
+    ),
     "tailor triton deploy|status|infer|undeploy --url HOST:8001 --model NAME": (
         "no Triton server here: services/exporter/tests/test_triton_export.py drives it against a KServe v2 server"
     ),
