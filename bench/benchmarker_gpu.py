@@ -39,7 +39,7 @@ ARTIFACTS = {"bf16": None, "rtn": {"bits": 4, "group_size": 128, "symmetric": Tr
 
 
 def quantize(method: str, config: dict, model_dir: Path, out: Path, device: str) -> float:
-    from tailor_quantizer.methods import Job, get_method, parse_config
+    from tailor_quantizer.methods import QuantizeJob, get_method, parse_config
     from tailor_runtime.progress import no_progress
 
     m = get_method(method)
@@ -47,7 +47,7 @@ def quantize(method: str, config: dict, model_dir: Path, out: Path, device: str)
     if not ok:
         raise RuntimeError(f"{method} unavailable: {why}")
     start = time.perf_counter()
-    m.run(model_dir, out, parse_config(m, config), Job(no_progress, device=device))
+    m.run(model_dir, out, parse_config(m, config), QuantizeJob(no_progress, device=device))
     return time.perf_counter() - start
 
 

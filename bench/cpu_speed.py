@@ -81,9 +81,8 @@ def build(folder: Path, arch: dict) -> int:
 
 
 def make_artifacts(root: Path, arch: dict) -> dict[str, Path]:
-    from tailor_exporter.registry import Job, get_format
-    from tailor_quantizer.methods.registry import Job as QuantizeJob
-    from tailor_quantizer.methods.registry import get_method
+    from tailor_exporter.registry import ExportJob, get_format
+    from tailor_quantizer.methods.registry import QuantizeJob, get_method
     from tailor_runtime.progress import no_progress
 
     folders = {"pytorch-fp32": root / "fp32", "pytorch-int8_dynamic": root / "int8"}
@@ -107,7 +106,7 @@ def make_artifacts(root: Path, arch: dict) -> dict[str, Path]:
         fmt = get_format(variant)
         folders[name] = root / name
         started = time.monotonic()
-        job = Job(no_progress, calibration_file=CALIBRATION)
+        job = ExportJob(no_progress, calibration_file=CALIBRATION)
         fmt.run(folders["pytorch-fp32"], folders[name], fmt.Config(**config), job)
         print(f"exported {name} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     from tailor_runtime.libraries import importable
@@ -124,7 +123,7 @@ def make_artifacts(root: Path, arch: dict) -> dict[str, Path]:
         config = gguf.Config(
             type=gguf_type, min_top1_agreement=0.0, min_greedy_agreement=0.0, verify_batches=2
         )
-        gguf.run(folders["pytorch-fp32"], folders[name], config, Job(no_progress))
+        gguf.run(folders["pytorch-fp32"], folders[name], config, ExportJob(no_progress))
         print(f"exported {name} in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     return folders
 

@@ -34,12 +34,12 @@ def folder_mb(folder: Path) -> float:
 
 
 def run_one(fmt, config: dict, out: Path) -> dict:
-    from tailor_exporter.registry import Job
+    from tailor_exporter.registry import ExportJob
     from tailor_runtime.progress import no_progress
 
     cfg = fmt.Config(**config)
     started = time.perf_counter()
-    result = fmt.run(MODEL, out, cfg, Job(no_progress, calibration_file=CALIBRATION))
+    result = fmt.run(MODEL, out, cfg, ExportJob(no_progress, calibration_file=CALIBRATION))
     seconds = time.perf_counter() - started
     v = result.get("verification", {})
     checks = v.get("checks", {})

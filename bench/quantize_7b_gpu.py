@@ -124,7 +124,7 @@ def child(method: str, model_dir: Path, samples: int, seq_len: int, result: Path
     """Run one method and write {seconds, peak_gpu_bytes, ...} to `result`."""
     import torch
 
-    from tailor_quantizer.methods import Job, get_method, parse_config
+    from tailor_quantizer.methods import QuantizeJob, get_method, parse_config
     from tailor_runtime.ml.model_io import folder_size_bytes
     from tailor_runtime.progress import no_progress
 
@@ -146,7 +146,7 @@ def child(method: str, model_dir: Path, samples: int, seq_len: int, result: Path
                 model_dir,
                 Path(out),
                 parse_config(m, CONFIGS.get(method, {})),
-                Job(no_progress, calibration=data, device=device),
+                QuantizeJob(no_progress, calibration=data, device=device),
             )
         seconds = time.perf_counter() - start
         size = folder_size_bytes(Path(out))

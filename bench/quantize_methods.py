@@ -108,7 +108,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from tailor_quantizer import llm_compressor as lc
-    from tailor_quantizer.methods import Job, list_methods, parse_config
+    from tailor_quantizer.methods import QuantizeJob, list_methods, parse_config
     from tailor_runtime.ml.agreement import agreement
     from tailor_runtime.ml.calibration import build_calibration_set, read_documents
     from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm
@@ -178,7 +178,7 @@ def main() -> int:
             try:
                 start = time.perf_counter()
                 metrics = method.run(
-                    MODEL, out, parse_config(method, config), Job(no_progress, calibration=data)
+                    MODEL, out, parse_config(method, config), QuantizeJob(no_progress, calibration=data)
                 )
                 row["seconds"] = time.perf_counter() - start
                 row["size_bytes"] = folder_size_bytes(out)

@@ -15,7 +15,7 @@ import pytest
 from support.families import REEXPRESSED, STORIES, reexpress_stories260k
 from support.threads import torch_threads  # noqa: F401 - autouse fixture
 
-from tailor_quantizer.methods import Job, get_method, parse_config
+from tailor_quantizer.methods import QuantizeJob, get_method, parse_config
 from tailor_runtime.ml import architectures
 from tailor_runtime.ml.model_io import load_causal_lm, read_format
 from tailor_runtime.ml.perplexity import perplexity
@@ -61,7 +61,7 @@ def test_quantization_costs_the_same_quality_in_every_family(
     families, llama_ppl, family, method, max_increase_pct, tmp_path
 ):
     m = get_method(method)
-    m.run(families[family], tmp_path / "q", parse_config(m, {}), Job(progress=no_progress))
+    m.run(families[family], tmp_path / "q", parse_config(m, {}), QuantizeJob(progress=no_progress))
     increase = 100 * (ppl(tmp_path / "q") / llama_ppl - 1)
     # The Llama figures (README: int8_dynamic +1.95%, nf4 +12.9% on the fine-tuned model): the same
     # numbers round the same way in every layout, so each family lands within the same bound.

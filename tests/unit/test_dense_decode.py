@@ -41,13 +41,13 @@ CASES = [
 
 
 def _quantize(method: str, config: dict, src: Path, out: Path) -> Path:
-    from tailor_quantizer.methods import Job, get_method, parse_config
+    from tailor_quantizer.methods import QuantizeJob, get_method, parse_config
 
     m = get_method(method)
     ok, why = m.availability()
     if not ok:
         pytest.skip(f"{method} cannot run here: {why}")
-    m.run(src, out, parse_config(m, config), Job(progress=no_progress))
+    m.run(src, out, parse_config(m, config), QuantizeJob(progress=no_progress))
     return out
 
 

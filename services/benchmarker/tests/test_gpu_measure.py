@@ -41,14 +41,14 @@ pytestmark = [
 
 
 def _quantize(name: str, config: dict, out: Path) -> Path:
-    from tailor_quantizer.methods import Job, get_method, parse_config
+    from tailor_quantizer.methods import QuantizeJob, get_method, parse_config
     from tailor_runtime.progress import no_progress
 
     method = get_method(name)
     ok, why = method.availability()
     if not ok:
         pytest.fail(f"{name} cannot run on this GPU machine: {why}")
-    method.run(MODEL, out, parse_config(method, config), Job(no_progress, device="cuda"))
+    method.run(MODEL, out, parse_config(method, config), QuantizeJob(no_progress, device="cuda"))
     return out
 
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tailor_exporter.registry import (
     ExportFormat,
-    Job,
+    ExportJob,
     Tolerance,
     check_destination,
     move_into_place,
@@ -290,7 +290,7 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _run(model_dir: Path, out_dir: Path, cfg: GgufExportConfig, job: Job) -> dict[str, Any]:
+def _run(model_dir: Path, out_dir: Path, cfg: GgufExportConfig, job: ExportJob) -> dict[str, Any]:
     return export_gguf(model_dir, out_dir, cfg, job.progress)
 
 

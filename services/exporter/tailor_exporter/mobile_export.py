@@ -47,7 +47,7 @@ from tailor_exporter.mobile_decoder import (
 )
 from tailor_exporter.registry import (
     ExportFormat,
-    Job,
+    ExportJob,
     Tolerance,
     check_destination,
     move_into_place,
@@ -151,7 +151,7 @@ class CoreMLConfig(MobileExportConfig):
 
 
 def export_mobile(
-    model_dir: Path, out_dir: Path, cfg: MobileExportConfig, job: Job, target: str
+    model_dir: Path, out_dir: Path, cfg: MobileExportConfig, job: ExportJob, target: str
 ) -> dict[str, Any]:
     """Export `model_dir` to `out_dir` (which must not exist yet, or be empty) as a verified `target`."""
     from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format, write_format
@@ -609,11 +609,11 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _run_executorch(model_dir: Path, out_dir: Path, cfg: ExecuTorchConfig, job: Job) -> dict[str, Any]:
+def _run_executorch(model_dir: Path, out_dir: Path, cfg: ExecuTorchConfig, job: ExportJob) -> dict[str, Any]:
     return export_mobile(model_dir, out_dir, cfg, job, "executorch")
 
 
-def _run_coreml(model_dir: Path, out_dir: Path, cfg: CoreMLConfig, job: Job) -> dict[str, Any]:
+def _run_coreml(model_dir: Path, out_dir: Path, cfg: CoreMLConfig, job: ExportJob) -> dict[str, Any]:
     return export_mobile(model_dir, out_dir, cfg, job, "coreml")
 
 

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tailor_exporter.dequantize import float32_model
 from tailor_exporter.registry import (
     ExportFormat,
-    Job,
+    ExportJob,
     Tolerance,
     check_destination,
     move_into_place,
@@ -116,7 +116,7 @@ class OrtConfig(Int8Config):
 
 
 def export_onnx(
-    model_dir: Path, out_dir: Path, cfg: OnnxExportConfig, job: Job, variant: str = "onnx"
+    model_dir: Path, out_dir: Path, cfg: OnnxExportConfig, job: ExportJob, variant: str = "onnx"
 ) -> dict[str, Any]:
     """Export `model_dir` to `out_dir` (which must not exist yet or be empty) as a verified `variant`."""
     from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format
@@ -268,7 +268,7 @@ def _check_supported(source_format: str, cfg: OnnxExportConfig) -> None:
         )
 
 
-def _calibration(job: Job, cfg: Int8StaticConfig, tokenizer: Any, model: Any) -> Any:
+def _calibration(job: ExportJob, cfg: Int8StaticConfig, tokenizer: Any, model: Any) -> Any:
     """The CalibrationSet of onnx-int8-static, sampled from the request's dataset file with its seed."""
     from tailor_runtime.ml.calibration import build_calibration_set, read_documents
     from tailor_runtime.store.manifest import sha256_file
@@ -309,7 +309,7 @@ def _nodes_of(layers: set[str], matmul_scopes: dict[str, set[str]]) -> list[str]
 def _register(
     name: str, config: type[OnnxExportConfig], weights: str, description: str, **extra: Any
 ) -> None:
-    def run(model_dir: Path, out_dir: Path, cfg: OnnxExportConfig, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: OnnxExportConfig, job: ExportJob) -> dict[str, Any]:
         return export_onnx(model_dir, out_dir, cfg, job, variant=name)
 
     register(

@@ -40,7 +40,7 @@ class Tolerance:
 
 
 @dataclass
-class Job:
+class ExportJob:
     """What a format's run() gets besides its folders and config."""
 
     progress: ProgressFn
@@ -52,7 +52,7 @@ class Job:
 class ExportFormat:
     name: str
     Config: type[BaseModel]
-    run: Callable[[Path, Path, Any, Job], dict[str, Any]]
+    run: Callable[[Path, Path, Any, ExportJob], dict[str, Any]]
     tolerance: Tolerance
     description: str
     output_format: str  # the tailor_format.json format it writes

@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from tailor.common.v1 import common_pb2 as common
 from tailor.exporter.v1 import exporter_service_pb2 as pb
 from tailor.exporter.v1 import exporter_service_pb2_grpc as pb_grpc
-from tailor_exporter.registry import Job, get_format, list_formats
+from tailor_exporter.registry import ExportJob, get_format, list_formats
 from tailor_exporter.targets import TARGETS, resolve
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.ml import dense
@@ -139,7 +139,7 @@ class ExporterServicer(pb_grpc.ExporterServiceServicer):
         def work(progress) -> WorkResult:
             progress(1.0, "fetching", "model from the store")
             model_dir = store.materialize(request.model.id, cache_dir)
-            job = Job(progress=progress)
+            job = ExportJob(progress=progress)
             if calibration is not None:
                 job.calibration_file = Path(store.materialize(calibration[0], cache_dir)) / calibration[1]
             with workspace(cache_dir) as scratch:

@@ -32,7 +32,7 @@ from tailor_exporter.onnx_export import LIBRARIES as ONNX_LIBRARIES
 from tailor_exporter.onnx_export import TOLERANCES, Int8Config
 from tailor_exporter.registry import (
     ExportFormat,
-    Job,
+    ExportJob,
     check_destination,
     get_format,
     move_into_place,
@@ -270,7 +270,7 @@ def check_model_folder(model_folder: Path, version: int) -> dict[str, Any]:
 
 
 # --- the export ---------------------------------------------------------------------------------------
-def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: Job) -> dict[str, Any]:
+def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: ExportJob) -> dict[str, Any]:
     """Export `model_dir` to `out_dir` (which must not exist yet or be empty) as a Triton repository."""
     from tailor_runtime.ml.model_io import folder_size_bytes, write_format
     from tailor_runtime.ml.onnx.folder import tool_versions
@@ -287,7 +287,9 @@ def export_triton(model_dir: Path, out_dir: Path, cfg: TritonExportConfig, job: 
 
     with staged(out_dir) as work:
         onnx_dir, repo = work / "onnx", work / "repository"
-        result = variant.run(model_dir, onnx_dir, variant_cfg, Job(progress, job.calibration_file, job.seed))
+        result = variant.run(
+            model_dir, onnx_dir, variant_cfg, ExportJob(progress, job.calibration_file, job.seed)
+        )
         job.progress(90.0, "laying out", f"Triton model repository {cfg.model_name}/{cfg.version}")
         version_dir = repo / cfg.model_name / str(cfg.version)
         version_dir.mkdir(parents=True)

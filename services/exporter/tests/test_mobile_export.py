@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from tailor_exporter import mobile_export
 from tailor_exporter.mobile_export import COREML_TOLERANCE, EXECUTORCH_TOLERANCE
-from tailor_exporter.registry import Job, get_format
+from tailor_exporter.registry import ExportJob, get_format
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, VerificationFailed
 from tailor_runtime.ml.model_io import load_causal_lm
 from tailor_runtime.progress import no_progress
@@ -38,7 +38,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def run(name: str, out: Path, source: Path = MODEL, **config) -> dict:
     fmt = get_format(name)
     config.setdefault("max_seq_len", MAX_SEQ_LEN)
-    return fmt.run(source, out, fmt.Config(**config), Job(no_progress))
+    return fmt.run(source, out, fmt.Config(**config), ExportJob(no_progress))
 
 
 @pytest.fixture(scope="module")

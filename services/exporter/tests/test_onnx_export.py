@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from tailor_exporter import onnx_export
 from tailor_exporter.onnx_export import TOLERANCES, OnnxExportConfig
-from tailor_exporter.registry import Job, get_format, list_formats
+from tailor_exporter.registry import ExportJob, get_format, list_formats
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument, VerificationFailed
 from tailor_runtime.ml.formats.int8_dynamic import save_quantized
 from tailor_runtime.ml.model_io import load_causal_lm
@@ -39,7 +39,7 @@ def file_hashes(folder: Path) -> dict[str, str]:
 
 def run(variant: str, out: Path, source: Path = MODEL, **config) -> dict:
     fmt = get_format(variant)
-    return fmt.run(source, out, fmt.Config(**config), Job(no_progress, calibration_file=CALIBRATION))
+    return fmt.run(source, out, fmt.Config(**config), ExportJob(no_progress, calibration_file=CALIBRATION))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +181,7 @@ def test_static_int8_needs_calibration_data(tmp_path):
     fmt = get_format("onnx-int8-static")
     assert fmt.needs_calibration
     with pytest.raises(InvalidArgument, match="calibration_data"):
-        fmt.run(MODEL, tmp_path / "out", fmt.Config(), Job(no_progress))
+        fmt.run(MODEL, tmp_path / "out", fmt.Config(), ExportJob(no_progress))
     assert not (tmp_path / "out").exists()
 
 
@@ -205,7 +205,7 @@ def test_int8_source_is_exported_as_onnx_runtime_int8(exported, tmp_path):
     model, tokenizer = load_causal_lm(MODEL)
     save_quantized(model, tokenizer, tmp_path / "int8")
     fmt = get_format("onnx")
-    result = fmt.run(tmp_path / "int8", tmp_path / "int8-onnx", fmt.Config(), Job(no_progress))
+    result = fmt.run(tmp_path / "int8", tmp_path / "int8-onnx", fmt.Config(), ExportJob(no_progress))
     checks = result["verification"]["checks"]
     assert result["verification"]["top1_agreement"] == checks["source"]["top1_agreement"]
     assert (
@@ -234,7 +234,9 @@ def test_nf4_with_dequantize_exports_the_rounded_weights(tmp_path):
     write_format(tmp_path / "nf4", "bnb-nf4", dtype="float32")
 
     fmt = get_format("onnx")
-    result = fmt.run(tmp_path / "nf4", tmp_path / "nf4-onnx", fmt.Config(dequantize=True), Job(no_progress))
+    result = fmt.run(
+        tmp_path / "nf4", tmp_path / "nf4-onnx", fmt.Config(dequantize=True), ExportJob(no_progress)
+    )
     source = result["verification"]["checks"]["source"]  # ONNX Runtime against the bitsandbytes model itself
     assert source["passed"] and source["max_abs_diff"] < 1e-3 and source["top1_agreement"] >= 0.99
     assert result["format"]["weights"] == "float32" and result["format"]["source_format"] == "bnb-nf4"
@@ -246,7 +248,7 @@ def test_nf4_without_dequantize_is_refused_with_the_paths_that_work(tmp_path):
     for variant in ("onnx", "onnx-int8"):
         fmt = get_format(variant)
         with pytest.raises(InvalidArgument, match="dequantize=true") as info:
-            fmt.run(tmp_path, tmp_path / "out", fmt.Config(), Job(no_progress))
+            fmt.run(tmp_path, tmp_path / "out", fmt.Config(), ExportJob(no_progress))
         assert "parent" in info.value.message and "onnx-int8" in info.value.message
     assert not (tmp_path / "out").exists()
 

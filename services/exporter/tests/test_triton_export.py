@@ -20,7 +20,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from tailor_cli.main import main as cli
 from tailor_exporter import triton_export
-from tailor_exporter.registry import Job, get_format
+from tailor_exporter.registry import ExportJob, get_format
 from tailor_exporter.triton_export import TritonExportConfig, build_config, check_model_folder, graph_io
 from tailor_runtime.errors import (
     FailedPrecondition,
@@ -49,7 +49,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 def run(out: Path, **config) -> dict:
     fmt = get_format("triton")
-    return fmt.run(MODEL, out, fmt.Config(**config), Job(no_progress))
+    return fmt.run(MODEL, out, fmt.Config(**config), ExportJob(no_progress))
 
 
 def file_hashes(folder: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from tailor_runtime.errors import InvalidArgument
 
 if TYPE_CHECKING:  # the methods package imports this module while it registers its methods
-    from tailor_quantizer.methods.registry import Job
+    from tailor_quantizer.methods.registry import QuantizeJob
 
 LIBRARIES = ("llmcompressor", "compressed-tensors", "datasets", "transformers", "torch")
 # The output head stays in full precision, as in every llm-compressor recipe: it is tied to the
@@ -87,7 +87,9 @@ def scheme_name(bits: int, activations: int | str = 16) -> str:
 # --- loading and checking -----------------------------------------------------------------------------
 
 
-def load(model_dir: Path, method: str, job: Job, needs_mappings: str = "") -> tuple[Any, Any, dict[str, Any]]:
+def load(
+    model_dir: Path, method: str, job: QuantizeJob, needs_mappings: str = ""
+) -> tuple[Any, Any, dict[str, Any]]:
     """(model, tokenizer, {name: Linear to quantize}) from a full-precision folder, after checking that
     llm-compressor can quantize this architecture (`needs_mappings`: "awq" or "smoothquant" also needs
     the architecture in that algorithm's table of which layers to balance)."""
@@ -287,7 +289,7 @@ def calibration_dataset(calibration: Any) -> Any:
     )
 
 
-def oneshot(model: Any, recipe: list[Any], job: Job, calibration: Any = None) -> None:
+def oneshot(model: Any, recipe: list[Any], job: QuantizeJob, calibration: Any = None) -> None:
     """Apply `recipe` to `model` in place. llm-compressor computes on the GPU when there is one, loading
     one decoder layer at a time (the sequential pipeline), and on the CPU otherwise."""
     import torch

@@ -15,7 +15,7 @@ from tailor.quantizer.v1 import quantizer_service_pb2 as pb
 from tailor.quantizer.v1 import quantizer_service_pb2_grpc as pb_grpc
 from tailor_quantizer.gate import GateSettings, enforce, measure
 from tailor_quantizer.methods import get_method, list_methods
-from tailor_quantizer.methods.registry import Job
+from tailor_quantizer.methods.registry import QuantizeJob
 from tailor_runtime.errors import FailedPrecondition, InvalidArgument
 from tailor_runtime.hardware import hardware_profile
 from tailor_runtime.ml.architectures import supported_families
@@ -132,7 +132,7 @@ class QuantizerServicer(pb_grpc.QuantizerServiceServicer):
             eval_text, calibration = self._inputs(
                 model_dir, method, request, calibration_path, eval_path, samples, seq_len, gate
             )
-            job = Job(progress=progress, seed=request.seed, calibration=calibration, device=device)
+            job = QuantizeJob(progress=progress, seed=request.seed, calibration=calibration, device=device)
             with workspace(cache_dir) as out:
                 # Out of memory is the runner's to report (RESOURCE_EXHAUSTED, GPU cache emptied).
                 metrics = method.run(model_dir, out, cfg, job)

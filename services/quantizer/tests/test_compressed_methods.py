@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tailor_quantizer import llm_compressor as lc
-from tailor_quantizer.methods import Job, get_method, parse_config
+from tailor_quantizer.methods import QuantizeJob, get_method, parse_config
 from tailor_runtime.errors import InvalidArgument
 from tailor_runtime.ml.calibration import build_calibration_set, read_documents
 from tailor_runtime.ml.model_io import load_causal_lm, load_tokenizer, read_format, save_hf_model
@@ -39,7 +39,9 @@ def eval_text():
 def quantize(name: str, config: dict, out: Path, calibration=None) -> dict:
     method = get_method(name)
     data = calibration if method.caps.needs_calibration else None
-    return method.run(MODEL, out, parse_config(method, config), Job(progress=no_progress, calibration=data))
+    return method.run(
+        MODEL, out, parse_config(method, config), QuantizeJob(progress=no_progress, calibration=data)
+    )
 
 
 def ppl(folder: Path, text: str) -> float:
@@ -79,7 +81,9 @@ def test_unsupported_architectures_are_refused_with_what_is_supported(tmp_path, 
 
     gpt2 = _random_model(tmp_path, GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=512, n_positions=64))
     with pytest.raises(InvalidArgument, match=r"no torch.nn.Linear layer besides its output head.*Conv1D"):
-        get_method("rtn").run(gpt2, tmp_path / "o1", parse_config(get_method("rtn"), {}), Job(no_progress))
+        get_method("rtn").run(
+            gpt2, tmp_path / "o1", parse_config(get_method("rtn"), {}), QuantizeJob(no_progress)
+        )
     # OPT has Linear layers (RTN and GPTQ take it) but llm-compressor has no AWQ mapping for it.
     opt = _random_model(
         tmp_path,
@@ -99,7 +103,9 @@ def test_unsupported_architectures_are_refused_with_what_is_supported(tmp_path, 
 
 def quantize_at(model_dir: Path, name: str, config: dict, out: Path, calibration) -> dict:
     method = get_method(name)
-    return method.run(model_dir, out, parse_config(method, config), Job(no_progress, calibration=calibration))
+    return method.run(
+        model_dir, out, parse_config(method, config), QuantizeJob(no_progress, calibration=calibration)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tailor_quantizer.methods import Job, get_method, parse_config
+from tailor_quantizer.methods import QuantizeJob, get_method, parse_config
 from tailor_runtime.ml.model_io import load_causal_lm, read_format
 from tailor_runtime.ml.perplexity import perplexity
 from tailor_runtime.progress import no_progress
@@ -44,7 +44,9 @@ def test_fp8_quantizes_on_cuda_and_keeps_quality(fp8_gpu, tmp_path):
 
     method = get_method("fp8")
     torch.cuda.reset_peak_memory_stats()
-    metrics = method.run(MODEL, tmp_path, parse_config(method, {}), Job(progress=no_progress, device="cuda"))
+    metrics = method.run(
+        MODEL, tmp_path, parse_config(method, {}), QuantizeJob(progress=no_progress, device="cuda")
+    )
     assert torch.cuda.max_memory_allocated() > 0, "nothing ran on the GPU"
     fmt = read_format(tmp_path)
     assert fmt["format"] == "compressed-tensors" and fmt["scheme"] == "FP8_DYNAMIC"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from tailor_quantizer.methods import Caps, Job, get_method, list_methods, parse_config, register
+from tailor_quantizer.methods import Caps, QuantizeJob, get_method, list_methods, parse_config, register
 from tailor_runtime.errors import Cancelled, InvalidArgument
 from tailor_runtime.ml.model_io import folder_size_bytes, load_causal_lm, read_format
 from tailor_runtime.ml.perplexity import perplexity
@@ -98,7 +98,7 @@ def outputs(tmp_path_factory, calibration):
             out = tmp_path_factory.mktemp(f"{method.name}_{i}")
             data = calibration if method.caps.needs_calibration else None
             cfg = parse_config(method, CONFIGS.get(method.name, {}))
-            metrics = method.run(MODEL, out, cfg, Job(no_progress, calibration=data))
+            metrics = method.run(MODEL, out, cfg, QuantizeJob(no_progress, calibration=data))
             folders.append((out, metrics))
         runs[method.name] = folders
     return runs
@@ -209,7 +209,10 @@ def test_refuses_to_quantize_a_quantized_model(outputs, tmp_path):
     (int8_dir, _), _ = outputs["int8_dynamic"]
     with pytest.raises(InvalidArgument, match="full-precision"):
         get_method("bf16").run(
-            int8_dir, tmp_path / "out", parse_config(get_method("bf16"), {}), Job(progress=no_progress)
+            int8_dir,
+            tmp_path / "out",
+            parse_config(get_method("bf16"), {}),
+            QuantizeJob(progress=no_progress),
         )
 
 
@@ -220,5 +223,5 @@ def test_cancel_stops_before_writing(tmp_path):
 
     method = get_method("int8_dynamic")
     with pytest.raises(Cancelled):
-        method.run(MODEL, tmp_path / "out", parse_config(method, {}), Job(progress=cancel))
+        method.run(MODEL, tmp_path / "out", parse_config(method, {}), QuantizeJob(progress=cancel))
     assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -2,8 +2,8 @@
 
 from tailor_quantizer.methods.registry import (
     Caps,
-    Job,
     Method,
+    QuantizeJob,
     get_method,
     list_methods,
     parse_config,
@@ -13,4 +13,4 @@ from tailor_quantizer.methods.registry import (
 # Each import registers its method; the order does not matter (list_methods sorts by name).
 from tailor_quantizer.methods import auto_mixed, bnb, compressed, float_cast, gguf, int8_dynamic, onnx_static  # noqa: E402, F401  isort: skip
 
-__all__ = ["Caps", "Job", "Method", "get_method", "list_methods", "parse_config", "register"]
+__all__ = ["Caps", "QuantizeJob", "Method", "get_method", "list_methods", "parse_config", "register"]

@@ -42,7 +42,7 @@ from tailor_quantizer.methods.compressed import (
     compressed_caps,
     llm_compressor_availability,
 )
-from tailor_quantizer.methods.registry import Job, register
+from tailor_quantizer.methods.registry import QuantizeJob, register
 
 BF16_BYTES = 2
 
@@ -105,7 +105,7 @@ class AutoMixed:
     availability = staticmethod(llm_compressor_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: AutoConfig, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: AutoConfig, job: QuantizeJob) -> dict[str, Any]:
         from tailor_quantizer import llm_compressor as lc
         from tailor_runtime.errors import InvalidArgument
 
@@ -181,7 +181,7 @@ def measure_sensitivity(
     units: dict[str, list[str]],
     layers: dict[str, Any],
     args: dict[int, dict],
-    job: Job,
+    job: QuantizeJob,
     samples: int,
 ) -> dict[str, dict[int, float]]:
     """{unit: {bits: mean KL(float || unit alone quantized at bits)}} on `samples` calibration sequences."""

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from tailor_quantizer.methods.registry import Caps, Job, register, require_full_precision
+from tailor_quantizer.methods.registry import Caps, QuantizeJob, register, require_full_precision
 
 LIBRARIES = ("bitsandbytes", "transformers", "torch")
 
@@ -25,7 +25,7 @@ def _availability() -> tuple[bool, str]:
 
 
 def quantize_with_bnb(
-    model_dir: Path, out_dir: Path, quantization_config: Any, fmt: str, job: Job, **fields
+    model_dir: Path, out_dir: Path, quantization_config: Any, fmt: str, job: QuantizeJob, **fields
 ) -> dict:
     """Load `model_dir` quantized by bitsandbytes, save it, write tailor_format.json; returns metrics."""
     import torch
@@ -74,7 +74,7 @@ class FourBitConfig(BaseModel):
 
 
 def _four_bit(
-    model_dir: Path, out_dir: Path, cfg: FourBitConfig, job: Job, quant_type: str, fmt: str
+    model_dir: Path, out_dir: Path, cfg: FourBitConfig, job: QuantizeJob, quant_type: str, fmt: str
 ) -> dict:
     import torch
     from transformers import BitsAndBytesConfig
@@ -123,7 +123,7 @@ class Nf4:
     availability = staticmethod(_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: FourBitConfig, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: FourBitConfig, job: QuantizeJob) -> dict[str, Any]:
         from tailor_runtime.ml.formats import BNB_NF4
 
         return _four_bit(model_dir, out_dir, cfg, job, "nf4", BNB_NF4)
@@ -143,7 +143,7 @@ class Fp4:
     availability = staticmethod(_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: FourBitConfig, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: FourBitConfig, job: QuantizeJob) -> dict[str, Any]:
         from tailor_runtime.ml.formats import BNB_FP4
 
         return _four_bit(model_dir, out_dir, cfg, job, "fp4", BNB_FP4)
@@ -172,7 +172,7 @@ class LlmInt8:
     availability = staticmethod(_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         from transformers import BitsAndBytesConfig
 
         from tailor_runtime.ml.formats import BNB_INT8

@@ -24,7 +24,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 
-from tailor_quantizer.methods.registry import Caps, Job, register
+from tailor_quantizer.methods.registry import Caps, QuantizeJob, register
 
 GROUP_SIZE_HELP = (
     "Weights per scale along each row: a positive divisor of every layer's input width (128 is usual), "
@@ -64,7 +64,7 @@ def compressed_caps(bits: tuple[int, ...], calibration: bool, description: str, 
 def _weights_only(
     model_dir: Path,
     out_dir: Path,
-    job: Job,
+    job: QuantizeJob,
     method: str,
     recipe_of,
     bits: int,
@@ -121,7 +121,7 @@ class Rtn:
     availability = staticmethod(llm_compressor_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: RtnConfig, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: RtnConfig, job: QuantizeJob) -> dict[str, Any]:
         from tailor_quantizer import llm_compressor as lc
 
         return _weights_only(model_dir, out_dir, job, "rtn", lc.rtn, cfg.bits, cfg.group_size, cfg.symmetric)
@@ -148,7 +148,7 @@ class Int8WeightOnly:
     availability = staticmethod(llm_compressor_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         from tailor_quantizer import llm_compressor as lc
 
         return _weights_only(
@@ -193,7 +193,7 @@ class Gptq:
     availability = staticmethod(llm_compressor_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         from tailor_quantizer import llm_compressor as lc
 
         _require_calibration(job, "gptq")
@@ -236,7 +236,7 @@ class Awq:
     availability = staticmethod(llm_compressor_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         from tailor_quantizer import llm_compressor as lc
 
         _require_calibration(job, "awq")
@@ -293,7 +293,7 @@ class SmoothQuant:
     availability = staticmethod(llm_compressor_availability)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         from tailor_quantizer import llm_compressor as lc
 
         _require_calibration(job, "smoothquant")
@@ -350,7 +350,7 @@ class Fp8:
         return cuda_at_least("8.9")
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         from tailor_quantizer import llm_compressor as lc
 
         model, tokenizer, _ = lc.load(model_dir, "fp8", job)
@@ -362,7 +362,7 @@ class Fp8:
         return metrics
 
 
-def _require_calibration(job: Job, method: str) -> None:
+def _require_calibration(job: QuantizeJob, method: str) -> None:
     from tailor_runtime.errors import InvalidArgument
 
     if job.calibration is None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tailor_quantizer.methods.registry import Caps, Job, register, require_full_precision
+from tailor_quantizer.methods.registry import Caps, QuantizeJob, register, require_full_precision
 
 
 class _NoOptions(BaseModel):
@@ -20,7 +20,7 @@ class _NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def cast_and_save(model_dir: Path, out_dir: Path, dtype: str, job: Job) -> dict[str, Any]:
+def cast_and_save(model_dir: Path, out_dir: Path, dtype: str, job: QuantizeJob) -> dict[str, Any]:
     import torch
 
     from tailor_runtime.errors import FailedPrecondition
@@ -65,7 +65,7 @@ class Bf16:
         return True, ""
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: _NoOptions, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: _NoOptions, job: QuantizeJob) -> dict[str, Any]:
         return cast_and_save(model_dir, out_dir, "bfloat16", job)
 
 
@@ -83,5 +83,5 @@ class Fp16:
         return True, ""
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: _NoOptions, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: _NoOptions, job: QuantizeJob) -> dict[str, Any]:
         return cast_and_save(model_dir, out_dir, "float16", job)

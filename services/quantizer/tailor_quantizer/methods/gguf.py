@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tailor_quantizer.methods.registry import Caps, Job, importable, register, require_full_precision
+from tailor_quantizer.methods.registry import Caps, QuantizeJob, importable, register, require_full_precision
 
 
 class GgufConfig(BaseModel):
@@ -31,7 +31,7 @@ def _converter_and(*modules: str) -> tuple[bool, str]:
     return converter_availability() if ok else (ok, why)
 
 
-def _quantize(model_dir: Path, out_dir: Path, gguf_type: str, job: Job) -> dict[str, Any]:
+def _quantize(model_dir: Path, out_dir: Path, gguf_type: str, job: QuantizeJob) -> dict[str, Any]:
     from tailor_runtime.ml.formats.gguf import save_gguf_folder
 
     require_full_precision(model_dir)
@@ -70,7 +70,7 @@ class GgufQ8_0:
         return _converter_and("gguf", "numpy")
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: GgufConfig, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: GgufConfig, job: QuantizeJob) -> dict[str, Any]:
         return _quantize(model_dir, out_dir, "Q8_0", job)
 
 
@@ -101,5 +101,5 @@ class GgufQ4KM:
         return llama_cpp_availability() if ok else (ok, why)
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: GgufConfig, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: GgufConfig, job: QuantizeJob) -> dict[str, Any]:
         return _quantize(model_dir, out_dir, "Q4_K_M", job)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from tailor_quantizer.methods.registry import Caps, Job, register, require_full_precision
+from tailor_quantizer.methods.registry import Caps, QuantizeJob, register, require_full_precision
 
 
 @register(
@@ -44,7 +44,7 @@ class Int8Dynamic:
         return True, ""
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         import torch
 
         from tailor_runtime.ml.formats.int8_dynamic import save_quantized

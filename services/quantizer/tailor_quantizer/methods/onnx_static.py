@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from tailor_quantizer.methods.registry import Caps, Job, importable, register, require_full_precision
+from tailor_quantizer.methods.registry import Caps, QuantizeJob, importable, register, require_full_precision
 
 LIBRARIES = ("onnxruntime", "onnx", "onnxscript", "torch", "transformers")
 OPSET = 18
@@ -58,7 +58,7 @@ class Int8Static:
         return importable("onnxruntime", "onnx", "onnxscript")
 
     @staticmethod
-    def run(model_dir: Path, out_dir: Path, cfg: Config, job: Job) -> dict[str, Any]:
+    def run(model_dir: Path, out_dir: Path, cfg: Config, job: QuantizeJob) -> dict[str, Any]:
         import shutil
         import tempfile
 

@@ -4,7 +4,7 @@ A method is a class decorated with `@register("name", caps=Caps(...))` that defi
 
     class Config(pydantic.BaseModel)     # its options; extra="forbid", frozen, every Field described
     @staticmethod availability() -> (ok, reason)   # can it run in this process (libraries, hardware)?
-    @staticmethod run(model_dir, out_dir, cfg, job: Job) -> dict   # metrics
+    @staticmethod run(model_dir, out_dir, cfg, job: QuantizeJob) -> dict   # metrics
 
 Method modules import torch and their library inside `run`, so listing the methods stays cheap and each
 worker image needs only the libraries of the methods it runs (a missing one makes the method unavailable,
@@ -37,7 +37,7 @@ class Caps:
 
 
 @dataclass
-class Job:
+class QuantizeJob:
     """What a method's run() gets besides its folders and config."""
 
     progress: Any  # ProgressFn
@@ -56,7 +56,7 @@ class Method(Protocol):
     def availability() -> tuple[bool, str]: ...
 
     @staticmethod
-    def run(model_dir: Any, out_dir: Any, cfg: Any, job: Job) -> dict[str, Any]: ...
+    def run(model_dir: Any, out_dir: Any, cfg: Any, job: QuantizeJob) -> dict[str, Any]: ...
 
 
 _METHODS: dict[str, type] = {}
