@@ -41,7 +41,6 @@ elif kind == "quantize":
     import llmcompressor  # noqa: F401
     import tailor_quantizer.methods  # noqa: F401
     from tailor_quantizer.methods import registry
-    Job = getattr(registry, "QuantizeJob", None) or registry.Job
 else:
     from tailor_benchmarker import child
 open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
@@ -52,7 +51,7 @@ if kind == "finetune":
     finetune_lora(Path(args["model"]), Path(args["train"]), out / "merged", out / "adapter", cfg, lambda *a, **k: None)
 elif kind == "quantize":
     method = registry.get_method(args["method"])
-    method.run(Path(args["model"]), out, method.Config(**args["config"]), Job(progress=lambda *a, **k: None))
+    method.run(Path(args["model"]), out, method.Config(**args["config"]), registry.QuantizeJob(progress=lambda *a, **k: None))
 else:  # the benchmarker's measuring child, in this process
     assert child.main(args["argv"]) == 0
 print(json.dumps({"peak_over_baseline": status("VmHWM") - baseline}))
