@@ -67,8 +67,8 @@ def _measure(kind: str, **args) -> int:
 
 
 def _measure_benchmark(model: Path, tmp_path: Path) -> int:
-    # Not the child's own peak_rss_over_baseline_mb: ru_maxrss survives fork and exec, so under a large
-    # parent (pytest here, the benchmarker worker in service) it reports the parent's RSS (docs/planning.md).
+    # Measured the same way as the other stages (VmHWM over the RSS after imports), for one method; the
+    # child's own peak_rss_over_baseline_mb is now VmHWM too (it was ru_maxrss, the parent's, before).
     argv = ["--model", str(model), "--eval", str(EVAL), "--config", json.dumps(QUICK_BENCHMARK),
             "--out", str(tmp_path / "result.json")]  # fmt: skip
     return _measure("benchmark", out=str(tmp_path), argv=argv)

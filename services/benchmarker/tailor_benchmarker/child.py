@@ -15,8 +15,9 @@ uses a static KV cache and a compiled, CUDA-graphed step (`tailor_runtime.ml.fas
 4-bit compressed-tensors model runs as packed 4-bit layers with Tailor's Triton GEMV kernel.
 
 Memory: `baseline_rss_mb` is the process after importing torch and transformers (and onnxruntime for
-an ONNX folder, llama_cpp for a gguf one), before the model; `peak_rss_mb` is ru_maxrss, the most the
-process held before it loaded the reference model (with --reference, for agreement, which is measured last);
+an ONNX folder, llama_cpp for a gguf one), before the model; `peak_rss_mb` is VmHWM, reset when the child
+starts (ru_maxrss would carry the worker's own peak across fork and exec), the most the process held
+before it loaded the reference model (with --reference, for agreement, which is measured last);
 `model_memory_mb` counts weight bytes (parameters, buffers, packed int8 weights, 4-bit block scales; for
 ONNX the graph's initializers; for GGUF llama.cpp's tensors). On a GPU, `gpu_allocated_after_load_mb` and
 `gpu_peak_allocated_mb` are torch's allocator figures (tensors, CUDA-graph pools included), read at the
@@ -70,7 +71,22 @@ def current_rss_mb() -> float:
     return float("nan")
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's peak RSS (VmHWM) from what it holds now. ru_maxrss cannot be used: Linux
+    keeps it across fork and exec, so a child of a worker holding 600 MB reports at least 600 MB (every
+    small model's peak read 481.8 MB); VmHWM is reset by writing 5 to clear_refs (Linux 4.0+)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mb() -> float:
+    """The most this process has held since reset_peak_rss (VmHWM); ru_maxrss where /proc has no VmHWM."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
@@ -372,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", type=Path, default=None, help="parent model folder (agreement)")
     parser.add_argument("--choices", type=Path, default=None, help="multiple-choice TSV (SST-2 format)")
     args = parser.parse_args(argv)
+    reset_peak_rss()  # the peak is this measurement's, not the worker's that started it
     _die_with_parent()
     threading.Thread(target=_heartbeat, name="heartbeat", daemon=True).start()
 

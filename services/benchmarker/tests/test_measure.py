@@ -281,3 +281,23 @@ def test_cached_decoding_matches_full_recompute_in_every_family(family, tmp_path
     dynamic = decode_latency(model, tokenizer, new_tokens=8, warmup=0, repetitions=1)
     static = decode_latency(model, tokenizer, new_tokens=8, warmup=0, repetitions=1, static_cache=True)
     assert dynamic["sample"] == static["sample"] == recomputed["sample"]
+
+
+def test_a_childs_peak_memory_is_its_own_not_the_parents(tmp_path):
+    """Linux keeps ru_maxrss across fork and exec: a measuring child of a worker holding 600 MB read a
+    peak of at least 600 MB whatever it measured. The child resets its peak (VmHWM) when it starts."""
+    import subprocess
+    import sys
+
+    held = bytearray(400 * 1024 * 1024)
+    held[::4096] = b"\x01" * len(held[::4096])  # resident in this (the parent) process
+    probe = (
+        "import resource; from tailor_benchmarker.child import peak_rss_mb, reset_peak_rss; "
+        "inherited = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024; "
+        "assert reset_peak_rss(); print(inherited, peak_rss_mb())"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    inherited, own = map(float, out.split())
+    assert inherited >= 400  # the bug this guards against is real here
+    assert own < 300, f"the child's peak {own:.0f} MB still holds the parent's 400 MB"
+    del held
