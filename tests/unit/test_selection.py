@@ -1,7 +1,6 @@
 """The selector's logic: constraints, the Pareto front, the recommendation and its rationale."""
 
 import random
-import time
 
 import pytest
 
@@ -73,7 +72,8 @@ def test_pareto_front_matches_brute_force():
     assert pareto_front(vectors) == [i for i in range(len(vectors)) if not dominated(i)]
 
 
-def test_ten_thousand_candidates_under_a_second():
+def test_ten_thousand_candidates_are_selected_among():
+    """How long it takes is bench/selection_speed.py's (no wall-clock assertion in a test)."""
     rng = random.Random(0)
     cands = [
         Candidate(
@@ -87,9 +87,7 @@ def test_ten_thousand_candidates_under_a_second():
         )
         for i in range(10_000)
     ]
-    start = time.perf_counter()
     result = select(cands, [Constraint("size_mb", "at_most", 1.5)])
-    assert time.perf_counter() - start < 1.0
     assert result.recommended is not None
 
 
